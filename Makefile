@@ -1,0 +1,41 @@
+# The two commands an operator needs: `make demo` and `make test`.
+# Both install what is missing first (Debian packages, the virtualenv,
+# libvirtd running, the test guest), so they work on a fresh Debian 12 node.
+
+VENV        ?= .venv
+PYTHON      ?= /usr/bin/python3
+GUEST_DIR   ?= /var/cache/tvorch/test-guest
+PYTEST_ARGS ?=
+STAMP       := $(VENV)/.installed
+
+.PHONY: demo test unit integration setup host venv guest clean
+
+demo: setup
+	GUEST_DIR=$(GUEST_DIR) VENV=$(VENV) scripts/demo.sh
+
+test: setup
+	TVORCH_TEST_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	TVORCH_TEST_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/python -m pytest tests/integration $(PYTEST_ARGS)
+
+setup: host venv guest
+
+host:
+	scripts/setup-host.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+guest:
+	scripts/build-test-guest.sh $(GUEST_DIR)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

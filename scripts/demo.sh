@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make demo`: launch the test guest with tvorch and leave it running.
+# Run it again and it replaces the previous demo VM (its vTPM state too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+GUEST_DIR=${GUEST_DIR:-/var/cache/tvorch/test-guest}
+NAME=${DEMO_NAME:-tvorch-demo}
+tvorch() { "$VENV/bin/tvorch" "$@"; }
+
+if tvorch show "$NAME" >/dev/null 2>&1; then
+    echo "demo: replacing the previous $NAME"
+    tvorch destroy --purge-vtpm "$NAME"
+fi
+
+tvorch launch "$GUEST_DIR/guest.qcow2" --name "$NAME" --memory 512
+
+log=$(tvorch show --json "$NAME" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["console_log"])')
+echo "demo: waiting for the guest to report its vTPM (about 20 s under TCG) ..."
+for _ in $(seq 120); do
+    grep -q '^TVORCH-GUEST: ready' "$log" 2>/dev/null && break
+    sleep 1
+done
+if ! grep -q '^TVORCH-GUEST: ready' "$log" 2>/dev/null; then
+    echo "demo: the guest did not report ready within 120 s; see $log" >&2
+    exit 1
+fi
+echo "demo: what the guest saw of its vTPM:"
+grep -E '^TVORCH-GUEST: (tpm|pcr|secureboot)' "$log" | sed 's/^/  /'
+echo
+echo "demo: $NAME keeps running. Look at it with '$VENV/bin/tvorch show $NAME' or"
+echo "      'virsh console $NAME'; stop it with '$VENV/bin/tvorch stop $NAME' and"
+echo "      remove it with '$VENV/bin/tvorch destroy $NAME'."

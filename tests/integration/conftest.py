@@ -1,0 +1,133 @@
+"""Fixtures for integration tests: the real libvirtd, swtpm, OVMF and test guest.
+
+Everything these tests create carries the prefix ``tvtest-`` and is removed at
+the end; domains the tests did not create are never touched. Without a
+component the tests skip, except under CI=true, where they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .guest import GuestReport, wait_for_ready
+
+URI = "qemu:///system"
+PREFIX = "tvtest-"
+GUEST_DIR = Path(os.environ.get("TVORCH_TEST_GUEST_DIR", "/var/cache/tvorch/test-guest"))
+SNAKEOIL_CODE = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd"
+SNAKEOIL_VARS = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd"
+
+
+def require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must have this component: {reason}")
+    pytest.skip(reason)
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True, check=check)
+
+
+def our_domains() -> set[str]:
+    out = virsh("list", "--all", "--name", check=False).stdout
+    return {n for n in out.split() if n.startswith(PREFIX)}
+
+
+@dataclass
+class Tv:
+    """Runs the real `tvorch` CLI in a subprocess against a test config."""
+
+    config: Path
+    state_dir: Path
+    overlay_dir: Path
+    log_dir: Path
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TVORCH_CONFIG": str(self.config)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "tvorch.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"tvorch {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def launch(self, image: Path | str, name: str, *opts: str) -> dict:
+        return self.json("launch", str(image), "--name", name, "--memory", "512", *opts)
+
+    def destroy(self, name: str) -> None:
+        self.run("destroy", "--purge-vtpm", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def libvirt_ready() -> None:
+    ok = shutil.which("virsh") is not None and virsh("version", check=False).returncode == 0
+    require(ok, f"libvirtd answering at {URI}")
+
+
+@pytest.fixture(scope="session")
+def guest_dir() -> Path:
+    require((GUEST_DIR / "guest.qcow2").is_file(), f"test guest built in {GUEST_DIR} (make guest)")
+    return GUEST_DIR
+
+
+@pytest.fixture(scope="session")
+def tv(libvirt_ready, tmp_path_factory) -> Tv:
+    root = tmp_path_factory.mktemp("tvorch")
+    tag = secrets.token_hex(3)
+    env = Tv(
+        config=root / "tvorch.toml",
+        state_dir=root / "state",
+        # qemu runs as libvirt-qemu and must reach its overlay: keep it under libvirt's images.
+        overlay_dir=Path(f"/var/lib/libvirt/images/{PREFIX}{tag}"),
+        log_dir=root / "console",
+    )
+    env.config.write_text(
+        f'state_dir = "{env.state_dir}"\n'
+        f'overlay_dir = "{env.overlay_dir}"\n'
+        f'console_log_dir = "{env.log_dir}"\n'
+        f'libvirt_uri = "{URI}"\n'
+        "stop_timeout = 60\n"
+        "[firmware_profiles.snakeoil]\n"
+        f'code = "{SNAKEOIL_CODE}"\n'
+        f'vars_template = "{SNAKEOIL_VARS}"\n'
+        "secure_boot = true\n"
+    )
+    before = our_domains()
+    yield env
+    for name in our_domains() - before:
+        env.destroy(name)
+        if name in our_domains():  # not ours in the store: remove it directly
+            virsh("destroy", name, check=False)
+            virsh("undefine", "--nvram", "--remove-all-storage", "--tpm", name, check=False)
+    shutil.rmtree(env.overlay_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class BootedGuest:
+    name: str
+    record: dict
+    report: GuestReport
+
+
+@pytest.fixture(scope="session")
+def booted_guest(tv: Tv, guest_dir: Path) -> BootedGuest:
+    """One guest booted with UEFI and a vTPM, shared by the tests that only read it."""
+    name = f"{PREFIX}shared-{secrets.token_hex(2)}"
+    record = tv.launch(guest_dir / "guest.qcow2", name)
+    report = wait_for_ready(Path(record["console_log"]))
+    yield BootedGuest(name, record, report)
+    tv.destroy(name)

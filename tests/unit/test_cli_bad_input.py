@@ -1,0 +1,152 @@
+"""Every refused launch: one line, its documented exit code, nothing written.
+
+The config points libvirt at a socket that does not exist, so a refusal that
+happened only after reaching libvirt would show up as exit code 7 instead.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from tvorch.cli import main
+from tvorch.errors import ExitCode
+
+UNREACHABLE = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+
+
+@pytest.fixture
+def node_dirs(tmp_path, monkeypatch):
+    dirs = {k: tmp_path / k for k in ("state", "overlays", "logs")}
+    cfg = tmp_path / "tvorch.toml"
+    cfg.write_text(
+        f'state_dir = "{dirs["state"]}"\noverlay_dir = "{dirs["overlays"]}"\n'
+        f'console_log_dir = "{dirs["logs"]}"\nlibvirt_uri = "{UNREACHABLE}"\nvirt_type = "qemu"\n'
+    )
+    monkeypatch.setenv("TVORCH_CONFIG", str(cfg))
+    return tmp_path
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A small raw disk with an MBR signature, converted to qcow2."""
+    raw = tmp_path / "disk.raw"
+    data = bytearray(1 << 20)
+    data[510:512] = b"\x55\xaa"
+    raw.write_bytes(bytes(data))
+    qcow = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
+    return qcow
+
+
+def snapshot(root):
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.name != "tvorch.toml"
+    )
+
+
+def refuse(capsys, root, args, code, words):
+    before = snapshot(root)
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tvorch: error: "), err
+    assert words in lines[0]
+    assert snapshot(root) == before
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("", "must not be empty"),
+        ("x" * 65, "at most 64"),
+        ("a<b", "letters, digits"),
+        ("a&b", "letters, digits"),
+        ("it's", "letters, digits"),
+        ("a/b", "letters, digits"),
+        ("..", "letters, digits"),
+    ],
+)
+def test_bad_names(capsys, node_dirs, disk, name, words):
+    refuse(capsys, node_dirs, ["launch", str(disk), "--name", name], ExitCode.INVALID_INPUT, words)
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["--memory", "0"], "refused memory 0 MiB"),
+        (["--memory", "99999999"], "refused memory"),
+        (["--vcpus", "0"], "refused vcpus 0"),
+        (["--vcpus", "1000"], "refused vcpus 1000"),
+        (["--firmware", "bios", "--secure-boot"], "Secure Boot needs UEFI"),
+        (["--firmware-profile", "nope"], "unknown"),
+        (["--initrd", "/etc/hostname"], "without --kernel"),
+        (["--kernel", "/nonexistent/vmlinuz"], "not a readable file"),
+    ],
+)
+def test_bad_options(capsys, node_dirs, disk, opts, words):
+    refuse(capsys, node_dirs, ["launch", str(disk), "--name", "ok", *opts], ExitCode.INVALID_INPUT, words)
+
+
+def test_non_integer_memory_is_a_usage_error(capsys, node_dirs, disk):
+    refuse(capsys, node_dirs, ["launch", str(disk), "--name", "ok", "--memory", "lots"], ExitCode.USAGE, "--memory")
+
+
+def _truncated(tmp_path, disk):
+    path = tmp_path / "cut.qcow2"
+    data = disk.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _missing_backing(tmp_path, disk):
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(disk.read_bytes())
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)], check=True)
+    base.unlink()
+    return top
+
+
+def _text(tmp_path, disk):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a disk\n" * 100)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda tmp, disk: tmp / "absent.qcow2", "absent.qcow2"),
+        (lambda tmp, disk: tmp, "directory"),
+        (_text, "not a disk image"),
+        (_truncated, "cut.qcow2"),
+        (_missing_backing, "base.qcow2"),
+    ],
+)
+def test_bad_images(capsys, node_dirs, disk, make, words):
+    image = make(node_dirs, disk)
+    refuse(capsys, node_dirs, ["launch", str(image), "--name", "ok"], ExitCode.IMAGE_REFUSED, words)
+
+
+def test_unreachable_libvirt(capsys, node_dirs, disk):
+    line = refuse(capsys, node_dirs, ["launch", str(disk), "--name", "ok"], ExitCode.LIBVIRT, "cannot connect")
+    assert UNREACHABLE in line
+
+
+def test_bad_config_is_one_line(capsys, tmp_path, monkeypatch, disk):
+    cfg = tmp_path / "tvorch.toml"
+    cfg.write_text("stop_timout = 3\n")
+    monkeypatch.setenv("TVORCH_CONFIG", str(cfg))
+    refuse(capsys, tmp_path, ["list"], ExitCode.CONFIG, "unknown config key 'stop_timout'")
+
+
+def test_unknown_instance(capsys, node_dirs):
+    # The store is created on first use; that is allowed, so only check the line and code.
+    assert main(["show", "ghost"]) == ExitCode.NOT_FOUND
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tvorch: error: ")

@@ -1,0 +1,98 @@
+import multiprocessing
+import sqlite3
+import stat
+
+import pytest
+
+from tvorch.adapters.store import SCHEMA_VERSION, Store, utc_now
+from tvorch.core.instance import InstanceRecord, InstanceState
+from tvorch.errors import ConflictError, NotFoundError, StoreError
+
+
+def record(name="vm1", id_="i-000000000001", uuid="00000000-0000-0000-0000-000000000001"):
+    now = utc_now()
+    return InstanceRecord(
+        id=id_, name=name, uuid=uuid, image="/img.qcow2", overlay="/ov.qcow2", console_log="/log",
+        state=InstanceState.LAUNCHING, virt_type="qemu", domain_xml="<domain/>", created_at=now, updated_at=now,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "state" / "tvorch.db")
+    yield s
+    s.close()
+
+
+def test_new_store_is_private_and_migrated(tmp_path, store):
+    assert store.schema_version() == SCHEMA_VERSION
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "state" / "tvorch.db").stat().st_mode) == 0o600
+    mode = sqlite3.connect(tmp_path / "state" / "tvorch.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_create_update_and_events(store):
+    store.create_instance(record())
+    updated = store.update_instance("i-000000000001", state=InstanceState.RUNNING, event=("started", "x"))
+    assert updated.state is InstanceState.RUNNING
+    assert store.get_live("vm1").state is InstanceState.RUNNING
+    assert [e.kind for e in store.events("i-000000000001")] == ["created", "started"]
+
+
+def test_live_name_is_unique_but_reusable_after_destroy(store):
+    store.create_instance(record())
+    with pytest.raises(ConflictError, match="'vm1' already exists"):
+        store.create_instance(record(id_="i-2", uuid="u2"))
+    store.update_instance("i-000000000001", state=InstanceState.DESTROYED)
+    store.create_instance(record(id_="i-2", uuid="u2"))
+    assert store.get_live("vm1").id == "i-2"
+    assert len(store.list_instances(include_destroyed=True)) == 2
+    assert [r.id for r in store.list_instances()] == ["i-2"]
+
+
+def test_unknown_names_and_ids(store):
+    with pytest.raises(NotFoundError, match="no instance named 'x'"):
+        store.get_live("x")
+    with pytest.raises(NotFoundError):
+        store.update_instance("i-nope", state=InstanceState.RUNNING)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "db"
+    Store(path).close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(StoreError, match="newer than this tvorch"):
+        Store(path)
+
+
+def test_not_a_database_is_a_store_error(tmp_path):
+    path = tmp_path / "db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="unusable"):
+        Store(path)
+
+
+def _writer(path, n, worker):
+    s = Store(path)
+    for i in range(n):
+        s.add_event("i-000000000001", "tick", f"{worker}-{i}")
+    s.close()
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "db"
+    s = Store(path)
+    s.create_instance(record())
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, 50, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ticks = [e.detail for e in s.events("i-000000000001") if e.kind == "tick"]
+    assert len(ticks) == 200 and len(set(ticks)) == 200
+    s.close()

@@ -1,0 +1,140 @@
+"""The libvirt connection: the only module that talks to libvirtd.
+
+Every call is retried for transient errors (see ``retry``) and every final
+libvirt error becomes a one-line ``LibvirtError``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+import libvirt
+
+from ..core.instance import InstanceState
+from ..errors import LibvirtError, NotFoundError, OperationTimeout
+from ..logs import get_logger
+from .retry import libvirt_retry
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: InstanceState.RUNNING,
+    libvirt.VIR_DOMAIN_RUNNING: InstanceState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: InstanceState.RUNNING,
+    libvirt.VIR_DOMAIN_SHUTDOWN: InstanceState.RUNNING,  # shutting down, still running
+    libvirt.VIR_DOMAIN_PAUSED: InstanceState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: InstanceState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: InstanceState.STOPPED,
+    libvirt.VIR_DOMAIN_CRASHED: InstanceState.CRASHED,
+}
+
+
+def _message(err: libvirt.libvirtError) -> str:
+    return err.get_error_message() or str(err)
+
+
+def _silence_default_handler(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we report our own line."""
+
+
+class Hypervisor:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        libvirt.registerErrorHandler(_silence_default_handler, None)
+        try:
+            self._conn = libvirt_retry(libvirt.open)(uri)
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"cannot connect to libvirt at {uri}: {_message(err)}") from None
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def _call(self, what: str, func: Callable[[], T]) -> T:
+        try:
+            return libvirt_retry(func)()
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"libvirt refused to {what}: {_message(err)}") from None
+
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        try:
+            return libvirt_retry(self._conn.lookupByName)(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFoundError(f"libvirt has no domain named '{name}'") from None
+            raise LibvirtError(f"libvirt lookup of '{name}' failed: {_message(err)}") from None
+
+    # -- queries -----------------------------------------------------------
+
+    def domain_exists(self, name: str) -> bool:
+        try:
+            self._lookup(name)
+        except NotFoundError:
+            return False
+        return True
+
+    def domain_uuid(self, name: str) -> str | None:
+        """The UUID of the domain of that name, None if there is none."""
+        try:
+            dom = self._lookup(name)
+        except NotFoundError:
+            return None
+        return self._call(f"read the UUID of '{name}'", dom.UUIDString)
+
+    def network_exists(self, name: str) -> bool:
+        try:
+            libvirt_retry(self._conn.networkLookupByName)(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                return False
+            raise LibvirtError(f"libvirt lookup of network '{name}' failed: {_message(err)}") from None
+        return True
+
+    def state(self, name: str) -> InstanceState:
+        dom = self._lookup(name)
+        code, _reason = self._call(f"read the state of '{name}'", dom.state)
+        return _STATES.get(code, InstanceState.RUNNING)
+
+    def domain_xml(self, name: str, inactive: bool = False) -> str:
+        dom = self._lookup(name)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return self._call(f"read the XML of '{name}'", lambda: dom.XMLDesc(flags))
+
+    # -- changes -----------------------------------------------------------
+
+    def define(self, xml: str) -> None:
+        self._call("define the domain", lambda: self._conn.defineXML(xml))
+
+    def start(self, name: str) -> None:
+        dom = self._lookup(name)
+        self._call(f"start '{name}'", dom.create)
+
+    def power_off(self, name: str) -> None:
+        """Pull the plug (virsh destroy); a no-op when already off."""
+        dom = self._lookup(name)
+        if self._call(f"read the state of '{name}'", dom.isActive):
+            self._call(f"power off '{name}'", dom.destroy)
+
+    def shutdown(self, name: str, timeout: float) -> None:
+        """Ask the guest to shut down (ACPI) and wait until it is off."""
+        dom = self._lookup(name)
+        if not self._call(f"read the state of '{name}'", dom.isActive):
+            return
+        self._call(f"shut down '{name}'", dom.shutdown)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._call(f"read the state of '{name}'", dom.isActive):
+                return
+            time.sleep(0.5)
+        raise OperationTimeout(f"'{name}' did not shut down within {timeout:g} s; use --force to power it off")
+
+    def undefine(self, name: str, purge_tpm: bool) -> None:
+        """Remove the definition and its NVRAM; keep the vTPM state unless PURGE_TPM."""
+        dom = self._lookup(name)
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        flags |= libvirt.VIR_DOMAIN_UNDEFINE_TPM if purge_tpm else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM
+        self._call(f"undefine '{name}'", lambda: dom.undefineFlags(flags))

@@ -1,0 +1,218 @@
+"""The SQLite store: instance records and their event history.
+
+One file under the state directory, in WAL mode so readers (the hook, `list`)
+never wait for a writer. Writers take the database lock up front
+(`BEGIN IMMEDIATE`) and wait up to the busy timeout, so concurrent tvorch
+processes queue instead of failing. The schema is versioned with
+``PRAGMA user_version``; each migration runs in its own transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from ..core.instance import InstanceEvent, InstanceRecord, InstanceState
+from ..errors import ConflictError, NotFoundError, StoreError
+from .files import ensure_private_dir
+
+BUSY_TIMEOUT_MS = 15000
+
+# Append only: a released migration is never edited, a new one is added.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        uuid TEXT NOT NULL UNIQUE,
+        image TEXT NOT NULL,
+        overlay TEXT NOT NULL,
+        console_log TEXT NOT NULL,
+        state TEXT NOT NULL,
+        virt_type TEXT NOT NULL,
+        domain_xml TEXT NOT NULL,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    -- A name is unique among instances that still exist.
+    CREATE UNIQUE INDEX instances_live_name ON instances(name) WHERE state != 'destroyed';
+    CREATE TABLE instance_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        instance_id TEXT NOT NULL REFERENCES instances(id),
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX instance_events_by_instance ON instance_events(instance_id, seq);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = "id, name, uuid, image, overlay, console_log, state, virt_type, domain_xml, created_at, updated_at, error"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _row_to_record(row: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(
+        id=row["id"],
+        name=row["name"],
+        uuid=row["uuid"],
+        image=row["image"],
+        overlay=row["overlay"],
+        console_log=row["console_log"],
+        state=InstanceState(row["state"]),
+        virt_type=row["virt_type"],
+        domain_xml=row["domain_xml"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        error=row["error"],
+    )
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            ensure_private_dir(path.parent)
+            # Create the file 0600 before SQLite does (it would honour umask).
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.Error as err:
+            raise StoreError(f"state database {path} is unusable: {err}") from None
+        except OSError as err:
+            raise StoreError(f"cannot open state database {path}: {err.strerror}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One writer at a time across processes: take the lock first."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"state database {self.path} is busy: {err}") from None
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state database {self.path} has schema {version}, newer than this tvorch ({SCHEMA_VERSION})"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._write() as db:
+                # Re-check under the lock: another process may have migrated.
+                if db.execute("PRAGMA user_version").fetchone()[0] != number:
+                    continue
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number + 1}")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- instances -------------------------------------------------------
+
+    def create_instance(self, record: InstanceRecord) -> None:
+        try:
+            with self._write() as db:
+                db.execute(
+                    f"INSERT INTO instances ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        record.id, record.name, record.uuid, record.image, record.overlay, record.console_log,
+                        record.state.value, record.virt_type, record.domain_xml,
+                        record.created_at, record.updated_at, record.error,
+                    ),
+                )
+                self._add_event(db, record.id, "created", f"launch of {record.image} as {record.name}")
+        except sqlite3.IntegrityError:
+            raise ConflictError(f"an instance named '{record.name}' already exists") from None
+
+    def update_instance(
+        self,
+        instance_id: str,
+        *,
+        state: InstanceState | None = None,
+        domain_xml: str | None = None,
+        error: str | None = None,
+        event: tuple[str, str] | None = None,
+    ) -> InstanceRecord:
+        """Change a record and log why, in one transaction."""
+        with self._write() as db:
+            sets, args = ["updated_at = ?"], [utc_now()]
+            if state is not None:
+                sets.append("state = ?")
+                args.append(state.value)
+            if domain_xml is not None:
+                sets.append("domain_xml = ?")
+                args.append(domain_xml)
+            if error is not None:
+                sets.append("error = ?")
+                args.append(error)
+            cur = db.execute(f"UPDATE instances SET {', '.join(sets)} WHERE id = ?", (*args, instance_id))
+            if cur.rowcount != 1:
+                raise NotFoundError(f"no instance with id {instance_id}")
+            if event is not None:
+                self._add_event(db, instance_id, *event)
+            row = db.execute(f"SELECT {_COLUMNS} FROM instances WHERE id = ?", (instance_id,)).fetchone()
+        return _row_to_record(row)
+
+    def add_event(self, instance_id: str, kind: str, detail: str) -> None:
+        with self._write() as db:
+            self._add_event(db, instance_id, kind, detail)
+
+    @staticmethod
+    def _add_event(db: sqlite3.Connection, instance_id: str, kind: str, detail: str) -> None:
+        db.execute(
+            "INSERT INTO instance_events (instance_id, at, kind, detail) VALUES (?,?,?,?)",
+            (instance_id, utc_now(), kind, detail),
+        )
+
+    def find_live(self, name: str) -> InstanceRecord | None:
+        """The instance of that name that has not been destroyed, if any."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM instances WHERE name = ? AND state != 'destroyed'", (name,)
+        ).fetchone()
+        return _row_to_record(row) if row else None
+
+    def get_live(self, name: str) -> InstanceRecord:
+        record = self.find_live(name)
+        if record is None:
+            raise NotFoundError(f"no instance named '{name}'")
+        return record
+
+    def list_instances(self, include_destroyed: bool = False) -> list[InstanceRecord]:
+        where = "" if include_destroyed else "WHERE state != 'destroyed'"
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM instances {where} ORDER BY created_at, id").fetchall()
+        return [_row_to_record(r) for r in rows]
+
+    def events(self, instance_id: str) -> list[InstanceEvent]:
+        rows = self._db.execute(
+            "SELECT instance_id, at, kind, detail FROM instance_events WHERE instance_id = ? ORDER BY seq",
+            (instance_id,),
+        ).fetchall()
+        return [InstanceEvent(r["instance_id"], r["at"], r["kind"], r["detail"]) for r in rows]

@@ -1,0 +1,210 @@
+"""`tvorch` command line: parse, configure once, call the service, map errors.
+
+Every refusal is one line on stderr (`tvorch: error: ...`) and a documented
+exit code (tvorch.errors.ExitCode); `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+
+from .config import load_config
+from .core.instance import InstanceRecord
+from .errors import ExitCode, TvorchError
+from .logs import configure_logging
+from .service import instances
+from .service.instances import LaunchRequest, Node
+
+
+class Context:
+    def __init__(self, config_path: str | None, debug: bool, verbose: bool) -> None:
+        self.config_path = config_path
+        self.debug = debug
+        self.verbose = verbose
+        self._node: Node | None = None
+
+    @property
+    def node(self) -> Node:
+        if self._node is None:
+            cfg = load_config(self.config_path)
+            level = "debug" if self.debug else "info" if self.verbose else cfg.log_level
+            configure_logging(level)
+            self._node = Node(cfg)
+        return self._node
+
+    def close(self) -> None:
+        if self._node is not None:
+            self._node.close()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def emit(as_json: bool, payload: Any, text: str | Callable[[], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        click.echo(text() if callable(text) else text)
+
+
+def _record_text(r: InstanceRecord) -> str:
+    lines = [
+        f"name:       {r.name}",
+        f"id:         {r.id}",
+        f"uuid:       {r.uuid}",
+        f"state:      {r.state.value}",
+        f"virt type:  {r.virt_type}",
+        f"image:      {r.image}",
+        f"overlay:    {r.overlay}",
+        f"console:    {r.console_log}",
+        f"created:    {r.created_at}",
+    ]
+    if r.error:
+        lines.append(f"error:      {r.error}")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="TVORCH_CONFIG", metavar="PATH",
+              help="Config file (default /etc/tvorch/tvorch.toml; env TVORCH_CONFIG).")
+@click.option("--debug", is_flag=True, help="Debug logging, and tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress (info level).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool, verbose: bool) -> None:
+    """tvorch: trusted launch of KVM guests with a virtual TPM."""
+    ctx.obj = Context(config_path, debug, verbose)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--name", required=True, help="Instance (and libvirt domain) name.")
+@click.option("--memory", type=int, help="Memory in MiB [config launch.memory_mib].")
+@click.option("--vcpus", type=int, help="Virtual CPUs [config launch.vcpus].")
+@click.option("--firmware", type=click.Choice(["efi", "bios"]), help="Firmware [config launch.firmware].")
+@click.option("--secure-boot/--no-secure-boot", default=None, help="UEFI Secure Boot [config launch.secure_boot].")
+@click.option("--firmware-profile", metavar="NAME", help="Named OVMF code/vars from config [firmware_profiles].")
+@click.option("--tpm-model", type=click.Choice(["crb", "tis"]), help="vTPM interface [config launch.tpm_model].")
+@click.option("--kernel", metavar="PATH", help="Direct kernel boot: kernel image.")
+@click.option("--initrd", metavar="PATH", help="Direct kernel boot: initrd.")
+@click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel command line.")
+@click.option("--network", metavar="NET", help="Attach a NIC on this libvirt network.")
+@json_option
+@pass_ctx
+def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int | None, firmware: str | None,
+           secure_boot: bool | None, firmware_profile: str | None, tpm_model: str | None, kernel: str | None,
+           initrd: str | None, cmdline: str | None, network: str | None, as_json: bool) -> None:
+    """Launch IMAGE as a new VM with a vTPM and start it."""
+    req = LaunchRequest(
+        image=image, name=name, memory_mib=memory, vcpus=vcpus, firmware=firmware, secure_boot=secure_boot,
+        firmware_profile=firmware_profile, tpm_model=tpm_model, kernel=kernel, initrd=initrd, cmdline=cmdline,
+        network=network,
+    )
+    record = instances.launch(ctx.node, req)
+    emit(as_json, record.to_json(), lambda: "\n".join([
+        f"launched {record.name} ({record.id}, uuid {record.uuid}) running under {record.virt_type}",
+        f"  serial console log: {record.console_log}",
+        f"  interactive console: virsh -c {ctx.node.cfg.libvirt_uri} console {record.name}",
+        f"  stop it:    tvorch stop {record.name}",
+        f"  remove it:  tvorch destroy {record.name}",
+    ]))
+
+
+@cli.command(name="list")
+@json_option
+@pass_ctx
+def list_(ctx: Context, as_json: bool) -> None:
+    """List instances and their current state."""
+    records = instances.list_instances(ctx.node)
+
+    def table() -> str:
+        rows = [("NAME", "ID", "STATE", "VIRT", "IMAGE")]
+        rows += [(r.name, r.id, r.state.value, r.virt_type, r.image) for r in records]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows)
+
+    emit(as_json, [r.to_json() for r in records], table)
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def show(ctx: Context, name: str, as_json: bool) -> None:
+    """Show one instance, with its history."""
+    record = instances.show(ctx.node, name)
+    events = ctx.node.store.events(record.id)
+    emit(as_json, {**record.to_json(), "events": [e.to_json() for e in events]},
+         lambda: _record_text(record) + "\nevents:\n" + "\n".join(
+             f"  {e.at}  {e.kind:<14} {e.detail}" for e in events))
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def start(ctx: Context, name: str, as_json: bool) -> None:
+    """Start a stopped instance."""
+    record, changed = instances.start(ctx.node, name)
+    emit(as_json, {**record.to_json(), "changed": changed},
+         f"started {name}" if changed else f"{name} is already running")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Power off at once instead of asking the guest.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Seconds to wait for the guest [config stop_timeout].")
+@json_option
+@pass_ctx
+def stop(ctx: Context, name: str, force: bool, timeout: float | None, as_json: bool) -> None:
+    """Shut an instance down (graceful, or --force)."""
+    record, changed = instances.stop(ctx.node, name, force, timeout)
+    emit(as_json, {**record.to_json(), "changed": changed},
+         f"stopped {name}" if changed else f"{name} is already stopped")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--purge-vtpm", is_flag=True, help="Also delete the vTPM state (irreversible).")
+@json_option
+@pass_ctx
+def destroy(ctx: Context, name: str, purge_vtpm: bool, as_json: bool) -> None:
+    """Power off and remove an instance; its vTPM state is kept unless --purge-vtpm."""
+    record = instances.destroy(ctx.node, name, purge_vtpm)
+    emit(as_json, {**record.to_json(), "vtpm_purged": purge_vtpm},
+         f"destroyed {name}; vTPM state " + ("purged" if purge_vtpm else "kept"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="tvorch", standalone_mode=False)
+    except TvorchError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"tvorch: error: {err}", err=True)
+        return int(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("tvorch: error: aborted", err=True)
+        return int(ExitCode.FAILURE)
+    except click.ClickException as err:
+        # One line instead of click's usage block.
+        click.echo(f"tvorch: error: {' '.join(err.format_message().split())}", err=True)
+        return int(ExitCode.USAGE)
+    except Exception as err:  # a bug: say so in one line unless debugging
+        if debug:
+            traceback.print_exc()
+        click.echo(f"tvorch: internal error: {type(err).__name__}: {err} (run with --debug for details)", err=True)
+        return int(ExitCode.FAILURE)
+    return int(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

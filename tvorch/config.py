@@ -1,0 +1,146 @@
+"""tvorch's configuration: a TOML file validated into frozen dataclasses.
+
+Every key has a default, so a node with no file runs with the defaults. An
+unknown key or a value of the wrong type is refused with the key's dotted name,
+because a typo that silently falls back to a default is how policies get lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/tvorch/tvorch.toml"
+CONFIG_ENV = "TVORCH_CONFIG"
+
+
+@dataclass(frozen=True)
+class LaunchDefaults:
+    """Values `tvorch launch` uses when an option is not given."""
+
+    memory_mib: int = 1024
+    vcpus: int = 1
+    firmware: str = "efi"
+    secure_boot: bool = False
+    tpm_model: str = "crb"
+    max_memory_mib: int = 262144
+    max_vcpus: int = 64
+
+
+@dataclass(frozen=True)
+class FirmwareProfile:
+    """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
+
+    code: str
+    vars_template: str
+    secure_boot: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "/var/lib/tvorch"
+    libvirt_uri: str = "qemu:///system"
+    virt_type: str = "auto"
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+    overlay_dir: str = "/var/lib/libvirt/images/tvorch"
+    console_log_dir: str = "/var/log/tvorch"
+    swtpm_state_dir: str = "/var/lib/libvirt/swtpm"
+    max_backing_depth: int = 16
+    stop_timeout: int = 120
+    log_level: str = "warning"
+    launch: LaunchDefaults = field(default_factory=LaunchDefaults)
+    firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
+    # Where this config came from, and its bytes (b"" for built-in defaults).
+    source: str = field(default="<defaults>", compare=False)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.state_dir) / "tvorch.db"
+
+
+_CHOICES = {
+    "virt_type": ("auto", "kvm", "qemu"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "launch.firmware": ("efi", "bios"),
+    "launch.tpm_model": ("crb", "tis"),
+}
+_NOT_FROM_FILE = {"source", "raw"}
+
+
+def _type_name(tp: Any) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean"}.get(tp, "a table")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - _NOT_FROM_FILE
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        dotted = f"{prefix}{f.name}"
+        values[f.name] = _convert(hints[f.name], data[f.name], dotted)
+        choices = _CHOICES.get(dotted)
+        if choices and values[f.name] not in choices:
+            raise ConfigError(
+                f"config key '{dotted}' must be one of {', '.join(choices)}, "
+                f"not {values[f.name]!r}"
+            )
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required key of a table is missing
+        missing = str(err).split("argument")[-1].strip(": '")
+        raise ConfigError(f"config table '{prefix.rstrip('.')}' lacks key '{missing}'") from None
+
+
+def _convert(tp: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{dotted}' must be a table")
+        return _build(tp, value, dotted + ".")
+    if get_origin(tp) is Mapping:
+        _, item_type = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{dotted}' must be a table")
+        return {k: _convert(item_type, v, f"{dotted}.{k}") for k, v in value.items()}
+    # bool is a subclass of int: keep them apart so `vcpus = true` is refused.
+    if type(value) is not tp:
+        raise ConfigError(f"config key '{dotted}' must be {_type_name(tp)}, not {value!r}")
+    if tp is int and value < 0:
+        raise ConfigError(f"config key '{dotted}' must not be negative")
+    return value
+
+
+def parse_config(text: bytes, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    cfg = _build(Config, data, "")
+    return dataclasses.replace(cfg, source=source, raw=text)
+
+
+def load_config(path: str | None = None) -> Config:
+    """Load from PATH, else $TVORCH_CONFIG, else the default path if it exists."""
+    explicit = path or os.environ.get(CONFIG_ENV)
+    target = explicit or DEFAULT_CONFIG_PATH
+    try:
+        text = Path(target).read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file not found: {target}") from None
+        return Config()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {target}: {err.strerror}") from None
+    return parse_config(text, target)

@@ -1,0 +1,76 @@
+"""Typed description of what tvorch asks libvirt to run.
+
+A ``DomainSpec`` is everything the domain XML is rendered from; nothing else
+feeds the renderer, so two equal specs always give byte-identical XML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+# tvorch's own element in the domain <metadata>; libvirt keeps it verbatim.
+METADATA_NAMESPACE = "https://tvorch.dev/xmlns/instance/1"
+METADATA_PREFIX = "tvorch"
+
+
+class Firmware(str, Enum):
+    EFI = "efi"
+    BIOS = "bios"
+
+
+class TpmModel(str, Enum):
+    CRB = "crb"
+    TIS = "tis"
+
+    @property
+    def libvirt_model(self) -> str:
+        return f"tpm-{self.value}"
+
+
+class VirtType(str, Enum):
+    """libvirt's domain type: hardware virtualisation or TCG emulation."""
+
+    KVM = "kvm"
+    QEMU = "qemu"
+
+
+@dataclass(frozen=True)
+class FirmwareImages:
+    """Explicit OVMF code image and vars template, instead of auto-selection.
+
+    Needed when the guest is signed with a key other than Microsoft's (an
+    operator's own PK/KEK/db, or OVMF's snakeoil key in tests).
+    """
+
+    code: str
+    vars_template: str
+    secure_boot: bool
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    uuid: str
+    instance_id: str
+    memory_mib: int
+    vcpus: int
+    virt_type: VirtType
+    emulator: str
+    firmware: Firmware
+    secure_boot: bool
+    tpm_model: TpmModel
+    disk_path: str
+    disk_format: str
+    console_log: str
+    machine: str = "q35"
+    network: str | None = None
+    direct_boot: DirectBoot | None = None
+    firmware_images: FirmwareImages | None = None
