@@ -16,7 +16,7 @@
 set -euo pipefail
 
 OUTDIR=${1:-/var/cache/tvorch/test-guest}
-OUTDIR=$(realpath -m -- "$OUTDIR")       # absolute: the build runs in a temp dir
+[[ $OUTDIR == /* ]] || OUTDIR=$PWD/$OUTDIR   # absolute: the build runs in a temp dir
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 PROG=build-test-guest
 
@@ -113,9 +113,15 @@ if up_to_date; then
 fi
 
 T0=$(date +%s%N)
+# Leftovers of a build that was killed (we hold the lock, so none is running).
+rm -rf "$OUTDIR"/.build.*
 # Build next to the outputs (same filesystem) so the final moves are atomic renames.
 WORK=$(mktemp -d "$OUTDIR/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+# On INT/TERM let the running step finish, then exit through the EXIT trap, so no
+# child is left writing into a removed directory.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 cd "$WORK"
 
 # --- initramfs ----------------------------------------------------------------------
@@ -160,10 +166,13 @@ say() { echo "TVORCH-GUEST: $*"; }
 
 say "boot $(uname -r)"
 
-# The TPM drivers are built in but may probe late; wait up to 5 s.
+# The TPM drivers are built in but may probe late: wait up to 5 s when ACPI
+# describes a TPM (MSFT0101: TPM 2.0 CRB/TIS, PNP0C31: TIS 1.2), else 1 s.
+tries=10
+ls /sys/bus/acpi/devices 2>/dev/null | grep -qE '^(MSFT0101|PNP0C31):' && tries=50
 i=0
 while [ ! -e /dev/tpm0 ] || [ ! -d /sys/class/tpm/tpm0/pcr-sha256 ]; do
-    [ $i -ge 50 ] && break
+    [ $i -ge $tries ] && break
     usleep 100000
     i=$((i + 1))
 done
@@ -247,9 +256,9 @@ objcopy -p \
     "$STUB" uki.efi
 
 # Sign with the snakeoil key. sbsign cannot take a passphrase, so decrypt the key
-# to a private temp file that lives only as long as the signing.
+# to a private (0600, in the 0700 work dir) temp file that lives only as long as the
+# signing; the EXIT trap removes it too if we fail on the way.
 KEYTMP=$(umask 077; mktemp "$WORK/snakeoil.XXXXXX")
-trap 'rm -f "$KEYTMP"; rm -rf "$WORK"' EXIT
 openssl pkey -in "$SB_KEY" -passin "pass:$SB_KEY_PASS" -out "$KEYTMP" 2>/dev/null \
     || die "cannot decrypt $SB_KEY with the passphrase from ovmf's README.Debian"
 sbsign --key "$KEYTMP" --cert "$SB_CERT" --output uki-signed.efi uki.efi >/dev/null 2>&1 \
@@ -266,10 +275,10 @@ fix_signing_time() { # signed.efi unsigned.efi
     asn=$(openssl asn1parse -inform DER -in sig.p7)
     # "OFFSET:d=DEPTH hl=HEADERLEN l=LEN ..." ; SignerInfo fields sit at depth 5.
     read -r t_off t_hl < <(awk -F'[:= ]+' '/:signingTime/ {f=1; next}
-        f && /UTCTIME/ {print $2, $6; exit}' <<<"$asn")
-    read -r a_off a_hl a_len < <(awk -F'[:= ]+' '/d=5 .*cont \[ 0 \]/ {print $2, $6, $8}' <<<"$asn" | tail -n 1)
-    read -r s_off s_hl < <(awk -F'[:= ]+' '/d=5 .*l= *256 prim: *OCTET STRING/ {print $2, $6}' <<<"$asn" | tail -n 1)
-    [[ -n $t_off && -n $a_off && -n $s_off ]] || die "unexpected signature layout from sbsign"
+        f && /UTCTIME/ {print $2, $6; exit}' <<<"$asn") || true
+    read -r a_off a_hl a_len < <(awk -F'[:= ]+' '/d=5 .*cont \[ 0 \]/ {print $2, $6, $8}' <<<"$asn" | tail -n 1) || true
+    read -r s_off s_hl < <(awk -F'[:= ]+' '/d=5 .*l= *256 prim: *OCTET STRING/ {print $2, $6}' <<<"$asn" | tail -n 1) || true
+    [[ -n ${t_off:-} && -n ${a_off:-} && -n ${s_off:-} ]] || die "unexpected signature layout from sbsign"
     printf '%s' "$(TZ=UTC date -d "@$SOURCE_DATE_EPOCH" +%y%m%d%H%M%SZ)" \
         | dd of=sig.p7 bs=1 seek=$((t_off + t_hl)) conv=notrunc status=none
     # What is signed is the attributes' DER as a SET (tag 0x31), not as [0] (0xa0).

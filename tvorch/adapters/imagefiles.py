@@ -69,7 +69,8 @@ def inspect_image(path: str, max_depth: int = 16) -> ImageChain:
             raise ImageError(f"backing chain of {top} is deeper than {max_depth} layers at {name}")
         layer, key, header = _read_layer(opened_as, name, named_by)
         if key in seen:
-            raise ImageError(f"backing chain of {top} loops: {name} is {seen[key]}, already in the chain")
+            same = "" if seen[key] == name else f" (as {seen[key]})"
+            raise ImageError(f"backing chain of {top} loops: {name} is already in the chain{same}")
         seen[key] = name
         if expected is not None and layer.format.value != expected:
             raise ImageError(
@@ -133,8 +134,11 @@ def _read_layer(
     st = _stat_regular(opened_as, name, named_by)
     if opened_as != name:
         # ".." after a symlinked directory: the kernel and normpath disagree.
-        other = _stat_regular(name, name, named_by)
-        if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
+        try:
+            other: os.stat_result | None = os.stat(name)
+        except OSError:
+            other = None
+        if other is None or (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
             raise ImageError(f"{_describe(opened_as, named_by)} leads through a symlink to a file other than {name}")
     try:
         fd = os.open(opened_as, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -161,7 +165,9 @@ def _vet_layer(
     head = _pread(fd, QCOW2_HEADER_READ, 0)
     if head[:4] != QCOW2_MAGIC:
         if not looks_like_disk(head, size):
-            raise ImageError("not a disk image (no qcow2 header, no boot signature, not whole sectors)")
+            if size < 512 or size % 512:
+                raise ImageError(f"not a disk image: {size} bytes is not a whole number of 512-byte sectors")
+            raise ImageError("not a disk image: no qcow2 header, MBR boot signature or ISO 9660 volume")
         return ImageLayer(path=name, format=ImageFormat.RAW, virtual_size=size, file_size=size), key, None
     needed = qcow2_header_bytes_needed(head)
     if needed > len(head) and size > len(head):
@@ -169,7 +175,8 @@ def _vet_layer(
     header = parse_qcow2_header(head)
     l1_table = _pread(fd, header.l1_size * 8, header.l1_table_offset)
     check_qcow2_layout(header, size, l1_table)
-    for offset in qcow2_l2_table_offsets(header, l1_table):
+    # Each distinct table once: a hostile L1 repeating one offset costs nothing extra.
+    for offset in sorted(set(qcow2_l2_table_offsets(header, l1_table))):
         check_qcow2_l2_table(header, size, _pread(fd, header.cluster_size, offset))
     layer = ImageLayer(path=name, format=ImageFormat.QCOW2, virtual_size=header.virtual_size, file_size=size)
     return layer, key, header
@@ -251,9 +258,17 @@ def _run_qemu_img(args: list[str], tmp: str, dest: str, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         raise OperationTimeout(f"{QEMU_IMG} did not create overlay {dest} within {timeout:g} s") from None
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        reason = lines[-1].replace(tmp, dest) if lines else f"exit status {proc.returncode}"
-        raise ImageError(f"cannot create overlay {dest}: {reason}")
+        raise ImageError(f"cannot create overlay {dest}: {_qemu_img_reason(proc.stderr, tmp, dest, proc.returncode)}")
+
+
+def _qemu_img_reason(stderr: str, tmp: str, dest: str, returncode: int) -> str:
+    """qemu-img's last error line; hint lines it prints after the error carry no prefix."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(f"{QEMU_IMG}: ")] or lines
+    if not errors:
+        return f"{QEMU_IMG} exit status {returncode}"
+    reason = errors[-1].removeprefix(f"{QEMU_IMG}: ").removeprefix(f"{tmp}: ")
+    return reason.replace(tmp, dest)
 
 
 def remove_overlay(path: str) -> None:

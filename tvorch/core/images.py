@@ -297,16 +297,16 @@ def check_qcow2_layout(header: Qcow2Header, file_size: int, l1_table: bytes) -> 
     bytes (shorter if the file ends first). Only the active L1 table is
     checked; internal snapshots' tables are not what the guest reads.
     """
-    l1_bytes = header.l1_size * 8
-    if header.l1_table_offset + l1_bytes > file_size or len(l1_table) < l1_bytes:
-        raise ImageError(
-            f"qcow2 L1 table at {header.l1_table_offset:#x}+{l1_bytes} lies past the end of the file "
-            f"({file_size} bytes): truncated"
-        )
     reftable_end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
     if reftable_end > file_size:
         raise ImageError(
             f"qcow2 refcount table at {header.refcount_table_offset:#x} ends past the end of the file "
+            f"({file_size} bytes): truncated"
+        )
+    l1_bytes = header.l1_size * 8
+    if header.l1_table_offset + l1_bytes > file_size or len(l1_table) < l1_bytes:
+        raise ImageError(
+            f"qcow2 L1 table at {header.l1_table_offset:#x}+{l1_bytes} lies past the end of the file "
             f"({file_size} bytes): truncated"
         )
     if header.nb_snapshots and header.snapshots_offset >= file_size:
