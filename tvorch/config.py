@@ -35,6 +35,20 @@ class LaunchDefaults:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """What a launch must satisfy; its digest goes into every manifest."""
+
+    # Measurement kinds that must match a reference value (`tvorch image trust`,
+    # `tvorch reference add`): image, firmware, kernel, initrd, emulator, swtpm.
+    require_trusted: tuple[str, ...] = ("image",)
+    # Whether `tvorch launch --allow-untrusted-image` may waive the image check.
+    allow_untrusted_image: bool = False
+    # CA certificate (PEM) that image signing certificates must chain to;
+    # empty: `tvorch image trust --signature` is refused.
+    image_signing_ca: str = ""
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
 
@@ -56,6 +70,7 @@ class Config:
     stop_timeout: int = 120
     log_level: str = "warning"
     launch: LaunchDefaults = field(default_factory=LaunchDefaults)
+    policy: Policy = field(default_factory=Policy)
     firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
     # Where this config came from, and its bytes (b"" for built-in defaults).
     source: str = field(default="<defaults>", compare=False)
@@ -71,6 +86,9 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "launch.firmware": ("efi", "bios"),
     "launch.tpm_model": ("crb", "tis"),
+}
+_LIST_CHOICES = {
+    "policy.require_trusted": ("image", "firmware", "kernel", "initrd", "emulator", "swtpm"),
 }
 _NOT_FROM_FILE = {"source", "raw"}
 
@@ -91,6 +109,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             continue
         dotted = f"{prefix}{f.name}"
         values[f.name] = _convert(hints[f.name], data[f.name], dotted)
+        for item in values[f.name] if dotted in _LIST_CHOICES else ():
+            if item not in _LIST_CHOICES[dotted]:
+                raise ConfigError(
+                    f"config key '{dotted}' items must be among {', '.join(_LIST_CHOICES[dotted])}, not {item!r}"
+                )
         choices = _CHOICES.get(dotted)
         if choices and values[f.name] not in choices:
             raise ConfigError(
@@ -114,12 +137,25 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{dotted}' must be a table")
         return {k: _convert(item_type, v, f"{dotted}.{k}") for k, v in value.items()}
+    if get_origin(tp) is tuple:
+        (item_type, _) = get_args(tp)
+        if not isinstance(value, list) or any(type(v) is not item_type for v in value):
+            raise ConfigError(f"config key '{dotted}' must be a list of {_type_name(item_type).split()[-1]}s")
+        return tuple(value)
     # bool is a subclass of int: keep them apart so `vcpus = true` is refused.
     if type(value) is not tp:
         raise ConfigError(f"config key '{dotted}' must be {_type_name(tp)}, not {value!r}")
     if tp is int and value < 0:
         raise ConfigError(f"config key '{dotted}' must not be negative")
     return value
+
+
+def effective_config(cfg: Config) -> dict[str, Any]:
+    """Every setting in force, defaults included: what the policy digest covers."""
+    data = dataclasses.asdict(cfg)
+    for key in _NOT_FROM_FILE:
+        data.pop(key)
+    return data
 
 
 def parse_config(text: bytes, source: str = "<string>") -> Config:

@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     STORE = 9  # the state database is unusable
     TIMEOUT = 10  # an operation did not finish in time
     HOST = 11  # the host cannot run what was asked (emulator, firmware)
+    TRUST_REFUSED = 12  # a measurement, signature or manifest did not verify or is not trusted
 
 
 class TvorchError(Exception):
@@ -69,3 +70,9 @@ class OperationTimeout(TvorchError):
 
 class HostError(TvorchError):
     exit_code = ExitCode.HOST
+
+
+class TrustError(TvorchError):
+    """A measurement, signature, certificate or manifest did not verify or is not trusted."""
+
+    exit_code = ExitCode.TRUST_REFUSED

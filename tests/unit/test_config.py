@@ -75,3 +75,23 @@ def test_env_variable_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TVORCH_CONFIG", str(path))
     cfg = load_config()
     assert cfg.stop_timeout == 3 and cfg.source == str(path) and cfg.raw == path.read_bytes()
+
+
+def test_policy_list_is_typed_and_checked():
+    cfg = parse_config(b"[policy]\nrequire_trusted = ['image', 'firmware']\n")
+    assert cfg.policy.require_trusted == ("image", "firmware")
+    with pytest.raises(ConfigError, match="'policy.require_trusted' items must be among"):
+        parse_config(b"[policy]\nrequire_trusted = ['bogus']\n")
+    with pytest.raises(ConfigError, match="'policy.require_trusted' must be a list of strings"):
+        parse_config(b"[policy]\nrequire_trusted = 'image'\n")
+
+
+def test_effective_config_covers_defaults_and_is_json_ready():
+    import json
+
+    from tvorch.config import effective_config
+
+    data = effective_config(Config())
+    assert data["policy"]["require_trusted"] == ("image",)
+    assert "source" not in data and "raw" not in data
+    json.dumps(data)  # serialisable, so it can be digested canonically

@@ -32,10 +32,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def libvirt_retry(func: Callable[..., T]) -> Callable[..., T]:
-    """Retry FUNC on transient libvirt errors: 4 tries over about 1.5 s."""
+    """Retry FUNC on transient libvirt errors: 5 tries over about 3 s (a libvirtd restart)."""
     return retry(
         retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(4),
+        stop=stop_after_attempt(5),
         wait=wait_exponential(multiplier=0.2, max=2),
         reraise=True,
     )(func)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..core.instance import InstanceEvent, InstanceRecord, InstanceState
+from ..core.references import ReferenceValue
 from ..errors import ConflictError, NotFoundError, StoreError
 from .files import ensure_private_dir
 
@@ -49,6 +50,36 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL
     );
     CREATE INDEX instance_events_by_instance ON instance_events(instance_id, seq);
+    """,
+    """
+    -- Reference values: digests the node trusts, by kind (image, firmware ...).
+    CREATE TABLE reference_values (
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        label TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        signer TEXT,
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (kind, digest)
+    );
+    -- File digests, valid while the file's identity and times are unchanged.
+    CREATE TABLE digest_cache (
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (dev, ino)
+    );
+    -- The signed launch manifest of each instance, byte for byte.
+    CREATE TABLE manifests (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(id),
+        digest TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -216,3 +247,58 @@ class Store:
             (instance_id,),
         ).fetchall()
         return [InstanceEvent(r["instance_id"], r["at"], r["kind"], r["detail"]) for r in rows]
+
+    # -- reference values --------------------------------------------------
+
+    def add_reference(self, ref: ReferenceValue) -> bool:
+        """Record REF; False when that digest was already trusted for its kind."""
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO reference_values (kind, digest, label, path, size, signer, added_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (ref.kind, ref.digest, ref.label, ref.path, ref.size, ref.signer, ref.added_at),
+            )
+            return cur.rowcount == 1
+
+    def remove_reference(self, kind: str, digest: str) -> bool:
+        with self._write() as db:
+            return db.execute(
+                "DELETE FROM reference_values WHERE kind = ? AND digest = ?", (kind, digest)
+            ).rowcount == 1
+
+    def references(self, kind: str | None = None) -> list[ReferenceValue]:
+        sql = "SELECT kind, digest, label, path, size, signer, added_at FROM reference_values"
+        rows = self._db.execute(
+            sql + (" WHERE kind = ? ORDER BY added_at" if kind else " ORDER BY kind, added_at"),
+            (kind,) if kind else (),
+        ).fetchall()
+        return [ReferenceValue(*row) for row in rows]
+
+    # -- digest cache (tvorch.adapters.digests.DigestCache) -----------------
+
+    def get(self, key: tuple[int, int, int, int, int]) -> str | None:
+        row = self._db.execute(
+            "SELECT digest FROM digest_cache WHERE dev=? AND ino=? AND size=? AND mtime_ns=? AND ctime_ns=?", key
+        ).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: tuple[int, int, int, int, int], digest: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO digest_cache (dev, ino, size, mtime_ns, ctime_ns, digest) VALUES (?,?,?,?,?,?)",
+                (*key, digest),
+            )
+
+    # -- manifests ---------------------------------------------------------
+
+    def save_manifest(self, instance_id: str, digest: str, body: bytes) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO manifests (instance_id, digest, body, created_at) VALUES (?,?,?,?)",
+                (instance_id, digest, body, utc_now()),
+            )
+            self._add_event(db, instance_id, "manifest", f"signed launch manifest sha256:{digest}")
+
+    def manifest(self, instance_id: str) -> bytes | None:
+        row = self._db.execute("SELECT body FROM manifests WHERE instance_id = ?", (instance_id,)).fetchone()
+        return bytes(row[0]) if row else None

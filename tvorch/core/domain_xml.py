@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
 from tvorch.core.spec import (
     METADATA_NAMESPACE,
     METADATA_PREFIX,
+    DiskLayer,
     DomainSpec,
     Firmware,
     FirmwareImages,
@@ -26,9 +28,22 @@ from tvorch.errors import InputError
 TEMPLATE_PACKAGE = "tvorch.xml_templates"
 TEMPLATE_NAME = "domain.xml"
 METADATA_VERSION = "1"
+MANIFEST_DIGEST_PREFIX = "sha256:"
 
 # Characters XML 1.0 cannot carry at all, escaped or not (its "Char" production).
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
+# Formats a layer under the overlay may have (what image inspection accepts).
+_LAYER_FORMATS = frozenset({"qcow2", "raw"})
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """What tvorch recorded in a domain's <metadata>."""
+
+    instance_id: str
+    # sha256 hex of the launch manifest, without the "sha256:" prefix.
+    manifest_digest: str | None
 
 
 def render_domain_xml(spec: DomainSpec) -> str:
@@ -43,7 +58,7 @@ def render_domain_xml(spec: DomainSpec) -> str:
     root.set("type", spec.virt_type.value)
     _find(root, "name").text = _xml_value(spec.name, "name")
     _find(root, "uuid").text = _xml_value(spec.uuid, "uuid")
-    _find(root, "metadata").append(_instance_element(spec.instance_id))
+    _find(root, "metadata").append(_instance_element(spec))
     _find(root, "memory").text = str(spec.memory_mib)
     _find(root, "currentMemory").text = str(spec.memory_mib)
     _find(root, "vcpu").text = str(spec.vcpus)
@@ -61,20 +76,29 @@ def render_domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def parse_instance_metadata(xml: str) -> str | None:
-    """Return the tvorch instance id recorded in a domain XML, or None.
+def parse_instance_metadata(xml: str) -> InstanceMetadata | None:
+    """Return what tvorch recorded in a domain XML, or None if it is not ours.
 
     Looks the element up by namespace URI, not prefix: libvirt re-serialises
     the metadata and may move the namespace declaration or rename the prefix.
+    The libvirt hook calls this on every start, so it stays ElementTree only.
+    Raises ``InputError`` for XML that is not well-formed and for a manifest
+    attribute that is not ``sha256:<64 lowercase hex>``.
     """
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as err:
         raise InputError(f"domain XML is not well-formed: {err}") from err
     instance = root.find(f"metadata/{{{METADATA_NAMESPACE}}}instance")
-    if instance is None:
+    if instance is None or not instance.get("id"):
         return None
-    return instance.get("id") or None
+    manifest = instance.get("manifest")
+    digest = None
+    if manifest is not None:
+        digest = manifest.removeprefix(MANIFEST_DIGEST_PREFIX)
+        if not manifest.startswith(MANIFEST_DIGEST_PREFIX) or not _SHA256_HEX.fullmatch(digest):
+            raise InputError(f"domain metadata has a malformed manifest digest: {manifest!r}")
+    return InstanceMetadata(instance_id=instance.get("id", ""), manifest_digest=digest)
 
 
 @lru_cache(maxsize=1)
@@ -112,21 +136,28 @@ def _check_firmware(spec: DomainSpec) -> None:
         )
 
 
-def _instance_element(instance_id: str) -> ET.Element:
+def _instance_element(spec: DomainSpec) -> ET.Element:
     """tvorch's metadata element, declaring its namespace on itself.
 
     ElementTree would hoist a namespace declaration to <domain>; writing it as
     a plain attribute keeps the element self-contained, which is the form
     libvirt stores and returns for a metadata namespace.
     """
-    return ET.Element(
+    element = ET.Element(
         f"{METADATA_PREFIX}:instance",
         {
             f"xmlns:{METADATA_PREFIX}": METADATA_NAMESPACE,
-            "id": _xml_value(instance_id, "instance id"),
+            "id": _xml_value(spec.instance_id, "instance id"),
             "version": METADATA_VERSION,
         },
     )
+    if spec.manifest_digest is not None:
+        if not _SHA256_HEX.fullmatch(spec.manifest_digest):
+            raise InputError(
+                f"manifest digest is not 64 lowercase hex digits: {spec.manifest_digest!r}"
+            )
+        element.set("manifest", MANIFEST_DIGEST_PREFIX + spec.manifest_digest)
+    return element
 
 
 def _render_os(os_element: ET.Element, spec: DomainSpec) -> None:
@@ -182,7 +213,10 @@ def _render_devices(devices: ET.Element, spec: DomainSpec) -> None:
     _find(devices, "emulator").text = _xml_value(spec.emulator, "emulator path")
     disk = _find(devices, "disk")
     _find(disk, "driver").set("type", _xml_value(spec.disk_format, "disk format"))
-    _find(disk, "source").set("file", _xml_value(spec.disk_path, "disk path"))
+    source = _find(disk, "source")
+    source.set("file", _xml_value(spec.disk_path, "disk path"))
+    if spec.backing_chain:
+        disk.insert(list(disk).index(source) + 1, _backing_store(spec.backing_chain))
     if spec.firmware is Firmware.EFI and spec.direct_boot is None:
         # Per-device order (libvirt refuses it mixed with <os><boot dev>) puts
         # this disk first in OVMF's boot options, ahead of network boot.
@@ -194,3 +228,25 @@ def _render_devices(devices: ET.Element, spec: DomainSpec) -> None:
         devices.insert(list(devices).index(disk) + 1, interface)
     _find(devices, "serial/log").set("file", _xml_value(spec.console_log, "console log path"))
     _find(devices, "tpm").set("model", spec.tpm_model.libvirt_model)
+
+
+def _backing_store(chain: tuple[DiskLayer, ...]) -> ET.Element:
+    """The overlay's backing chain as nested <backingStore>, ending in an empty one.
+
+    Stating the chain stops libvirt probing it, and relabel='no' stops its DAC
+    driver chowning each layer to the qemu user on start and back on stop
+    (which would change the base image's ctime, the key tvorch's digest cache
+    relies on). qemu still opens the layers as that user: they must be
+    world-readable.
+    """
+    outer = ET.Element("backingStore")
+    store = outer
+    for layer in chain:
+        if layer.format not in _LAYER_FORMATS:
+            raise InputError(f"backing layer {layer.path} has unsupported format {layer.format!r}")
+        store.set("type", "file")
+        ET.SubElement(store, "format", type=layer.format)
+        source = ET.SubElement(store, "source", file=_xml_value(layer.path, "backing layer path"))
+        ET.SubElement(source, "seclabel", model="dac", relabel="no")
+        store = ET.SubElement(store, "backingStore")
+    return outer

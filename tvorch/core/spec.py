@@ -56,6 +56,14 @@ class DirectBoot:
 
 
 @dataclass(frozen=True)
+class DiskLayer:
+    """A read-only layer under the instance overlay, as qemu will open it."""
+
+    path: str
+    format: str
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     uuid: str
@@ -74,3 +82,8 @@ class DomainSpec:
     network: str | None = None
     direct_boot: DirectBoot | None = None
     firmware_images: FirmwareImages | None = None
+    # Layers below the overlay, nearest first (libvirt's <backingStore> nesting).
+    # Pinned in the XML so libvirt neither probes nor relabels them.
+    backing_chain: tuple[DiskLayer, ...] = ()
+    # sha256 hex of the signed launch manifest; recorded in <metadata>.
+    manifest_digest: str | None = None

@@ -1,0 +1,369 @@
+"""The launch manifest: what a VM was started from, signed by the node key.
+
+Pure: dataclasses and bytes in, bytes and dataclasses out. The signed file is
+one JSON object in canonical form (README, "Launch manifest"); its SHA-256 is
+what the domain's ``<metadata>`` names, so the file is checked byte for byte:
+a verifier refuses anything that is not exactly the canonical serialisation
+of what it parsed, and signatures have one encoding only (DER, low S), so no
+second file with the same content can verify.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import uuid as uuid_module
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
+from tvorch.errors import TrustError
+
+MANIFEST_VERSION = 1
+DIGEST_ALGORITHM = "sha256"
+SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
+
+# What each measurement is of. A verifier must know what every entry means,
+# so a new kind is a change to this list (and to the README), not free text.
+MEASUREMENT_KINDS = frozenset(
+    {
+        "image-layer",  # one file of the disk image's backing chain
+        "firmware-code",  # OVMF code image or SeaBIOS binary
+        "firmware-vars",  # the OVMF vars template the instance's vars were copied from
+        "kernel",  # direct kernel boot
+        "initrd",
+        "cmdline",  # the kernel command line's UTF-8 bytes (no path)
+        "emulator",  # the QEMU binary
+        "swtpm",  # the swtpm binary
+    }
+)
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_DETAIL_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# Integers beyond 2**53 lose precision in many JSON readers (RFC 7493, I-JSON).
+_MAX_JSON_INT = 2**53 - 1
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+DetailValue = str | int | bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement:
+    """The digest of one thing that decides what the guest runs."""
+
+    kind: str  # one of MEASUREMENT_KINDS
+    path: str | None = None  # absolute path when measured; None for "cmdline"
+    digest: str  # lowercase hex of the manifest's algorithm over the bytes
+    size: int | None = None  # bytes hashed, for files
+    details: Mapping[str, DetailValue] = field(default_factory=dict)  # e.g. format, virtual_size, layer
+
+    def __post_init__(self) -> None:
+        # A read-only copy: the dataclass is frozen, its details should be too.
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchManifest:
+    """Everything a launch measured, for one instance on one node."""
+
+    instance_id: str
+    uuid: str  # the libvirt domain UUID, lowercase 8-4-4-4-12
+    name: str
+    node: str  # the node's hostname
+    created_at: str  # UTC, "2024-05-01T12:00:00.123+00:00"
+    measurements: tuple[Measurement, ...]
+    config_digest: str  # digest of the canonical domain configuration
+    policy_digest: str  # digest of tvorch's launch policy in force
+    algorithm: str = DIGEST_ALGORITHM
+    version: int = MANIFEST_VERSION
+
+
+def canonical_json(obj: object) -> bytes:
+    """The one serialisation that is signed and hashed: UTF-8, sorted keys, no spaces, no floats.
+
+    Raises ValueError for anything JSON cannot carry exactly: floats, integers
+    beyond 2**53-1, non-string keys, strings that are not valid Unicode.
+    """
+    _check_json_value(obj, "$")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def manifest_to_dict(manifest: LaunchManifest) -> dict[str, Any]:
+    """The manifest as JSON-ready values (README, "Launch manifest")."""
+    return {
+        "version": manifest.version,
+        "instance_id": manifest.instance_id,
+        "uuid": manifest.uuid,
+        "name": manifest.name,
+        "node": manifest.node,
+        "created_at": manifest.created_at,
+        "algorithm": manifest.algorithm,
+        "measurements": [
+            {"kind": m.kind, "path": m.path, "digest": m.digest, "size": m.size, "details": dict(m.details)}
+            for m in manifest.measurements
+        ],
+        "config_digest": manifest.config_digest,
+        "policy_digest": manifest.policy_digest,
+    }
+
+
+def manifest_from_dict(data: object) -> LaunchManifest:
+    """Parse a manifest, refusing any missing, unknown or ill-formed field by name."""
+    fields = _object(data, "manifest", _MANIFEST_FIELDS)
+    version = _int(fields["version"], "version")
+    if version != MANIFEST_VERSION:
+        raise TrustError(f"manifest field 'version': unsupported version {version} (this tvorch reads {MANIFEST_VERSION})")
+    algorithm = _str(fields["algorithm"], "algorithm")
+    if algorithm != DIGEST_ALGORITHM:
+        raise TrustError(f"manifest field 'algorithm': unsupported digest algorithm {algorithm!r}")
+    uuid = _str(fields["uuid"], "uuid")
+    if not _is_canonical_uuid(uuid):
+        raise TrustError(f"manifest field 'uuid': {uuid!r} is not a lowercase 8-4-4-4-12 UUID")
+    raw_measurements = fields["measurements"]
+    if not isinstance(raw_measurements, list):
+        raise TrustError("manifest field 'measurements': must be a list")
+    return LaunchManifest(
+        version=version,
+        instance_id=_str(fields["instance_id"], "instance_id"),
+        uuid=uuid,
+        name=_str(fields["name"], "name"),
+        node=_str(fields["node"], "node"),
+        created_at=_timestamp(fields["created_at"], "created_at"),
+        algorithm=algorithm,
+        measurements=tuple(_measurement(m, f"measurements[{i}]") for i, m in enumerate(raw_measurements)),
+        config_digest=_digest(fields["config_digest"], "config_digest"),
+        policy_digest=_digest(fields["policy_digest"], "policy_digest"),
+    )
+
+
+def sign_manifest(manifest: LaunchManifest, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bytes:
+    """The signed manifest file: the manifest and an ECDSA P-256 signature over its canonical JSON.
+
+    Refuses (TrustError) a manifest that ``verify_manifest`` would refuse, and
+    a key that is not the certificate's, so a bad file is never written.
+    """
+    body = manifest_to_dict(manifest)
+    manifest_from_dict(body)
+    if cert.public_key() != key.public_key():
+        raise TrustError(f"the signing key does not match certificate '{cert.subject.rfc4514_string()}'")
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise TrustError(f"the signing key is on curve {key.curve.name}, not P-256")
+    r, s = decode_dss_signature(key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256())))
+    signature = encode_dss_signature(r, min(s, _P256_ORDER - s))
+    return canonical_json(
+        {
+            "manifest": body,
+            "signature": {
+                "algorithm": SIGNATURE_ALGORITHM,
+                "value": base64.b64encode(signature).decode("ascii"),
+                "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            },
+        }
+    )
+
+
+def manifest_digest(file_bytes: bytes) -> str:
+    """SHA-256 hex of the signed file's bytes: the value recorded in the domain's metadata."""
+    return hashlib.sha256(file_bytes).hexdigest()
+
+
+def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime) -> LaunchManifest:
+    """The manifest in FILE_BYTES, if the file is canonical and signed by a key the CA vouches for at AT."""
+    try:
+        parsed = json.loads(
+            file_bytes.decode("utf-8"),
+            object_pairs_hook=_no_duplicate_keys,
+            parse_float=_refuse_float,
+            parse_constant=_refuse_float,
+        )
+    except UnicodeDecodeError:
+        raise TrustError("manifest file is not UTF-8") from None
+    except ValueError as err:
+        raise TrustError(f"manifest file is not valid JSON: {err}") from None
+    try:
+        canonical = canonical_json(parsed)
+    except ValueError as err:
+        raise TrustError(f"manifest file holds a value that has no canonical form: {err}") from None
+    if canonical != file_bytes:
+        raise TrustError("manifest is not in canonical form")
+    top = _object(parsed, "file", _FILE_FIELDS)
+    sig = _object(top["signature"], "signature", _SIGNATURE_FIELDS)
+    if sig["algorithm"] != SIGNATURE_ALGORITHM:
+        raise TrustError(f"manifest signature algorithm {sig['algorithm']!r} is not {SIGNATURE_ALGORITHM!r}")
+    cert = _certificate(sig["certificate"])
+    verify_chain(cert, ca_cert, at, purpose=DOCUMENT_SIGNING)
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+        raise TrustError("manifest signing certificate does not hold a P-256 key")
+    try:
+        public.verify(_signature(sig["value"]), canonical_json(top["manifest"]), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise TrustError("manifest signature does not verify with the signing certificate's key") from None
+    return manifest_from_dict(top["manifest"])
+
+
+_FILE_FIELDS = ("manifest", "signature")
+_SIGNATURE_FIELDS = ("algorithm", "value", "certificate")
+_MANIFEST_FIELDS = (
+    "version",
+    "instance_id",
+    "uuid",
+    "name",
+    "node",
+    "created_at",
+    "algorithm",
+    "measurements",
+    "config_digest",
+    "policy_digest",
+)
+_MEASUREMENT_FIELDS = ("kind", "path", "digest", "size", "details")
+
+
+def _certificate(pem: object) -> x509.Certificate:
+    if not isinstance(pem, str):
+        raise TrustError("manifest signature field 'certificate': must be a PEM string")
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("utf-8"))
+    except ValueError:
+        raise TrustError("manifest signature field 'certificate': not a PEM certificate") from None
+    # The PEM must be the one encoding of the certificate, so no byte of it can change unnoticed.
+    if cert.public_bytes(serialization.Encoding.PEM).decode("ascii") != pem:
+        raise TrustError("manifest signature field 'certificate': PEM is not in canonical form")
+    return cert
+
+
+def _signature(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise TrustError("manifest signature field 'value': must be a base64 string")
+    try:
+        der = base64.b64decode(value, validate=True)
+        r, s = decode_dss_signature(der)
+    except ValueError:
+        raise TrustError("manifest signature field 'value': not a base64 DER ECDSA signature") from None
+    # One encoding per signature: canonical base64 and DER, and the low of the two S values.
+    if base64.b64encode(der).decode("ascii") != value or encode_dss_signature(r, s) != der or s > _P256_ORDER // 2:
+        raise TrustError("manifest signature field 'value': signature is not in canonical form")
+    return der
+
+
+def _measurement(data: object, where: str) -> Measurement:
+    fields = _object(data, where, _MEASUREMENT_FIELDS)
+    kind = _str(fields["kind"], f"{where}.kind")
+    if kind not in MEASUREMENT_KINDS:
+        raise TrustError(f"manifest field '{where}.kind': unknown measurement kind {kind!r}")
+    path = fields["path"]
+    if path is not None and not (isinstance(path, str) and path.startswith("/")):
+        raise TrustError(f"manifest field '{where}.path': must be an absolute path or null")
+    size = fields["size"]
+    if size is not None:
+        _int(size, f"{where}.size")
+    details = fields["details"]
+    if not isinstance(details, dict):
+        raise TrustError(f"manifest field '{where}.details': must be an object")
+    for key, value in details.items():
+        if not _DETAIL_KEY.fullmatch(key):
+            raise TrustError(f"manifest field '{where}.details': key {key!r} is not lowercase letters, digits and _")
+        if not isinstance(value, (str, int)):  # bool is an int
+            raise TrustError(f"manifest field '{where}.details.{key}': must be a string, integer or boolean")
+        if isinstance(value, int) and not isinstance(value, bool):
+            _int(value, f"{where}.details.{key}")
+    return Measurement(kind=kind, path=path, digest=_digest(fields["digest"], f"{where}.digest"), size=size, details=details)
+
+
+def _object(data: object, where: str, names: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TrustError(f"manifest {where}: must be a JSON object")
+    for name in names:
+        if name not in data:
+            raise TrustError(f"manifest {where}: missing field '{name}'")
+    for name in data:
+        if name not in names:
+            raise TrustError(f"manifest {where}: unknown field '{name}'")
+    return data
+
+
+def _str(value: object, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TrustError(f"manifest field '{name}': must be a non-empty string")
+    return value
+
+
+def _int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_JSON_INT:
+        raise TrustError(f"manifest field '{name}': must be an integer from 0 to 2**53-1")
+    return value
+
+
+def _digest(value: object, name: str) -> str:
+    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
+        raise TrustError(f"manifest field '{name}': must be a sha256 digest (64 lowercase hex digits)")
+    return value
+
+
+def _timestamp(value: object, name: str) -> str:
+    text = _str(value, name)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if (
+        moment is None
+        or moment.utcoffset() != timedelta(0)
+        or moment.isoformat(timespec="milliseconds") != text
+    ):
+        raise TrustError(f"manifest field '{name}': {text!r} is not a UTC time like 2024-05-01T12:00:00.123+00:00")
+    return text
+
+
+def _is_canonical_uuid(text: str) -> bool:
+    try:
+        return str(uuid_module.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def _check_json_value(value: object, where: str) -> None:
+    if value is None or isinstance(value, (bool, str)):
+        if isinstance(value, str):
+            value.encode("utf-8")  # lone surrogates: UnicodeEncodeError, a ValueError
+        return
+    if isinstance(value, int):
+        if abs(value) > _MAX_JSON_INT:
+            raise ValueError(f"{where}: integer {value} is beyond 2**53-1")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: key {key!r} is not a string")
+            key.encode("utf-8")
+            _check_json_value(item, f"{where}.{key}")
+        return
+    raise ValueError(f"{where}: {type(value).__name__} has no canonical JSON form")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _refuse_float(text: str) -> None:
+    raise ValueError(f"number {text} is not an integer")
