@@ -14,7 +14,10 @@ if tvorch show "$NAME" >/dev/null 2>&1; then
     tvorch destroy --purge-vtpm "$NAME"
 fi
 
+# Reference values: the node trusts the test guest's image (idempotent).
+tvorch image trust "$GUEST_DIR/guest.qcow2" --label "tvorch test guest"
 tvorch launch "$GUEST_DIR/guest.qcow2" --name "$NAME" --memory 512
+tvorch manifest show "$NAME"
 
 log=$(tvorch show --json "$NAME" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["console_log"])')
 echo "demo: waiting for the guest to report its vTPM (about 20 s under TCG) ..."

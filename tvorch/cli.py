@@ -12,13 +12,16 @@ import traceback
 from typing import Any, Callable
 
 import click
+from cryptography.hazmat.primitives import hashes
 
 from .config import load_config
 from .core.instance import InstanceRecord
-from .errors import ExitCode, TvorchError
+from .core.manifest import manifest_digest
+from .errors import ExitCode, InputError, TvorchError
 from .logs import configure_logging
-from .service import instances
-from .service.instances import LaunchRequest, Node
+from .service import instances, manifests, trust
+from .service.instances import Node
+from .service.launch import LaunchRequest, launch as launch_instance
 
 
 class Context:
@@ -95,18 +98,22 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool, verbose: bool)
 @click.option("--initrd", metavar="PATH", help="Direct kernel boot: initrd.")
 @click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel command line.")
 @click.option("--network", metavar="NET", help="Attach a NIC on this libvirt network.")
+@click.option("--rehash", is_flag=True, help="Hash every file again instead of trusting the digest cache.")
+@click.option("--allow-untrusted-image", is_flag=True,
+              help="Launch an image that is not trusted, if policy.allow_untrusted_image permits.")
 @json_option
 @pass_ctx
 def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int | None, firmware: str | None,
            secure_boot: bool | None, firmware_profile: str | None, tpm_model: str | None, kernel: str | None,
-           initrd: str | None, cmdline: str | None, network: str | None, as_json: bool) -> None:
-    """Launch IMAGE as a new VM with a vTPM and start it."""
+           initrd: str | None, cmdline: str | None, network: str | None, rehash: bool, allow_untrusted_image: bool,
+           as_json: bool) -> None:
+    """Measure IMAGE, check it is trusted, sign a manifest, then define and start it with a vTPM."""
     req = LaunchRequest(
         image=image, name=name, memory_mib=memory, vcpus=vcpus, firmware=firmware, secure_boot=secure_boot,
         firmware_profile=firmware_profile, tpm_model=tpm_model, kernel=kernel, initrd=initrd, cmdline=cmdline,
-        network=network,
+        network=network, rehash=rehash, allow_untrusted_image=allow_untrusted_image,
     )
-    record = instances.launch(ctx.node, req)
+    record = launch_instance(ctx.node, req)
     emit(as_json, record.to_json(), lambda: "\n".join([
         f"launched {record.name} ({record.id}, uuid {record.uuid}) running under {record.virt_type}",
         f"  serial console log: {record.console_log}",
@@ -179,6 +186,167 @@ def destroy(ctx: Context, name: str, purge_vtpm: bool, as_json: bool) -> None:
     record = instances.destroy(ctx.node, name, purge_vtpm)
     emit(as_json, {**record.to_json(), "vtpm_purged": purge_vtpm},
          f"destroyed {name}; vTPM state " + ("purged" if purge_vtpm else "kept"))
+
+
+# -- reference values ----------------------------------------------------------
+
+
+def _ref_table(refs: list) -> str:
+    if not refs:
+        return "no trusted values"
+    return "\n".join(f"{r.kind:<9} {r.digest}  {r.label}  ({r.path})" + (f"  signed by {r.signer}" if r.signer else "")
+                     for r in refs)
+
+
+@cli.group()
+def image() -> None:
+    """Trusted images (reference values for image layers)."""
+
+
+@image.command(name="trust")
+@click.argument("path")
+@click.option("--label", help="A name for the image (default: its file name).")
+@click.option("--signature", metavar="SIG", help="Detached signature over the image (raw or base64).")
+@click.option("--cert", metavar="CERT", help="Certificate of the signing key (PEM or DER).")
+@click.option("--rehash", is_flag=True, help="Hash again instead of trusting the digest cache.")
+@json_option
+@pass_ctx
+def image_trust(ctx: Context, path: str, label: str | None, signature: str | None, cert: str | None,
+                rehash: bool, as_json: bool) -> None:
+    """Trust every layer of the image at PATH."""
+    done = trust.trust_image(ctx.node, path, label, signature, cert, rehash)
+    emit(as_json, [t.to_json() for t in done], lambda: "\n".join(
+        f"{'trusted' if t.added else 'already trusted'} {t.reference.digest}  {t.reference.path}" for t in done))
+
+
+@image.command(name="list")
+@json_option
+@pass_ctx
+def image_list(ctx: Context, as_json: bool) -> None:
+    """List trusted image digests."""
+    refs = ctx.node.store.references("image")
+    emit(as_json, [r.to_json() for r in refs], lambda: _ref_table(refs))
+
+
+@image.command(name="untrust")
+@click.argument("digest_or_path")
+@json_option
+@pass_ctx
+def image_untrust(ctx: Context, digest_or_path: str, as_json: bool) -> None:
+    """Stop trusting an image digest (give the hex digest or the file)."""
+    ref = trust.remove_reference(ctx.node, "image", digest_or_path)
+    emit(as_json, ref.to_json(), f"no longer trusted: {ref.digest}  {ref.label}")
+
+
+@cli.group()
+def reference() -> None:
+    """Reference values for firmware, kernel, initrd, emulator and swtpm."""
+
+
+@reference.command(name="add")
+@click.argument("kind", type=click.Choice(["firmware", "kernel", "initrd", "emulator", "swtpm"]))
+@click.argument("path")
+@click.option("--label", help="A name for it (default: its file name).")
+@click.option("--rehash", is_flag=True, help="Hash again instead of trusting the digest cache.")
+@json_option
+@pass_ctx
+def reference_add(ctx: Context, kind: str, path: str, label: str | None, rehash: bool, as_json: bool) -> None:
+    """Trust the file at PATH as a KIND reference value."""
+    done = trust.add_reference(ctx.node, kind, path, label, rehash)
+    emit(as_json, done.to_json(),
+         f"{'trusted' if done.added else 'already trusted'} {kind} {done.reference.digest}  {done.reference.path}")
+
+
+@reference.command(name="list")
+@click.option("--kind", type=click.Choice(["image", "firmware", "kernel", "initrd", "emulator", "swtpm"]))
+@json_option
+@pass_ctx
+def reference_list(ctx: Context, kind: str | None, as_json: bool) -> None:
+    """List reference values (all kinds, or one)."""
+    refs = ctx.node.store.references(kind)
+    emit(as_json, [r.to_json() for r in refs], lambda: _ref_table(refs))
+
+
+@reference.command(name="remove")
+@click.argument("kind", type=click.Choice(["firmware", "kernel", "initrd", "emulator", "swtpm"]))
+@click.argument("digest_or_path")
+@json_option
+@pass_ctx
+def reference_remove(ctx: Context, kind: str, digest_or_path: str, as_json: bool) -> None:
+    """Stop trusting a reference value."""
+    ref = trust.remove_reference(ctx.node, kind, digest_or_path)
+    emit(as_json, ref.to_json(), f"no longer trusted: {kind} {ref.digest}")
+
+
+# -- manifests and the node CA -------------------------------------------------
+
+
+@cli.group()
+def manifest() -> None:
+    """Signed launch manifests."""
+
+
+@manifest.command(name="show")
+@click.argument("name")
+@click.option("--out", metavar="FILE", help="Write the signed manifest file here (byte for byte).")
+@json_option
+@pass_ctx
+def manifest_show(ctx: Context, name: str, out: str | None, as_json: bool) -> None:
+    """Show the launch manifest of instance NAME."""
+    body = manifests.manifest_of(ctx.node, name)
+    if out:
+        write_output(out, body)
+    doc = json.loads(body)
+    m = doc["manifest"]
+    emit(as_json, {**doc, "digest": manifest_digest(body)}, lambda: "\n".join(
+        [f"manifest sha256:{manifest_digest(body)} for {m['name']} ({m['instance_id']}, uuid {m['uuid']})",
+         f"  created {m['created_at']} on {m['node']}",
+         f"  config  sha256:{m['config_digest']}",
+         f"  policy  sha256:{m['policy_digest']}"]
+        + [f"  {x['kind']:<13} sha256:{x['digest']}  {x['path'] or ''}" for x in m["measurements"]]))
+
+
+@manifest.command(name="verify")
+@click.argument("file")
+@click.option("--ca", "ca_path", required=True, metavar="CA.pem", help="The node CA certificate.")
+@json_option
+def manifest_verify(file: str, ca_path: str, as_json: bool) -> None:
+    """Verify a manifest FILE with nothing but the node CA certificate."""
+    m = manifests.verify_file(file, ca_path)
+    emit(as_json, {"valid": True, "instance_id": m.instance_id, "name": m.name, "node": m.node,
+                   "config_digest": m.config_digest, "measurements": len(m.measurements)},
+         f"valid: manifest of {m.name} ({m.instance_id}) signed on {m.node}, {len(m.measurements)} measurements")
+
+
+@cli.group()
+def ca() -> None:
+    """The node CA that signs manifests (and, later, vTPM EK certificates)."""
+
+
+@ca.command(name="show")
+@click.option("--pem", is_flag=True, help="Print the CA certificate in PEM.")
+@json_option
+@pass_ctx
+def ca_show(ctx: Context, pem: bool, as_json: bool) -> None:
+    """Show the node CA certificate."""
+    identity = manifests.node_identity(ctx.node.cfg)
+    cert = identity.ca_cert
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    if pem:
+        click.echo(identity.ca_pem().decode(), nl=False)
+        return
+    emit(as_json, {"subject": cert.subject.rfc4514_string(), "sha256_fingerprint": fingerprint,
+                   "not_after": cert.not_valid_after_utc.isoformat(), "pem": identity.ca_pem().decode()},
+         f"subject:     {cert.subject.rfc4514_string()}\nfingerprint: sha256:{fingerprint}\n"
+         f"not after:   {cert.not_valid_after_utc.isoformat()}")
+
+
+def write_output(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,7 @@ class Config:
     libvirt_uri: str = "qemu:///system"
     virt_type: str = "auto"
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    swtpm: str = "/usr/bin/swtpm"
     overlay_dir: str = "/var/lib/libvirt/images/tvorch"
     console_log_dir: str = "/var/log/tvorch"
     swtpm_state_dir: str = "/var/lib/libvirt/swtpm"

@@ -85,7 +85,7 @@ def guest_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tv(libvirt_ready, tmp_path_factory) -> Tv:
+def tv(libvirt_ready, guest_dir: Path, tmp_path_factory) -> Tv:
     root = tmp_path_factory.mktemp("tvorch")
     tag = secrets.token_hex(3)
     env = Tv(
@@ -106,6 +106,8 @@ def tv(libvirt_ready, tmp_path_factory) -> Tv:
         f'vars_template = "{SNAKEOIL_VARS}"\n'
         "secure_boot = true\n"
     )
+    for image in ("guest.qcow2", "guest-signed.qcow2"):
+        env.run("image", "trust", str(guest_dir / image), "--label", f"test guest {image}")
     before = our_domains()
     yield env
     for name in our_domains() - before:

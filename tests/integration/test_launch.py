@@ -45,7 +45,7 @@ def test_guest_boots_with_vtpm_and_measured_firmware(booted_guest: BootedGuest):
 def test_domain_carries_metadata_tpm_and_overlay(tv: Tv, booted_guest: BootedGuest, guest_dir: Path):
     record = booted_guest.record
     xml = virsh("dumpxml", booted_guest.name).stdout
-    assert parse_instance_metadata(xml) == record["id"]
+    assert parse_instance_metadata(xml).instance_id == record["id"]
     root = ET.fromstring(xml)
     assert root.get("type") == record["virt_type"]
     assert root.findtext("uuid") == record["uuid"]
@@ -70,7 +70,7 @@ def test_list_and_show(tv: Tv, booted_guest: BootedGuest):
     assert listed[booted_guest.name]["state"] == "running"
     shown = tv.json("show", booted_guest.name)
     assert shown["id"] == booted_guest.record["id"]
-    assert [e["kind"] for e in shown["events"]][:3] == ["created", "defined", "started"]
+    assert [e["kind"] for e in shown["events"]][:4] == ["created", "manifest", "defined", "started"]
     text = tv.run("show", booted_guest.name).stdout
     assert f"name:       {booted_guest.name}" in text
 

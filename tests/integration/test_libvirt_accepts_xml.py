@@ -69,6 +69,22 @@ def disk() -> Iterator[Path]:
         DISK.unlink(missing_ok=True)
 
 
+def _backing_chain(root: ET.Element) -> list[tuple[str | None, ...]]:
+    """Each <backingStore> under the disk, outermost first: type, format, file, seclabels."""
+    chain = []
+    store = root.find("devices/disk/backingStore")
+    while store is not None:
+        source = store.find("source")
+        chain.append((
+            store.get("type"),
+            store.find("format").get("type") if store.find("format") is not None else None,
+            source.get("file") if source is not None else None,
+            repr([seclabel.attrib for seclabel in store.iterfind("source/seclabel")]),
+        ))
+        store = store.find("backingStore")
+    return chain
+
+
 def _require_absent(conn: libvirt.virConnect, name: str, uuid: str) -> None:
     """Refuse to go on if a domain with this name or uuid exists: it is not ours."""
     for lookup, key in ((conn.lookupByName, name), (conn.lookupByUUIDString, uuid)):
@@ -108,6 +124,9 @@ def test_libvirt_defines_golden_xml_and_keeps_metadata_and_tpm(
             "version": "2.0",
             "persistent_state": "yes",
         }
+
+        # A pinned chain is kept as written, down to the empty store that ends it.
+        assert _backing_chain(theirs) == _backing_chain(ours)
 
         # libvirt 9.0 resolves <os firmware='efi'> only when building the
         # command line, so ask for that (nothing is started).

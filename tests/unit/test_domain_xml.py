@@ -13,10 +13,11 @@ from typing import Any, NoReturn
 
 import pytest
 
-from tvorch.core.domain_xml import parse_instance_metadata, render_domain_xml
+from tvorch.core.domain_xml import InstanceMetadata, parse_instance_metadata, render_domain_xml
 from tvorch.core.spec import (
     METADATA_NAMESPACE,
     DirectBoot,
+    DiskLayer,
     DomainSpec,
     Firmware,
     FirmwareImages,
@@ -44,6 +45,9 @@ BASE = DomainSpec(
     disk_format="qcow2",
     console_log="/var/log/libvirt/qemu/tvtest-xml-console.log",
 )
+
+
+MANIFEST = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
 
 def _scenario(name: str, number: int, **changes: Any) -> DomainSpec:
@@ -82,6 +86,15 @@ SCENARIOS: dict[str, DomainSpec] = {
             secure_boot=True,
         ),
     ),
+    "efi-backing-chain": _scenario(
+        "efi-backing-chain",
+        7,
+        backing_chain=(
+            DiskLayer("/var/lib/libvirt/images/tvtest-xml-layer.qcow2", "qcow2"),
+            DiskLayer("/var/lib/libvirt/images/tvtest-xml-base.raw", "raw"),
+        ),
+    ),
+    "efi-manifest": _scenario("efi-manifest", 8, manifest_digest=MANIFEST),
 }
 
 
@@ -238,7 +251,7 @@ def test_odd_characters_come_out_escaped_and_round_trip() -> None:
     assert root.findtext("os/cmdline") == f"x={ODD}"
     assert root.findtext("os/loader") == f"{ODD}/C"
     assert _element(root, "os/nvram").get("template") == f"{ODD}/V"
-    assert parse_instance_metadata(xml) == f"i-{ODD}"
+    assert parse_instance_metadata(xml) == InstanceMetadata(f"i-{ODD}", None)
 
 
 @pytest.mark.parametrize("bad", ["\x00", "\x01", "\x1b", "\ufffe", "\ud800"])
@@ -254,7 +267,57 @@ def test_metadata_round_trips_through_our_own_rendering() -> None:
         '<tvorch:instance xmlns:tvorch="https://tvorch.dev/xmlns/instance/1" '
         'id="i-base" version="1" />' in xml
     )
-    assert parse_instance_metadata(xml) == "i-base"
+    assert parse_instance_metadata(xml) == InstanceMetadata("i-base", None)
+
+
+def test_manifest_digest_is_an_attribute_of_our_element_and_round_trips() -> None:
+    xml = render_domain_xml(SCENARIOS["efi-manifest"])
+    assert (
+        '<tvorch:instance xmlns:tvorch="https://tvorch.dev/xmlns/instance/1" '
+        f'id="i-efi-manifest" version="1" manifest="sha256:{MANIFEST}" />' in xml
+    )
+    assert parse_instance_metadata(xml) == InstanceMetadata("i-efi-manifest", MANIFEST)
+
+
+@pytest.mark.parametrize("digest", ["", "sha256:" + MANIFEST, MANIFEST.upper(), MANIFEST[:-1]])
+def test_malformed_manifest_digest_is_refused(digest: str) -> None:
+    with pytest.raises(InputError, match="manifest digest"):
+        render_domain_xml(dataclasses.replace(BASE, manifest_digest=digest))
+
+
+def test_backing_chain_is_pinned_nearest_first_and_ends_in_an_empty_store() -> None:
+    root = ET.fromstring(render_domain_xml(SCENARIOS["efi-backing-chain"]))
+    disk = _element(root, "devices/disk")
+    assert [child.tag for child in disk] == ["driver", "source", "backingStore", "target", "boot"]
+    layers = []
+    store = _element(disk, "backingStore")
+    while len(store):
+        assert store.attrib == {"type": "file"}
+        source = _element(store, "source")
+        seclabels = [s.attrib for s in source]
+        assert seclabels == [{"model": "dac", "relabel": "no"}]
+        layers.append((source.get("file"), _element(store, "format").get("type")))
+        store = _element(store, "backingStore")
+    assert store.attrib == {}
+    chain = SCENARIOS["efi-backing-chain"].backing_chain
+    assert layers == [(layer.path, layer.format) for layer in chain]
+
+
+def test_manifest_digest_is_read_from_the_xml_libvirtd_gives_the_hook() -> None:
+    # Real hook input (see tests/unit/test_canonical.py), rendered with digest 05...05.
+    hook_xml = GOLDEN.parent / "data" / "libvirt" / "tis" / "hook-start-begin.xml"
+    metadata = parse_instance_metadata(hook_xml.read_text(encoding="utf-8"))
+    assert metadata == InstanceMetadata("i-canon-tis", "05" * 32)
+
+
+def test_no_backing_chain_leaves_probing_to_libvirt() -> None:
+    assert ET.fromstring(render_domain_xml(BASE)).find("devices/disk/backingStore") is None
+
+
+def test_backing_layer_of_unknown_format_is_refused() -> None:
+    spec = dataclasses.replace(BASE, backing_chain=(DiskLayer("/images/a.vmdk", "vmdk"),))
+    with pytest.raises(InputError, match="/images/a.vmdk"):
+        render_domain_xml(spec)
 
 
 # `virsh dumpxml --inactive` of tests/golden/bios.xml as libvirt 9.0 stores it:
@@ -375,7 +438,19 @@ LIBVIRT_DUMP_SET_METADATA = """\
     ids=["dumpxml", "root-declaration", "set-metadata"],
 )
 def test_metadata_is_found_in_libvirt_reserialised_xml(xml: str, instance_id: str) -> None:
-    assert parse_instance_metadata(xml) == instance_id
+    assert parse_instance_metadata(xml) == InstanceMetadata(instance_id, None)
+
+
+@pytest.mark.parametrize(
+    "manifest", ["sha1:" + "0" * 40, MANIFEST, "sha256:" + MANIFEST.upper(), "sha256:"]
+)
+def test_malformed_manifest_in_domain_xml_is_an_input_error(manifest: str) -> None:
+    xml = (
+        f"<domain><metadata><tv:instance xmlns:tv='{METADATA_NAMESPACE}' id='i-1' "
+        f"manifest='{manifest}'/></metadata></domain>"
+    )
+    with pytest.raises(InputError, match="manifest digest"):
+        parse_instance_metadata(xml)
 
 
 @pytest.mark.parametrize(

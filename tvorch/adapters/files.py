@@ -7,10 +7,19 @@ from pathlib import Path
 
 
 def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
-    """Create PATH (and parents) if missing; a new leaf gets MODE whatever the umask."""
-    path.mkdir(parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != mode:
-        os.chmod(path, mode)
+    """Create PATH (and parents) if missing; a new leaf gets MODE whatever the umask.
+
+    An existing directory keeps its mode: it may be shared (a mistaken
+    `state_dir = "/var/lib"` must not lock everyone else out of it).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, mode)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

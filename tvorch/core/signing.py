@@ -8,8 +8,8 @@ later, so a verifier needs nothing but the CA certificate
 
 Chains are one level deep (CA, then leaf) and are checked by hand in
 ``verify_chain``: ``cryptography.x509.verification`` implements the Web PKI
-profile (server/client authentication, a SAN on every leaf), and bending it
-to a private CA needs its extension policies (cryptography 45 and later),
+profile (its client verifier demands the clientAuth EKU), and bending it to
+a private CA needs custom extension policies (cryptography 45 and later),
 while the few rules that matter here fit in a dozen explicit checks, each
 with its own one-line reason.
 """
@@ -139,6 +139,15 @@ def verify_chain(
     PURPOSE, when given, must be among the leaf's extended key usages.
     """
     _require_aware(at)
+    try:
+        _verify_chain(leaf, ca_cert, at, purpose)
+    except ValueError as err:  # cryptography parses extensions and signatures lazily
+        raise TrustError(f"a certificate is malformed: {err}") from None
+
+
+def _verify_chain(
+    leaf: x509.Certificate, ca_cert: x509.Certificate, at: datetime, purpose: x509.ObjectIdentifier | None
+) -> None:
     ca_name = ca_cert.subject.rfc4514_string()
     leaf_name = leaf.subject.rfc4514_string()
     constraints = _extension(ca_cert, x509.BasicConstraints)

@@ -1,0 +1,265 @@
+"""Canonical form of a domain configuration, and its digest.
+
+The launch manifest records ``config_digest`` of the XML tvorch defines; the
+libvirt hook recomputes it from the XML libvirtd hands it. Both must agree
+while the configuration is unchanged, whatever libvirt added or re-serialised,
+and differ after any edit that changes what the guest runs or can reach. So
+the canonical form drops only noise named below (never an allowlist of
+fields): an unknown element or attribute stays in and changes the digest.
+
+Rules, applied in this order to the parsed ``<domain>`` (checked against
+libvirt 9.0's inactive and live XML and its hook XML on prepare, start,
+started, stopped, release, reconnect and restore):
+
+1. Dropped: ``<domain id>``; ``<metadata>`` (it carries the manifest digest:
+   circular), ``<title>``, ``<description>``; ``<resource>`` holding only
+   ``<partition>/machine</partition>`` (libvirt's default, added at start); a
+   domain-level ``<seclabel type='dynamic'>`` with relabel on and no children
+   but ``<label>``/``<imagelabel>`` (libvirt's default DAC label, added at
+   start; any other seclabel, and every device-level one, stays).
+2. ``<memory>``, ``<currentMemory>``, ``<maxMemory>``: the amount in KiB
+   (rounded up), ``unit='KiB'``; ``<currentMemory>`` dropped when equal to
+   ``<memory>``.
+3. Machine type: ``pc-q35-X.Y`` becomes ``q35`` and ``pc-i440fx-X.Y`` becomes
+   ``pc``. At define libvirt replaces the alias tvorch writes with the newest
+   versioned type of the installed QEMU; the version follows the QEMU binary,
+   which tvorch measures on its own.
+4. Firmware: an ``<os>`` with a ``<firmware>`` feature list but no
+   ``firmware`` attribute is libvirt's live form of auto-selection (libvirt
+   refuses to define it): it becomes ``firmware='efi'`` again without the
+   resolved ``<loader>`` and nvram ``template``. An nvram path equal to
+   libvirt's default for the domain (``/var/lib/libvirt/qemu/nvram/<name>_VARS.fd``,
+   filled in at define or start) is dropped, and the ``<nvram>`` with it when
+   nothing is left; any other path stays. An explicit ``<loader>`` and nvram
+   ``template`` stay. ``<os><boot dev='hd'/>``, libvirt's default when nothing
+   sets a boot order, is dropped when it is the only boot setting.
+5. ``<cpu>``: its ``check`` attribute (libvirt's own verification setting) is
+   dropped; under TCG (``type='qemu'``) libvirt's default CPU, ``mode='custom'``
+   with model ``qemu64`` and only ``policy='require'`` features, is dropped.
+6. Devices: each device's own ``<address>`` and ``<alias>`` (addresses
+   under ``<source>``, such as a host device's, stay); ``index`` of disk
+   ``<source>`` and ``<backingStore>``; for pty character devices the
+   ``tty`` attribute and a ``<source>`` with only a ``path``; every
+   ``<console>`` whose target is a serial port (a second view of that
+   ``<serial>``); every ``<controller>`` (bus plumbing libvirt derives from
+   the devices, which all stay); ``<input bus='ps2'>``; ``<audio type='none'>``;
+   an ``<interface>``'s ``<mac>`` (generated at define) and, for a network
+   interface, its runtime ``<target>`` and source ``portid``/``bridge``.
+7. Serialised as ``<tag a="v" b="w">text<child>...</child>tail</tag>``,
+   UTF-8: elements in document order, attributes sorted by name, text kept
+   as written except that whitespace-only text (indentation) is left out,
+   no comments or processing instructions, ``& < > "`` and tab, newline,
+   carriage return escaped. Text is not trimmed because libvirt passes it on
+   as it is (``<kernel> /boot/x</kernel>`` makes qemu open `` /boot/x``). A
+   namespaced name is written ``{uri}local``, so the prefix an editor chose
+   never matters (C14N would keep it, and ElementTree's re-serialisation
+   picks one from process-wide state).
+
+Known gaps (libvirt 9.0): once libvirtd has re-read a running domain's state
+(a libvirtd restart: reconnect, dumpxml, the stop that follows) or a save
+image (restore, and the prepare, start, started and stop of the restored
+domain), an auto-selected firmware has lost its feature list and looks like
+an explicit ``<loader>``, so its digest differs there; an explicit firmware
+profile, or SeaBIOS, does not have this problem. Under KVM libvirt expands
+``host-model`` into a full CPU at start (not observable on a host without
+working KVM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import xml.etree.ElementTree as ET
+
+from tvorch.errors import InputError
+
+# libvirt's memory units, in bytes (its virScaleInteger table).
+_UNITS = {
+    "b": 1, "bytes": 1,
+    "kb": 10**3, "k": 2**10, "kib": 2**10,
+    "mb": 10**6, "m": 2**20, "mib": 2**20,
+    "gb": 10**9, "g": 2**30, "gib": 2**30,
+    "tb": 10**12, "t": 2**40, "tib": 2**40,
+    "pb": 10**15, "p": 2**50, "pib": 2**50,
+    "eb": 10**18, "e": 2**60, "eib": 2**60,
+}  # fmt: skip
+_VERSIONED_MACHINE = re.compile(r"pc-(q35|i440fx)-\d+\.\d+")
+_MACHINE_FAMILY = {"q35": "q35", "i440fx": "pc"}
+_AMOUNT = re.compile("[0-9]+")
+_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+     "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
+)  # fmt: skip
+# Fixed in libvirt's build (its localstatedir), not a qemu.conf setting.
+_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
+
+
+def canonical_domain(xml: str) -> bytes:
+    """Return the canonical bytes of a domain XML (rules in the module docstring).
+
+    Raises ``InputError`` for XML that is not well-formed, is not a
+    ``<domain>``, or carries a memory amount libvirt could not read.
+    """
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise InputError(f"domain XML is not well-formed: {err}") from err
+    if root.tag != "domain":
+        raise InputError(f"not a domain XML: the root element is <{root.tag}>")
+    _drop_runtime_domain_parts(root)
+    _normalise_memory(root)
+    os_element = root.find("os")
+    if os_element is not None:
+        _normalise_os(os_element, root)
+    _normalise_cpu(root)
+    devices = root.find("devices")
+    if devices is not None:
+        _normalise_devices(devices)
+    out: list[str] = []
+    _write(root, out)
+    return "".join(out).encode("utf-8")
+
+
+def config_digest(xml: str) -> str:
+    """sha256 hex of ``canonical_domain(xml)``."""
+    return hashlib.sha256(canonical_domain(xml)).hexdigest()
+
+
+def _remove(parent: ET.Element, children: list[ET.Element]) -> None:
+    for child in children:
+        parent.remove(child)
+
+
+def _drop_runtime_domain_parts(root: ET.Element) -> None:
+    root.attrib.pop("id", None)
+    _remove(root, [c for c in root if c.tag in ("metadata", "title", "description")])
+    _remove(root, [c for c in root if c.tag == "resource" and _is_default_resource(c)])
+    _remove(root, [c for c in root if c.tag == "seclabel" and _is_default_seclabel(c)])
+
+
+def _is_default_resource(resource: ET.Element) -> bool:
+    children = list(resource)
+    return (
+        not resource.attrib
+        and len(children) == 1
+        and children[0].tag == "partition"
+        and children[0].text == "/machine"
+    )
+
+
+def _is_default_seclabel(seclabel: ET.Element) -> bool:
+    return (
+        seclabel.get("type") == "dynamic"
+        and seclabel.get("relabel", "yes") == "yes"
+        and all(child.tag in ("label", "imagelabel") for child in seclabel)
+    )
+
+
+def _normalise_memory(root: ET.Element) -> None:
+    for tag in ("memory", "currentMemory", "maxMemory"):
+        element = root.find(tag)
+        if element is not None:
+            element.text = str(_kib(element))
+            element.set("unit", "KiB")
+    memory, current = root.find("memory"), root.find("currentMemory")
+    if memory is not None and current is not None and memory.text == current.text:
+        root.remove(current)
+
+
+def _kib(element: ET.Element) -> int:
+    """The amount in KiB, rounded up as libvirt does."""
+    text, unit = (element.text or "").strip(), element.get("unit", "KiB")
+    factor = _UNITS.get(unit.lower())
+    if factor is None or not _AMOUNT.fullmatch(text):
+        raise InputError(f"<{element.tag}> has an amount libvirt cannot read: {text!r} {unit!r}")
+    return (int(text) * factor + 1023) // 1024
+
+
+def _normalise_os(os_element: ET.Element, root: ET.Element) -> None:
+    os_type = os_element.find("type")
+    if os_type is not None:
+        versioned = _VERSIONED_MACHINE.fullmatch(os_type.get("machine", ""))
+        if versioned:
+            os_type.set("machine", _MACHINE_FAMILY[versioned.group(1)])
+    nvram = os_element.find("nvram")
+    if "firmware" not in os_element.attrib and os_element.find("firmware") is not None:
+        # libvirt's own resolution of <os firmware='efi'>; it refuses to define this form.
+        os_element.set("firmware", "efi")
+        _remove(os_element, os_element.findall("loader"))
+        if nvram is not None:
+            nvram.attrib.pop("template", None)
+    if nvram is not None:
+        if nvram.text == f"{_NVRAM_DIR}/{root.findtext('name')}_VARS.fd":
+            nvram.text = None
+        if not nvram.attrib and not nvram.text and len(nvram) == 0:
+            os_element.remove(nvram)
+    boots = os_element.findall("boot")
+    if (
+        len(boots) == 1
+        and boots[0].attrib == {"dev": "hd"}
+        and root.find("devices/*/boot") is None
+    ):
+        os_element.remove(boots[0])
+
+
+def _normalise_cpu(root: ET.Element) -> None:
+    cpu = root.find("cpu")
+    if cpu is None:
+        return
+    cpu.attrib.pop("check", None)
+    if (
+        root.get("type") == "qemu"
+        and cpu.get("mode") == "custom"
+        and cpu.findtext("model") == "qemu64"
+        and all(
+            c.tag == "model" or (c.tag == "feature" and c.get("policy") == "require")
+            for c in cpu
+        )
+    ):
+        root.remove(cpu)
+
+
+def _normalise_devices(devices: ET.Element) -> None:
+    _remove(devices, [d for d in devices if _is_derived_device(d)])
+    for device in devices:
+        _remove(device, [c for c in device if c.tag in ("address", "alias")])
+        if device.tag == "disk":
+            for element in device.iter():
+                if element.tag in ("source", "backingStore"):
+                    element.attrib.pop("index", None)
+        if device.get("type") == "pty":
+            device.attrib.pop("tty", None)
+            _remove(device, [c for c in device if c.tag == "source" and set(c.attrib) <= {"path"}])
+        if device.tag == "interface":
+            _remove(device, device.findall("mac"))
+            if device.get("type") == "network":
+                _remove(device, device.findall("target"))
+                for source in device.findall("source"):
+                    source.attrib.pop("portid", None)
+                    source.attrib.pop("bridge", None)
+
+
+def _is_derived_device(device: ET.Element) -> bool:
+    """Devices libvirt adds or derives on its own (see rule 6)."""
+    return (
+        device.tag == "controller"
+        or (device.tag == "console" and device.find("target[@type='serial']") is not None)
+        or (device.tag == "input" and device.get("bus") == "ps2")
+        or (device.tag == "audio" and device.get("type") == "none")
+    )
+
+
+def _write(element: ET.Element, out: list[str]) -> None:
+    out.append(f"<{element.tag}")
+    for name in sorted(element.attrib):
+        out.append(f' {name}="{element.attrib[name].translate(_ESCAPES)}"')
+    out.append(">")
+    out.append(_text(element.text))
+    for child in element:
+        _write(child, out)
+        out.append(_text(child.tail))
+    out.append(f"</{element.tag}>")
+
+
+def _text(text: str | None) -> str:
+    return "" if text is None or text.isspace() else text.translate(_ESCAPES)

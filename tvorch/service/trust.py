@@ -1,0 +1,103 @@
+"""Reference values: what the operator trusts (`tvorch image ...`, `tvorch reference ...`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography import x509
+
+from ..adapters import imagefiles
+from ..adapters.store import utc_now
+from ..core.image_signature import decode_signature, verify_image_signature
+from ..core.references import REFERENCE_KINDS, ReferenceValue
+from ..errors import InputError, NotFoundError, TrustError
+from .instances import Node
+from .measure import file_measurement
+
+
+@dataclass(frozen=True)
+class Trusted:
+    reference: ReferenceValue
+    added: bool  # False when it was trusted already
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.reference.to_json(), "added": self.added}
+
+
+def _read_cert(path: str, what: str) -> x509.Certificate:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        try:
+            return x509.load_der_x509_certificate(data)
+        except ValueError:
+            raise InputError(f"{what} {path} is not a PEM or DER X.509 certificate") from None
+
+
+def trust_image(
+    node: Node, image: str, label: str | None, signature: str | None, cert: str | None, rehash: bool
+) -> list[Trusted]:
+    """Trust every layer of IMAGE's backing chain (base first).
+
+    With a detached signature the image must be a single file: a signature
+    over the top layer says nothing about the layers below it.
+    """
+    if (signature is None) != (cert is None):
+        raise InputError("refused: --signature and --cert go together")
+    chain = imagefiles.inspect_image(image, node.cfg.max_backing_depth)
+    signer: str | None = None
+    if signature is not None and cert is not None:
+        if len(chain.layers) > 1:
+            raise InputError(f"refused --signature for {image}: it has backing files; sign a flattened image")
+        if not node.cfg.policy.image_signing_ca:
+            raise TrustError("refused --signature: no image signing CA configured (policy.image_signing_ca)")
+        ca = _read_cert(node.cfg.policy.image_signing_ca, "image signing CA")
+        try:
+            sig = decode_signature(Path(signature).read_bytes())
+        except OSError as err:
+            raise InputError(f"cannot read signature {signature}: {err.strerror}") from None
+    out: list[Trusted] = []
+    layers = [file_measurement(node.store, "image-layer", layer.path, rehash) for layer in chain.layers]
+    if signature is not None and cert is not None:
+        signer = verify_image_signature(layers[0].digest, sig, _read_cert(cert, "certificate"), ca,
+                                        datetime.now(timezone.utc))
+    for layer in layers:
+        ref = ReferenceValue(
+            kind="image", digest=layer.digest, label=label or os.path.basename(layer.path or ""),
+            path=layer.path or "", size=layer.size or 0, signer=signer, added_at=utc_now(),
+        )
+        out.append(Trusted(ref, node.store.add_reference(ref)))
+    return out
+
+
+def add_reference(node: Node, kind: str, path: str, label: str | None, rehash: bool) -> Trusted:
+    if kind not in REFERENCE_KINDS:
+        raise InputError(f"refused kind {kind!r}: one of {', '.join(REFERENCE_KINDS)}")
+    if kind == "image":
+        raise InputError("refused kind 'image': use `tvorch image trust`, which checks the backing chain")
+    if not Path(path).is_file():
+        raise InputError(f"refused {path}: not a regular file")
+    m = file_measurement(node.store, kind, path, rehash)
+    ref = ReferenceValue(kind=kind, digest=m.digest, label=label or os.path.basename(m.path or ""),
+                         path=m.path or "", size=m.size or 0, signer=None, added_at=utc_now())
+    return Trusted(ref, node.store.add_reference(ref))
+
+
+def remove_reference(node: Node, kind: str, digest_or_path: str) -> ReferenceValue:
+    """Forget one trusted digest, named by its hex or by a file that has it."""
+    digest = digest_or_path.lower()
+    if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        if not Path(digest_or_path).is_file():
+            raise InputError(f"refused {digest_or_path!r}: neither a SHA-256 hex digest nor a file")
+        digest = file_measurement(node.store, kind, digest_or_path, rehash=False).digest
+    match = [r for r in node.store.references(kind) if r.digest == digest]
+    if not match or not node.store.remove_reference(kind, digest):
+        raise NotFoundError(f"no trusted {kind} with digest {digest}")
+    return match[0]
