@@ -1,6 +1,7 @@
 # The two commands an operator needs: `make demo` and `make test`.
 # Both install what is missing first (Debian packages, the virtualenv,
-# libvirtd running, the test guest), so they work on a fresh Debian 12 node.
+# tvorch's libvirt hook and libvirtd running, the test guest), so they work
+# on a fresh Debian 12 node.
 
 VENV        ?= .venv
 PYTHON      ?= /usr/bin/python3
@@ -8,7 +9,7 @@ GUEST_DIR   ?= /var/cache/tvorch/test-guest
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: demo test unit integration setup host venv guest clean
+.PHONY: demo test unit integration setup packages libvirt venv guest clean
 
 demo: setup
 	GUEST_DIR=$(GUEST_DIR) VENV=$(VENV) scripts/demo.sh
@@ -22,14 +23,17 @@ unit: venv
 integration: setup
 	TVORCH_TEST_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/python -m pytest tests/integration $(PYTEST_ARGS)
 
-setup: host venv guest
+setup: packages venv libvirt guest
 
-host:
+packages:
 	scripts/setup-host.sh
+
+libvirt: venv
+	scripts/start-libvirt.sh $(VENV)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | packages
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -19,7 +20,7 @@ from .core.instance import InstanceRecord
 from .core.manifest import manifest_digest
 from .errors import ExitCode, InputError, TvorchError
 from .logs import configure_logging
-from .service import instances, manifests, trust
+from .service import hook_install, instances, manifests, trust
 from .service.instances import Node
 from .service.launch import LaunchRequest, launch as launch_instance
 
@@ -186,6 +187,52 @@ def destroy(ctx: Context, name: str, purge_vtpm: bool, as_json: bool) -> None:
     record = instances.destroy(ctx.node, name, purge_vtpm)
     emit(as_json, {**record.to_json(), "vtpm_purged": purge_vtpm},
          f"destroyed {name}; vTPM state " + ("purged" if purge_vtpm else "kept"))
+
+
+# -- the libvirt hook ----------------------------------------------------------
+
+
+@cli.command(name="install-hook")
+@click.option("--hooks-dir", default="/etc/libvirt/hooks", show_default=True, metavar="DIR")
+@click.option("--hook-config", metavar="PATH", help="Config file the hook reads (default: its standard lookup).")
+@json_option
+def install_hook(hooks_dir: str, hook_config: str | None, as_json: bool) -> None:
+    """Install tvorch's qemu hook (a qemu.d/ drop-in if another hook is there)."""
+    done = hook_install.install(Path(hooks_dir), hook_config)
+    note = "restart libvirtd for the new hook to take effect" if done.created else "updated in place"
+    emit(as_json, {"path": done.path, "created": done.created, "restart_libvirtd": done.created},
+         f"installed {done.path}; {note}")
+
+
+@cli.command(name="uninstall-hook")
+@click.option("--hooks-dir", default="/etc/libvirt/hooks", show_default=True, metavar="DIR")
+@json_option
+def uninstall_hook(hooks_dir: str, as_json: bool) -> None:
+    """Remove tvorch's qemu hook (never anyone else's)."""
+    removed = hook_install.uninstall(Path(hooks_dir))
+    emit(as_json, {"removed": removed}, "removed " + ", ".join(removed) if removed else "no tvorch hook installed")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def hook(args: tuple[str, ...]) -> None:
+    """libvirt's qemu hook: NAME OPERATION SUB-OPERATION EXTRA, domain XML on stdin."""
+    from . import hook as hook_entry
+
+    raise SystemExit(hook_entry.main(list(args)))
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def events(ctx: Context, name: str, as_json: bool) -> None:
+    """The hook's decisions for instance NAME: time, operation, verdict, reasons."""
+    record = ctx.node.store.get_live(name)
+    rows = ctx.node.store.hook_events(record.id)
+    emit(as_json, rows, lambda: "\n".join(
+        f"{r['at']}  {r['operation']:<16} {r['verdict']:<9} {'; '.join(r['reasons'])}" for r in rows)
+        or "no hook decisions recorded")
 
 
 # -- reference values ----------------------------------------------------------

@@ -43,6 +43,11 @@ class Policy:
     require_trusted: tuple[str, ...] = ("image",)
     # Whether `tvorch launch --allow-untrusted-image` may waive the image check.
     allow_untrusted_image: bool = False
+    # Whether the hook refuses to start domains tvorch did not launch.
+    require_tvorch_domains: bool = False
+    # What the hook does about the host attestation verdict: "ignore" (until
+    # host attestation is set up) or "require" (refuse without a passing one).
+    host_verdict: str = "ignore"
     # CA certificate (PEM) that image signing certificates must chain to;
     # empty: `tvorch image trust --signature` is refused.
     image_signing_ca: str = ""
@@ -69,6 +74,8 @@ class Config:
     swtpm_state_dir: str = "/var/lib/libvirt/swtpm"
     max_backing_depth: int = 16
     stop_timeout: int = 120
+    # The hook's hard deadline: past it a start is refused, anything else allowed.
+    hook_deadline_ms: int = 10000
     log_level: str = "warning"
     launch: LaunchDefaults = field(default_factory=LaunchDefaults)
     policy: Policy = field(default_factory=Policy)
@@ -87,6 +94,7 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "launch.firmware": ("efi", "bios"),
     "launch.tpm_model": ("crb", "tis"),
+    "policy.host_verdict": ("ignore", "require"),
 }
 _LIST_CHOICES = {
     "policy.require_trusted": ("image", "firmware", "kernel", "initrd", "emulator", "swtpm"),

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tvorch.adapters.files import atomic_write
+from tvorch.service import hook_install
+
 from .guest import GuestReport, wait_for_ready
 
 URI = "qemu:///system"
@@ -78,6 +81,28 @@ def libvirt_ready() -> None:
     require(ok, f"libvirtd answering at {URI}")
 
 
+HOOK = Path("/etc/libvirt/hooks/qemu")
+
+
+@pytest.fixture(scope="session")
+def hook_for(libvirt_ready):
+    """Point libvirt's hook at a test config for the session, then put it back.
+
+    libvirtd runs whatever is at the hook's path on each call, so swapping the
+    file's content works without a restart (the file must have existed when
+    libvirtd started: `make test` installs it first).
+    """
+    require(HOOK.is_file() and hook_install.MARKER in HOOK.read_text(),
+            f"tvorch's hook installed at {HOOK} before libvirtd started (make libvirt)")
+    original = HOOK.read_bytes()
+
+    def point_at(config: Path) -> None:
+        atomic_write(HOOK, hook_install.render_shim(sys.executable, str(config)), mode=0o755)
+
+    yield point_at
+    atomic_write(HOOK, original, mode=0o755)
+
+
 @pytest.fixture(scope="session")
 def guest_dir() -> Path:
     require((GUEST_DIR / "guest.qcow2").is_file(), f"test guest built in {GUEST_DIR} (make guest)")
@@ -85,7 +110,7 @@ def guest_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tv(libvirt_ready, guest_dir: Path, tmp_path_factory) -> Tv:
+def tv(libvirt_ready, hook_for, guest_dir: Path, tmp_path_factory) -> Tv:
     root = tmp_path_factory.mktemp("tvorch")
     tag = secrets.token_hex(3)
     env = Tv(
@@ -106,6 +131,7 @@ def tv(libvirt_ready, guest_dir: Path, tmp_path_factory) -> Tv:
         f'vars_template = "{SNAKEOIL_VARS}"\n'
         "secure_boot = true\n"
     )
+    hook_for(env.config)
     for image in ("guest.qcow2", "guest-signed.qcow2"):
         env.run("image", "trust", str(guest_dir / image), "--label", f"test guest {image}")
     before = our_domains()

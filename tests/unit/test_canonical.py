@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.canonical import canonical_domain, config_digest
+from tvorch.core.canonical import AutoSelectedFirmware, canonical_domain, config_digest, firmware_features
 from tvorch.errors import InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "libvirt"
@@ -82,6 +82,34 @@ def test_auto_selected_firmware_after_restart_or_restore_differs_only_in_os(
     without_os = re.compile(rb"<os[ >].*?</os>")
     assert without_os.sub(b"", theirs) == without_os.sub(b"", ours)
     assert b"<loader " in theirs and b"<loader " not in ours
+
+
+def _hint_from(scenario: str, name: str) -> AutoSelectedFirmware:
+    """What the hook knows: the rendered features, and the files libvirt resolved (as measured)."""
+    resolved = ET.fromstring(_read(scenario, name)).find("os")
+    assert resolved is not None
+    features = firmware_features(_read(scenario))
+    assert features is not None
+    return AutoSelectedFirmware(
+        features, resolved.findtext("loader", "").strip(), resolved.find("nvram").get("template", "")
+    )
+
+
+@pytest.mark.parametrize("sample", KNOWN_GAP, ids=_ids)
+def test_known_resolution_closes_the_gap(sample: tuple[str, str]) -> None:
+    scenario, name = sample
+    hint = _hint_from(scenario, name)
+    assert canonical_domain(_read(scenario, name), hint) == canonical_domain(_read(scenario))
+    # A loader other than the one the launch resolved is not mapped back.
+    other = AutoSelectedFirmware(hint.features, "/usr/share/OVMF/OVMF_CODE_4M.other.fd", hint.vars_template)
+    assert canonical_domain(_read(scenario, name), other) != canonical_domain(_read(scenario))
+
+
+@pytest.mark.parametrize("sample", [m for m in MATCHING if _auto_firmware(m[0])], ids=_ids)
+def test_the_hint_changes_nothing_where_there_is_no_gap(sample: tuple[str, str]) -> None:
+    scenario, name = sample
+    hint = AutoSelectedFirmware(firmware_features(_read(scenario)) or (), "/x/code.fd", "/x/vars.fd")
+    assert canonical_domain(_read(scenario, name), hint) == canonical_domain(_read(scenario))
 
 
 def test_every_scenario_has_its_own_digest() -> None:

@@ -279,3 +279,25 @@ def remove_overlay(path: str) -> None:
         return
     except OSError as err:
         raise ImageError(f"cannot remove overlay {path}: {err.strerror or err}") from None
+
+
+def file_identity(path: str) -> str:
+    """"device:inode" of PATH: replacing a file by another (even a copy) changes it."""
+    info = os.stat(path)
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+def overlay_problem(path: str, identity: str | None, backing: str | None) -> str | None:
+    """None when PATH is still the overlay tvorch created over BACKING, else why not."""
+    try:
+        if identity is not None and file_identity(path) != identity:
+            return f"overlay {path} was replaced since launch"
+        with open(path, "rb") as f:
+            header = parse_qcow2_header(f.read(QCOW2_HEADER_READ))
+    except OSError as err:
+        return f"overlay {path}: {err.strerror}"
+    except ImageError as err:
+        return f"overlay {path}: {err}"
+    if backing is not None and header.backing_file != backing:
+        return f"overlay {path} now backs onto {header.backing_file!r}, not {backing}"
+    return None

@@ -9,6 +9,7 @@ processes queue instead of failing. The schema is versioned with
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..core.instance import InstanceEvent, InstanceRecord, InstanceState
+from ..core.ledger import LedgerEntry, chain_entry
 from ..core.references import ReferenceValue
 from ..errors import ConflictError, NotFoundError, StoreError
 from .files import ensure_private_dir
@@ -79,6 +81,32 @@ MIGRATIONS: tuple[str, ...] = (
         digest TEXT NOT NULL,
         body BLOB NOT NULL,
         created_at TEXT NOT NULL
+    );
+    """,
+    """
+    -- The overlay tvorch created, as "device:inode": a replaced file is another inode.
+    ALTER TABLE instances ADD COLUMN overlay_identity TEXT;
+    -- Every decision of the libvirt hook; instance_id is NULL for unknown domains.
+    CREATE TABLE hook_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        instance_id TEXT,
+        domain TEXT NOT NULL,
+        at TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reasons TEXT NOT NULL
+    );
+    CREATE INDEX hook_events_by_instance ON hook_events(instance_id, seq);
+    -- Hash-chained vTPM state digests: each entry's hash covers the previous one.
+    CREATE TABLE vtpm_ledger (
+        instance_id TEXT NOT NULL REFERENCES instances(id),
+        seq INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        state_digest TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        entry_hash TEXT NOT NULL,
+        PRIMARY KEY (instance_id, seq)
     );
     """,
 )
@@ -147,8 +175,7 @@ class Store:
             self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
-        with self._write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.schema_version()
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"state database {self.path} has schema {version}, newer than this tvorch ({SCHEMA_VERSION})"
@@ -158,7 +185,9 @@ class Store:
                 # Re-check under the lock: another process may have migrated.
                 if db.execute("PRAGMA user_version").fetchone()[0] != number:
                     continue
-                for statement in MIGRATIONS[number].split(";"):
+                # executescript() would commit our transaction: run statement by statement.
+                code = "\n".join(line for line in MIGRATIONS[number].splitlines() if not line.strip().startswith("--"))
+                for statement in code.split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number + 1}")
@@ -222,6 +251,18 @@ class Store:
             "INSERT INTO instance_events (instance_id, at, kind, detail) VALUES (?,?,?,?)",
             (instance_id, utc_now(), kind, detail),
         )
+
+    def by_id(self, instance_id: str) -> InstanceRecord | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE id = ?", (instance_id,)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def set_overlay_identity(self, instance_id: str, identity: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE instances SET overlay_identity = ? WHERE id = ?", (identity, instance_id))
+
+    def overlay_identity(self, instance_id: str) -> str | None:
+        row = self._db.execute("SELECT overlay_identity FROM instances WHERE id = ?", (instance_id,)).fetchone()
+        return row[0] if row else None
 
     def find_live(self, name: str) -> InstanceRecord | None:
         """The instance of that name that has not been destroyed, if any."""
@@ -302,3 +343,69 @@ class Store:
     def manifest(self, instance_id: str) -> bytes | None:
         row = self._db.execute("SELECT body FROM manifests WHERE instance_id = ?", (instance_id,)).fetchone()
         return bytes(row[0]) if row else None
+
+    # -- hook decisions ----------------------------------------------------
+
+    def add_hook_event(
+        self, instance_id: str | None, domain: str, operation: str, verdict: str, reasons: tuple[str, ...]
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO hook_events (instance_id, domain, at, operation, verdict, reasons) VALUES (?,?,?,?,?,?)",
+                (instance_id, domain, utc_now(), operation, verdict, json.dumps(list(reasons))),
+            )
+
+    def last_hook_operation(self, instance_id: str, operations: tuple[str, ...]) -> str | None:
+        """The most recent of OPERATIONS the hook recorded for the instance."""
+        marks = ",".join("?" * len(operations))
+        row = self._db.execute(
+            f"SELECT operation FROM hook_events WHERE instance_id = ? AND operation IN ({marks}) "
+            "ORDER BY seq DESC LIMIT 1",
+            (instance_id, *operations),
+        ).fetchone()
+        return row[0] if row else None
+
+    def hook_events(self, instance_id: str) -> list[dict[str, object]]:
+        rows = self._db.execute(
+            "SELECT at, operation, verdict, reasons FROM hook_events WHERE instance_id = ? ORDER BY seq",
+            (instance_id,),
+        ).fetchall()
+        return [
+            {"at": r["at"], "operation": r["operation"], "verdict": r["verdict"], "reasons": json.loads(r["reasons"])}
+            for r in rows
+        ]
+
+    # -- vTPM ledger -------------------------------------------------------
+
+    def ledger(self, instance_id: str) -> list[LedgerEntry]:
+        rows = self._db.execute(
+            "SELECT instance_id, seq, at, event, state_digest, prev_hash, entry_hash FROM vtpm_ledger "
+            "WHERE instance_id = ? ORDER BY seq",
+            (instance_id,),
+        ).fetchall()
+        return [LedgerEntry(*row) for row in rows]
+
+    def last_ledger_entry(self, instance_id: str) -> LedgerEntry | None:
+        row = self._db.execute(
+            "SELECT instance_id, seq, at, event, state_digest, prev_hash, entry_hash FROM vtpm_ledger "
+            "WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+            (instance_id,),
+        ).fetchone()
+        return LedgerEntry(*row) if row else None
+
+    def append_ledger(self, instance_id: str, event: str, state_digest: str) -> LedgerEntry:
+        """Chain a new entry onto the last one, under the write lock so none is lost."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT seq, entry_hash FROM vtpm_ledger WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+                (instance_id,),
+            ).fetchone()
+            entry = chain_entry(instance_id, row[0] + 1 if row else 0, utc_now(), event, state_digest,
+                                row[1] if row else None)
+            db.execute(
+                "INSERT INTO vtpm_ledger (instance_id, seq, at, event, state_digest, prev_hash, entry_hash) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (entry.instance_id, entry.seq, entry.at, entry.event, entry.state_digest, entry.prev_hash,
+                 entry.entry_hash),
+            )
+        return entry

@@ -55,12 +55,14 @@ started, stopped, release, reconnect and restore):
    never matters (C14N would keep it, and ElementTree's re-serialisation
    picks one from process-wide state).
 
-Known gaps (libvirt 9.0): once libvirtd has re-read a running domain's state
-(a libvirtd restart: reconnect, dumpxml, the stop that follows) or a save
-image (restore, and the prepare, start, started and stop of the restored
-domain), an auto-selected firmware has lost its feature list and looks like
-an explicit ``<loader>``, so its digest differs there; an explicit firmware
-profile, or SeaBIOS, does not have this problem. Under KVM libvirt expands
+libvirt 9.0 quirk: once libvirtd has re-read a running domain's state (a
+libvirtd restart: reconnect, dumpxml, the stop that follows) or a save image
+(restore, and the prepare, start, started and stop of the restored domain),
+an auto-selected firmware has lost its feature list and looks like an
+explicit ``<loader>``. A caller that knows what the launch asked for and what
+it resolved to passes ``AutoSelectedFirmware``, and that form is mapped back
+(only when the loader and vars template are exactly the launch's). Known
+gap: under KVM libvirt expands
 ``host-model`` into a full CPU at start (not observable on a host without
 working KVM).
 """
@@ -68,6 +70,7 @@ working KVM).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import re
 import xml.etree.ElementTree as ET
 
@@ -94,7 +97,23 @@ _ESCAPES = str.maketrans(
 _NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 
 
-def canonical_domain(xml: str) -> bytes:
+@dataclass(frozen=True)
+class AutoSelectedFirmware:
+    """What libvirt's firmware auto-selection chose for a domain tvorch launched.
+
+    After a libvirtd restart (and in a save image) libvirt keeps only the
+    resolved ``<loader>`` and nvram template, which look like an explicit
+    loader. Knowing what the launch asked for (FEATURES, as rendered) and
+    what it resolved to (CODE, VARS_TEMPLATE, as measured), that form is
+    mapped back to ``<os firmware='efi'>``, and only when the paths agree.
+    """
+
+    features: tuple[tuple[str, str], ...]  # (name, enabled) of each <feature>
+    code: str
+    vars_template: str
+
+
+def canonical_domain(xml: str, autoselected: AutoSelectedFirmware | None = None) -> bytes:
     """Return the canonical bytes of a domain XML (rules in the module docstring).
 
     Raises ``InputError`` for XML that is not well-formed, is not a
@@ -110,6 +129,8 @@ def canonical_domain(xml: str) -> bytes:
     _normalise_memory(root)
     os_element = root.find("os")
     if os_element is not None:
+        if autoselected is not None:
+            _restore_autoselection(os_element, autoselected)
         _normalise_os(os_element, root)
     _normalise_cpu(root)
     devices = root.find("devices")
@@ -120,9 +141,34 @@ def canonical_domain(xml: str) -> bytes:
     return "".join(out).encode("utf-8")
 
 
-def config_digest(xml: str) -> str:
-    """sha256 hex of ``canonical_domain(xml)``."""
-    return hashlib.sha256(canonical_domain(xml)).hexdigest()
+def config_digest(xml: str, autoselected: AutoSelectedFirmware | None = None) -> str:
+    """sha256 hex of ``canonical_domain(xml, autoselected)``."""
+    return hashlib.sha256(canonical_domain(xml, autoselected)).hexdigest()
+
+
+def firmware_features(xml: str) -> tuple[tuple[str, str], ...] | None:
+    """The auto-selection features a rendered domain asks for; None without auto-selection."""
+    os_element = ET.fromstring(xml).find("os")
+    if os_element is None or os_element.get("firmware") != "efi":
+        return None
+    return tuple((f.get("name", ""), f.get("enabled", "")) for f in os_element.findall("firmware/feature"))
+
+
+def _restore_autoselection(os_element: ET.Element, hint: AutoSelectedFirmware) -> None:
+    loader, nvram = os_element.find("loader"), os_element.find("nvram")
+    if (
+        "firmware" in os_element.attrib
+        or os_element.find("firmware") is not None
+        or loader is None
+        or (loader.text or "").strip() != hint.code
+        or nvram is None
+        or nvram.get("template") != hint.vars_template
+    ):
+        return
+    firmware = ET.Element("firmware")
+    for name, enabled in hint.features:
+        ET.SubElement(firmware, "feature", enabled=enabled, name=name)
+    os_element.insert(list(os_element).index(loader), firmware)
 
 
 def _remove(parent: ET.Element, children: list[ET.Element]) -> None:

@@ -168,6 +168,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         ensure_private_dir(overlay_dir, 0o711)
         ensure_private_dir(log_dir)
         imagefiles.create_overlay(chain, spec.disk_path)
+        node.store.set_overlay_identity(instance_id, imagefiles.file_identity(spec.disk_path))
         hv.define(xml)
         defined = True
         node.store.add_event(instance_id, "defined", f"libvirt domain {name} ({spec.uuid})")

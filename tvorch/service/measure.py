@@ -7,7 +7,6 @@ cache, so an unchanged file is not read again) before anything is defined.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 
 from ..adapters.digests import measure_file
@@ -45,10 +44,10 @@ def policy_digest(cfg: Config) -> str:
 
 
 def file_measurement(store: Store, kind: str, path: str, rehash: bool, **details: str | int | bool) -> Measurement:
-    real = os.path.realpath(path)
-    digest = measure_file(real, store, rehash=rehash, progress=progress_for(real))
+    """PATH as QEMU and libvirt will name it (a symlink is not resolved), and its content's digest."""
+    digest = measure_file(path, store, rehash=rehash, progress=progress_for(path))
     return Measurement(
-        kind=kind, path=real, digest=digest.digest, size=digest.size, details={**details, "cached": digest.cached}
+        kind=kind, path=path, digest=digest.digest, size=digest.size, details={**details, "cached": digest.cached}
     )
 
 

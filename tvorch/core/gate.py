@@ -1,0 +1,93 @@
+"""The hook gate's judgement: what libvirt is about to start versus what was vouched for.
+
+Pure: the hook adapter gathers the evidence (digests of what is on disk now,
+the records tvorch keeps) and this module compares, collecting every reason
+to refuse rather than stopping at the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Phase(str, Enum):
+    """What a libvirt qemu hook call (operation, sub-operation) means to tvorch."""
+
+    START = "start"  # about to run the guest: check, refuse on any mismatch
+    STARTED = "started"  # the guest is running: record, so a stop can be told from a refused start
+    RECONNECT = "reconnect"  # libvirtd restarted: check, but never refuse
+    STOPPED = "stopped"  # the guest is gone: record
+    RELEASED = "released"  # resources released, vTPM at rest: record its state
+    IGNORED = "ignored"
+
+
+_PHASES = {
+    ("prepare", "begin"): Phase.START,
+    ("start", "begin"): Phase.START,
+    ("restore", "begin"): Phase.START,
+    ("migrate", "begin"): Phase.START,
+    ("started", "begin"): Phase.STARTED,
+    ("reconnect", "begin"): Phase.RECONNECT,
+    ("stopped", "end"): Phase.STOPPED,
+    ("release", "end"): Phase.RELEASED,
+}
+
+
+def phase_of(operation: str, sub_operation: str) -> Phase:
+    return _PHASES.get((operation, sub_operation), Phase.IGNORED)
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    path: str
+    expected: str  # digest in the manifest
+    actual: str | None  # digest now; None when it could not be read
+    problem: str | None = None  # why it could not be read
+
+
+@dataclass(frozen=True)
+class StartEvidence:
+    """Everything the hook observed for one tvorch instance about to start."""
+
+    manifest_in_xml: str | None  # digest named by the domain's metadata
+    manifest_stored: str  # sha256 of the manifest tvorch keeps for the instance
+    config_now: str  # canonical digest of the XML libvirt passed
+    config_manifest: str
+    layers: tuple[LayerEvidence, ...]
+    overlay_problem: str | None  # None when the overlay is the one tvorch created
+    vtpm_now: str | None  # digest of the vTPM state on disk; None if there is none yet
+    vtpm_recorded: str | None  # last ledger entry; None before the first stop
+    host_problem: str | None  # None when the host verdict allows starting
+
+
+def start_refusals(e: StartEvidence) -> tuple[str, ...]:
+    """Every reason not to start; empty when everything matches."""
+    reasons: list[str] = []
+    if e.manifest_in_xml != e.manifest_stored:
+        reasons.append(
+            f"domain metadata names manifest {_short(e.manifest_in_xml)}, the instance's is {_short(e.manifest_stored)}"
+        )
+    if e.config_now != e.config_manifest:
+        reasons.append(
+            f"configuration changed since launch (digest {_short(e.config_now)}, manifest {_short(e.config_manifest)})"
+        )
+    for layer in e.layers:
+        if layer.actual is None:
+            reasons.append(f"image layer {layer.path}: {layer.problem}")
+        elif layer.actual != layer.expected:
+            reasons.append(f"image layer {layer.path} changed (sha256 {_short(layer.actual)}, "
+                           f"manifest {_short(layer.expected)})")
+    if e.overlay_problem:
+        reasons.append(e.overlay_problem)
+    if e.vtpm_recorded is not None and e.vtpm_now != e.vtpm_recorded:
+        found = _short(e.vtpm_now) if e.vtpm_now else "no state"
+        reasons.append(f"vTPM state differs from the last recorded stop ({found}, recorded "
+                       f"{_short(e.vtpm_recorded)}): rollback or tampering")
+    if e.host_problem:
+        reasons.append(e.host_problem)
+    return tuple(reasons)
+
+
+def _short(digest: str | None) -> str:
+    return f"sha256:{digest[:12]}" if digest else "none"
