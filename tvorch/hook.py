@@ -55,8 +55,13 @@ def _autoselected(record: InstanceRecord, measurements: list[dict]) -> AutoSelec
     return AutoSelectedFirmware(features, code, vars_template)
 
 
-def gather(cfg: Config, store: Store, record: InstanceRecord, meta_manifest: str | None, xml: str) -> StartEvidence:
-    """Observe what is on disk now for RECORD, for the pure judgement in core.gate."""
+def gather(
+    cfg: Config, store: Store, record: InstanceRecord, meta_manifest: str | None, xml: str, running: bool
+) -> StartEvidence:
+    """Observe what is on disk now for RECORD, for the pure judgement in core.gate.
+
+    RUNNING (a reconnect): swtpm is using the vTPM state, so it is not compared.
+    """
     body = store.manifest(record.id)
     if body is None:
         raise TvorchError(f"instance {record.id} has no launch manifest")
@@ -69,7 +74,7 @@ def gather(cfg: Config, store: Store, record: InstanceRecord, meta_manifest: str
         except TvorchError as err:
             layers.append(LayerEvidence(m["path"], m["digest"], None, str(err)))
     top = layers[-1].path if layers else None
-    last = store.last_ledger_entry(record.id)
+    last = None if running else store.last_ledger_entry(record.id)
     host_problem = None
     if cfg.policy.host_verdict == "require":
         host_problem = "no host attestation verdict on this node (policy.host_verdict = \"require\")"
@@ -80,7 +85,7 @@ def gather(cfg: Config, store: Store, record: InstanceRecord, meta_manifest: str
         config_manifest=manifest["config_digest"],
         layers=tuple(layers),
         overlay_problem=overlay_problem(record.overlay, store.overlay_identity(record.id), top),
-        vtpm_now=state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
+        vtpm_now=None if running else state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
         vtpm_recorded=last.state_digest if last else None,
         host_problem=host_problem,
     )
@@ -130,7 +135,8 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
         if phase in (Phase.STOPPED, Phase.RELEASED):
             store.add_hook_event(record.id, name, op, "recorded", (_record_stop(cfg, store, record, phase),))
             return ALLOW, None
-        reasons = start_refusals(gather(cfg, store, record, meta.manifest_digest, xml))
+        evidence = gather(cfg, store, record, meta.manifest_digest, xml, running=phase is Phase.RECONNECT)
+        reasons = start_refusals(evidence)
         if phase is Phase.RECONNECT:
             # A failing reconnect hook makes libvirtd kill a running guest: warn only.
             store.add_hook_event(record.id, name, op, "warning" if reasons else "allowed", reasons)

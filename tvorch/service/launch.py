@@ -29,7 +29,7 @@ from ..core.instance import (
 )
 from ..core.manifest import manifest_digest
 from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
-from ..errors import ConflictError, HostError, InputError, TvorchError
+from ..errors import ConflictError, HostError, InputError, TrustError, TvorchError
 from ..logs import get_logger
 from .instances import Node
 from .manifests import issue_manifest
@@ -102,6 +102,8 @@ def _firmware_choice(req: LaunchRequest, cfg: Config) -> tuple[Firmware, bool, F
 def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
     """Check everything, then build overlay, define and start; undo all on failure."""
     cfg = node.cfg
+    if req.allow_untrusted_image and not cfg.policy.allow_untrusted_image:
+        raise TrustError("refused --allow-untrusted-image: the policy does not permit it (policy.allow_untrusted_image)")
     name = validate_name(req.name)
     memory = validate_memory(cfg.launch.memory_mib if req.memory_mib is None else req.memory_mib, cfg.launch.max_memory_mib)
     vcpus = validate_vcpus(cfg.launch.vcpus if req.vcpus is None else req.vcpus, cfg.launch.max_vcpus)
@@ -145,8 +147,8 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         firmware_images=firmware_images,
         backing_chain=tuple(DiskLayer(layer.path, layer.format.value) for layer in reversed(chain.layers)),
     )
-    measured = measure_launch(cfg, node.store, spec, chain, req.rehash)
-    verdict = judge(cfg, node.store, measured, req.allow_untrusted_image)
+    measured = judge(cfg, node.store, measure_launch(cfg, node.store, spec, chain, req.rehash),
+                     req.allow_untrusted_image)
     manifest = issue_manifest(cfg, spec, measured)
     spec = dataclasses.replace(spec, manifest_digest=manifest_digest(manifest))
     xml = render_domain_xml(spec)
@@ -158,8 +160,9 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
     )
     node.store.create_instance(record)
     node.store.save_manifest(instance_id, spec.manifest_digest, manifest)
-    for waived in verdict.waived:
-        node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {waived}")
+    for m in measured.measurements:
+        if m.details.get("waived"):
+            node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")
     log.info("launching", name=name, id=instance_id, image=chain.top.path, virt_type=virt_type.value)
 
     defined = False

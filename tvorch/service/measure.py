@@ -6,6 +6,7 @@ cache, so an unchanged file is not read again) before anything is defined.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from ..adapters.store import Store
 from ..config import Config, effective_config
 from ..core.images import ImageChain
 from ..core.manifest import Measurement, canonical_json
-from ..core.references import Checked, PolicyVerdict, check_references
+from ..core.references import Checked, check_references
 from ..core.spec import DomainSpec
 from ..errors import TrustError
 
@@ -76,10 +77,12 @@ def measure_launch(cfg: Config, store: Store, spec: DomainSpec, chain: ImageChai
     return Measured(tuple(out), policy_digest(cfg))
 
 
-def judge(cfg: Config, store: Store, measured: Measured, allow_untrusted_image: bool) -> PolicyVerdict:
-    """Check required kinds against the reference values; refuse with every failure named."""
-    if allow_untrusted_image and not cfg.policy.allow_untrusted_image:
-        raise TrustError("refused --allow-untrusted-image: the policy does not permit it (policy.allow_untrusted_image)")
+def judge(cfg: Config, store: Store, measured: Measured, allow_untrusted_image: bool) -> Measured:
+    """Check required kinds against the reference values; refuse with every failure named.
+
+    Returns the measurements with each waived one marked (`"waived": true` in
+    its details), so the signed manifest says the operator overrode the check.
+    """
     trusted = {(r.kind, r.digest) for r in store.references()}
     checked = [
         Checked(REFERENCE_KIND[m.kind], m.path or m.kind, m.digest)
@@ -91,4 +94,8 @@ def judge(cfg: Config, store: Store, measured: Measured, allow_untrusted_image: 
     )
     if not verdict.passed:
         raise TrustError(f"launch refused: {verdict.reason()}")
-    return verdict
+    waived = {(f.path, f.digest) for f in verdict.waived}
+    return dataclasses.replace(measured, measurements=tuple(
+        dataclasses.replace(m, details={**m.details, "waived": True}) if (m.path, m.digest) in waived else m
+        for m in measured.measurements
+    ))

@@ -73,8 +73,16 @@ def trust_image(
             kind="image", digest=layer.digest, label=label or os.path.basename(layer.path or ""),
             path=layer.path or "", size=layer.size or 0, signer=signer, added_at=utc_now(),
         )
-        out.append(Trusted(ref, node.store.add_reference(ref)))
+        out.append(_record(node, ref))
     return out
+
+
+def _record(node: Node, ref: ReferenceValue) -> Trusted:
+    """Store REF; when its digest is trusted already, report what is stored (label, signer) instead."""
+    if node.store.add_reference(ref):
+        return Trusted(ref, True)
+    stored = next(r for r in node.store.references(ref.kind) if r.digest == ref.digest)
+    return Trusted(stored, False)
 
 
 def add_reference(node: Node, kind: str, path: str, label: str | None, rehash: bool) -> Trusted:
@@ -87,7 +95,7 @@ def add_reference(node: Node, kind: str, path: str, label: str | None, rehash: b
     m = file_measurement(node.store, kind, path, rehash)
     ref = ReferenceValue(kind=kind, digest=m.digest, label=label or os.path.basename(m.path or ""),
                          path=m.path or "", size=m.size or 0, signer=None, added_at=utc_now())
-    return Trusted(ref, node.store.add_reference(ref))
+    return _record(node, ref)
 
 
 def remove_reference(node: Node, kind: str, digest_or_path: str) -> ReferenceValue:

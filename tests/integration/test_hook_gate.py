@@ -1,0 +1,268 @@
+"""The tamper matrix: libvirt's own start path refuses what tvorch did not vouch for.
+
+Every case edits the domain, an image or the vTPM behind tvorch's back, starts
+the domain with `virsh start` (not tvorch), expects libvirt's error to carry
+the hook's reason, then puts things back and expects a clean start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import PREFIX, Tv, virsh
+from .guest import wait_for_ready
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Gated:
+    name: str
+    record: dict
+    base: Path
+    xml: Path  # the clean inactive definition
+
+
+def refused(name: str, *words: str) -> str:
+    proc = virsh("start", name, check=False)
+    assert proc.returncode != 0, f"{name} started although it should have been refused"
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+    assert "tvorch: refused to start" in proc.stderr
+    return proc.stderr
+
+
+def starts_clean(name: str) -> None:
+    proc = virsh("start", name, check=False)
+    assert proc.returncode == 0, proc.stderr
+    virsh("destroy", name)
+
+
+def redefine(xml: str) -> None:
+    path = Path(f"/tmp/{PREFIX}{secrets.token_hex(4)}.xml")
+    path.write_text(xml)
+    try:
+        virsh("define", str(path))
+    finally:
+        path.unlink()
+
+
+def edited(gated: Gated, edit) -> str:
+    root = ET.fromstring(gated.xml.read_text())
+    edit(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def ledger_length(tv: Tv, name: str) -> int:
+    ledger = tv.json("vtpm", "ledger", name)
+    assert ledger["intact"] is True
+    return len(ledger["entries"])
+
+
+def last_prepare(tv: Tv, name: str) -> dict:
+    return [e for e in tv.json("events", name) if e["operation"] == "prepare begin"][-1]
+
+
+@pytest.fixture(scope="module")
+def gated(tv: Tv, guest_dir: Path, tmp_path_factory) -> Gated:
+    """A guest on a private copy of the base image, booted once and stopped (vTPM ledgered)."""
+    images = Path(f"/var/lib/libvirt/images/{PREFIX}gate-{secrets.token_hex(3)}")
+    images.mkdir(mode=0o755)
+    base = images / "base.qcow2"
+    shutil.copyfile(guest_dir / "guest.qcow2", base)
+    os.chmod(base, 0o644)
+    tv.run("image", "trust", str(base), "--label", "gate test base")
+    name = f"{PREFIX}gate-{secrets.token_hex(2)}"
+    record = tv.launch(base, name)
+    wait_for_ready(Path(record["console_log"]))
+    tv.run("stop", "--force", name)
+    xml = tmp_path_factory.mktemp("gate") / "clean.xml"
+    xml.write_text(virsh("dumpxml", "--inactive", name).stdout)
+    yield Gated(name, record, base, xml)
+    tv.run("destroy", "--purge-vtpm", name, check=False)
+    shutil.rmtree(images, ignore_errors=True)
+
+
+def test_clean_start_is_allowed_and_recorded(tv: Tv, gated: Gated):
+    starts_clean(gated.name)
+    ops = [(e["operation"], e["verdict"]) for e in tv.json("events", gated.name)]
+    assert ("prepare begin", "allowed") in ops and ("start begin", "allowed") in ops
+    assert tv.json("show", gated.name)["id"] == gated.record["id"]
+
+
+def _swap_disk(tmp: Path):
+    def edit(root: ET.Element) -> None:
+        root.find("./devices/disk/source").set("file", str(tmp))
+    return edit
+
+
+def _drop_tpm(root: ET.Element) -> None:
+    devices = root.find("devices")
+    devices.remove(devices.find("tpm"))
+
+
+def _to_seabios(root: ET.Element) -> None:
+    os_element = root.find("os")
+    os_element.attrib.pop("firmware", None)
+    for child in os_element.findall("firmware"):
+        os_element.remove(child)
+
+
+def _more_memory(root: ET.Element) -> None:
+    for tag in ("memory", "currentMemory"):
+        root.find(tag).text = str(int(root.find(tag).text) * 2)
+
+
+@pytest.mark.parametrize("case", ["disk-swapped", "tpm-removed", "firmware-changed", "memory-changed"])
+def test_configuration_drift_is_refused(tv: Tv, gated: Gated, case: str):
+    other = Path(gated.record["overlay"]).with_name(f"{PREFIX}other.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(gated.base), str(other)],
+                   check=True)
+    edits = {"disk-swapped": _swap_disk(other), "tpm-removed": _drop_tpm,
+             "firmware-changed": _to_seabios, "memory-changed": _more_memory}
+    try:
+        redefine(edited(gated, edits[case]))
+        refused(gated.name, "configuration changed since launch")
+        assert last_prepare(tv, gated.name)["verdict"] == "refused"
+    finally:
+        redefine(gated.xml.read_text())
+        other.unlink()
+    starts_clean(gated.name)
+
+
+def test_refusal_reaches_tvorch_start_as_one_line(tv: Tv, gated: Gated):
+    redefine(edited(gated, _more_memory))
+    try:
+        proc = tv.run("start", gated.name, check=False)
+        assert proc.returncode == 7
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("tvorch: error")]
+        assert len(lines) == 1 and "configuration changed since launch" in lines[0]
+    finally:
+        redefine(gated.xml.read_text())
+    starts_clean(gated.name)
+
+
+def test_base_image_changed_by_one_byte(gated: Gated):
+    with open(gated.base, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        original = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([original[0] ^ 0x01]))
+    try:
+        refused(gated.name, f"image layer {gated.base} changed")
+    finally:
+        with open(gated.base, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(original)
+    starts_clean(gated.name)
+
+
+def test_overlay_replaced(gated: Gated):
+    overlay = Path(gated.record["overlay"])
+    aside = overlay.with_name(overlay.name + ".aside")
+    os.rename(overlay, aside)
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(gated.base),
+                        str(overlay)], check=True)
+        refused(gated.name, f"overlay {overlay} was replaced")
+    finally:
+        os.replace(aside, overlay)
+    starts_clean(gated.name)
+
+
+def test_vtpm_rollback_is_refused(tv: Tv, gated: Gated, tmp_path: Path):
+    state = Path(f"/var/lib/libvirt/swtpm/{gated.record['uuid']}/tpm2")
+    old = tmp_path / "old"
+    shutil.copytree(state, old)
+    ledger_before = ledger_length(tv, gated.name)
+    # Run the guest long enough to change its vTPM (resetCount, NV clock), then stop: ledgered.
+    virsh("start", gated.name)
+    wait_for_ready(Path(gated.record["console_log"]))
+    virsh("destroy", gated.name)
+    assert ledger_length(tv, gated.name) == ledger_before + 1
+    newer = tmp_path / "newer"
+    shutil.copytree(state, newer)
+    assert (old / "tpm2-00.permall").read_bytes() != (newer / "tpm2-00.permall").read_bytes()
+
+    shutil.copy2(old / "tpm2-00.permall", state / "tpm2-00.permall")
+    refused(gated.name, "vTPM state differs from the last recorded stop")
+    # The refused start must not have blessed the old state in the ledger.
+    assert ledger_length(tv, gated.name) == ledger_before + 1
+    shutil.copy2(newer / "tpm2-00.permall", state / "tpm2-00.permall")
+    starts_clean(gated.name)
+
+
+def test_domain_tvorch_never_launched(tv: Tv, gated: Gated):
+    impostor = f"{PREFIX}impostor-{secrets.token_hex(2)}"
+
+    def edit(root: ET.Element) -> None:
+        root.find("name").text = impostor
+        root.find("uuid").text = "1c8a3f64-0000-4000-8000-" + secrets.token_hex(6)
+
+    redefine(edited(gated, edit))
+    try:
+        refused(impostor, "which this node did not launch")
+    finally:
+        virsh("undefine", "--nvram", "--keep-tpm", impostor, check=False)
+
+
+def test_domain_without_tvorch_metadata_passes(gated: Gated, tmp_path: Path):
+    plain = f"{PREFIX}plain-{secrets.token_hex(2)}"
+    disk = Path(f"/var/lib/libvirt/images/{plain}.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+
+    def edit(root: ET.Element) -> None:
+        root.find("name").text = plain
+        root.find("uuid").text = "2c8a3f64-0000-4000-8000-" + secrets.token_hex(6)
+        root.remove(root.find("metadata"))
+        source = root.find("./devices/disk/source")
+        source.set("file", str(disk))
+        disk_element = root.find("./devices/disk")
+        disk_element.remove(disk_element.find("backingStore"))
+        for serial_log in root.iter("log"):
+            serial_log.set("file", str(tmp_path / "plain.log"))
+
+    redefine(edited(gated, edit))
+    try:
+        starts_clean(plain)
+    finally:
+        virsh("undefine", "--nvram", "--tpm", plain, check=False)
+        disk.unlink()
+
+
+def _restart_libvirtd() -> None:
+    if Path("/run/systemd/system").is_dir():
+        subprocess.run(["systemctl", "restart", "libvirtd.service"], check=True)
+    else:
+        subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+        for _ in range(50):
+            if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.2)
+        subprocess.run(["libvirtd", "-d"], check=True)
+    for _ in range(50):
+        if virsh("version", check=False).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("libvirtd did not come back")
+
+
+def test_libvirtd_restart_keeps_the_guest_running(tv: Tv, gated: Gated):
+    virsh("start", gated.name)
+    try:
+        _restart_libvirtd()
+        assert virsh("domstate", gated.name).stdout.strip() == "running"
+        reconnect = [e for e in tv.json("events", gated.name) if e["operation"] == "reconnect begin"]
+        # libvirt forgets the auto-selected firmware's features on reconnect; the hook maps it back.
+        assert reconnect and reconnect[-1]["verdict"] == "allowed", reconnect
+    finally:
+        virsh("destroy", gated.name, check=False)

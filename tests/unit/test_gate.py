@@ -1,0 +1,127 @@
+"""The hook gate's pure judgement (tvorch.core.gate): which hook calls matter, and why a start is refused.
+
+The judgement must collect every reason, never stop at the first, and never
+invent one: a clean start that gets a reason is an outage, a mismatch that
+gets none is a hole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tvorch.core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
+
+A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+
+# Every (operation, sub-operation) libvirt's qemu hook is called with (libvirt 9,
+# docs/hooks.html), and what it means to tvorch.
+PHASES = [
+    ("prepare", "begin", Phase.START),
+    ("start", "begin", Phase.START),
+    ("restore", "begin", Phase.START),
+    ("migrate", "begin", Phase.START),
+    ("started", "begin", Phase.STARTED),
+    ("reconnect", "begin", Phase.RECONNECT),
+    ("stopped", "end", Phase.STOPPED),
+    ("release", "end", Phase.RELEASED),
+    ("attach", "begin", Phase.IGNORED),
+    # Sub-operations that are not the one tvorch acts on: "-" is what libvirt sends
+    # where there is none, "end" of a start operation is after the decision.
+    ("prepare", "end", Phase.IGNORED),
+    ("start", "end", Phase.IGNORED),
+    ("started", "end", Phase.IGNORED),
+    ("stopped", "begin", Phase.IGNORED),
+    ("release", "begin", Phase.IGNORED),
+    ("reconnect", "-", Phase.IGNORED),
+    ("restore", "-", Phase.IGNORED),
+    ("migrate", "-", Phase.IGNORED),
+    ("unknown", "begin", Phase.IGNORED),
+    ("", "", Phase.IGNORED),
+]
+
+
+@pytest.mark.parametrize(("operation", "sub_operation", "phase"), PHASES)
+def test_phase_of_every_hook_operation(operation: str, sub_operation: str, phase: Phase) -> None:
+    assert phase_of(operation, sub_operation) is phase
+
+
+def test_only_begin_of_a_start_operation_can_refuse() -> None:
+    """libvirt honours a non-zero exit only on these: anything else as START would refuse nothing or break stops."""
+    starts = {(op, sub) for op, sub, phase in PHASES if phase is Phase.START}
+    assert starts == {("prepare", "begin"), ("start", "begin"), ("restore", "begin"), ("migrate", "begin")}
+
+
+def clean() -> StartEvidence:
+    """Evidence of an untouched instance: everything on disk is what was vouched for."""
+    return StartEvidence(
+        manifest_in_xml=A,
+        manifest_stored=A,
+        config_now=B,
+        config_manifest=B,
+        layers=(LayerEvidence("/img/base.raw", C, C), LayerEvidence("/img/mid.qcow2", D, D)),
+        overlay_problem=None,
+        vtpm_now=A,
+        vtpm_recorded=A,
+        host_problem=None,
+    )
+
+
+def test_clean_evidence_gives_no_reason() -> None:
+    assert start_refusals(clean()) == ()
+
+
+# Each mismatch alone, and a word the single reason must contain so an operator
+# can tell which check failed.
+MISMATCHES: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
+    "manifest digest": ({"manifest_in_xml": D}, ("manifest", "sha256:dddddddddddd", "sha256:aaaaaaaaaaaa")),
+    "manifest missing from metadata": ({"manifest_in_xml": None}, ("manifest", "none")),
+    "config digest": ({"config_now": C}, ("configuration changed", "sha256:cccccccccccc", "sha256:bbbbbbbbbbbb")),
+    "layer changed": (
+        {"layers": (LayerEvidence("/img/base.raw", C, D), LayerEvidence("/img/mid.qcow2", D, D))},
+        ("/img/base.raw", "changed", "sha256:dddddddddddd"),
+    ),
+    "layer unreadable": (
+        {"layers": (LayerEvidence("/img/base.raw", C, C), LayerEvidence("/img/mid.qcow2", D, None, "no such file"))},
+        ("/img/mid.qcow2", "no such file"),
+    ),
+    "overlay problem": ({"overlay_problem": "overlay /ov.qcow2 was replaced since launch"}, ("/ov.qcow2 was replaced",)),
+    "vTPM differs": ({"vtpm_now": B}, ("vTPM state differs", "sha256:bbbbbbbbbbbb", "rollback")),
+    "vTPM state missing": ({"vtpm_now": None}, ("vTPM state differs", "no state")),
+    "host problem": ({"host_problem": "host verdict failed: PCR 0"}, ("host verdict failed: PCR 0",)),
+}
+
+
+@pytest.mark.parametrize("which", sorted(MISMATCHES))
+def test_each_mismatch_alone_gives_exactly_one_reason_naming_it(which: str) -> None:
+    changes, words = MISMATCHES[which]
+    reasons = start_refusals(dataclasses.replace(clean(), **changes))  # type: ignore[arg-type]
+    assert len(reasons) == 1, reasons
+    for word in words:
+        assert word in reasons[0], (word, reasons[0])
+    assert "\n" not in reasons[0]
+
+
+def test_no_vtpm_record_means_no_vtpm_reason() -> None:
+    """Before the first recorded stop there is nothing to roll back to: state present or not is fine."""
+    for now in (A, B, None):
+        assert start_refusals(dataclasses.replace(clean(), vtpm_recorded=None, vtpm_now=now)) == ()
+
+
+def test_every_mismatch_is_reported_in_check_order() -> None:
+    evidence = dataclasses.replace(
+        clean(),
+        manifest_in_xml=D,
+        config_now=C,
+        layers=(LayerEvidence("/img/base.raw", C, A), LayerEvidence("/img/mid.qcow2", D, None, "permission denied")),
+        overlay_problem="overlay /ov.qcow2 was replaced since launch",
+        vtpm_now=None,
+        host_problem="no host attestation verdict",
+    )
+    reasons = start_refusals(evidence)
+    assert len(reasons) == 7, reasons
+    expected = ["manifest", "configuration changed", "/img/base.raw", "/img/mid.qcow2: permission denied",
+                "overlay /ov.qcow2", "vTPM state differs", "no host attestation verdict"]
+    for reason, word in zip(reasons, expected):
+        assert word in reason, (word, reason)
