@@ -127,3 +127,25 @@ def test_cached_digest_and_rehash(tv: Tv, guest_dir: Path):
             assert layer["details"]["cached"] is cached
         finally:
             tv.run("destroy", "--purge-vtpm", rec["name"])
+
+
+def test_waived_untrusted_image_is_marked_in_the_signed_manifest(tv: Tv, guest_dir: Path, tmp_path: Path):
+    """Where the policy permits the override, the manifest says the image was not trusted."""
+    permissive = tmp_path / "permissive.toml"
+    permissive.write_text(tv.config.read_text().replace(
+        "[firmware_profiles.snakeoil]", "[policy]\nallow_untrusted_image = true\n[firmware_profiles.snakeoil]"))
+    images = Path(f"/var/lib/libvirt/images/{PREFIX}waive-{secrets.token_hex(2)}")
+    images.mkdir(mode=0o755)
+    image = _modified_copy(guest_dir / "guest.qcow2", images / "untrusted.qcow2")
+    image.chmod(0o644)
+    name = f"{PREFIX}waived-{secrets.token_hex(2)}"
+    loose = Tv(permissive, tv.state_dir, tv.overlay_dir, tv.log_dir)
+    try:
+        loose.launch(image, name, "--allow-untrusted-image")
+        body = tv.json("manifest", "show", name)["manifest"]
+        layer = next(m for m in body["measurements"] if m["kind"] == "image-layer")
+        assert layer["details"]["waived"] is True and layer["path"] == str(image)
+        assert any(e["kind"] == "policy-waived" for e in tv.json("show", name)["events"])
+    finally:
+        tv.run("destroy", "--purge-vtpm", name, check=False)
+        shutil.rmtree(images, ignore_errors=True)
