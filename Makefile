@@ -9,13 +9,17 @@ GUEST_DIR   ?= /var/cache/tvorch/test-guest
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: demo test unit integration setup packages libvirt venv guest clean
+.PHONY: demo test lint unit integration setup packages libvirt venv guest clean
 
 demo: setup
 	GUEST_DIR=$(GUEST_DIR) VENV=$(VENV) scripts/demo.sh
 
-test: setup
+test: setup lint
 	TVORCH_TEST_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Errors a reader would trip over: undefined names, unused imports, syntax.
+lint: venv
+	$(VENV)/bin/ruff check --quiet --select F,E9 tvorch tests benchmarks
 
 unit: venv
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)

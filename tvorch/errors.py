@@ -24,6 +24,8 @@ class ExitCode(IntEnum):
     TIMEOUT = 10  # an operation did not finish in time
     HOST = 11  # the host cannot run what was asked (emulator, firmware)
     TRUST_REFUSED = 12  # a measurement, signature or manifest did not verify or is not trusted
+    EVIDENCE = 13  # an event log, IMA log or quote is malformed
+    TPM = 14  # the TPM refused or failed a command (the TPM response code is kept)
 
 
 class TvorchError(Exception):
@@ -76,3 +78,19 @@ class TrustError(TvorchError):
     """A measurement, signature, certificate or manifest did not verify or is not trusted."""
 
     exit_code = ExitCode.TRUST_REFUSED
+
+
+class EvidenceError(TvorchError):
+    """Malformed attestation evidence: event log, IMA log, quote structures."""
+
+    exit_code = ExitCode.EVIDENCE
+
+
+class TpmError(TvorchError):
+    """A TPM command failed; ``rc`` is the TPM/TSS response code when there is one."""
+
+    exit_code = ExitCode.TPM
+
+    def __init__(self, message: str, rc: int | None = None) -> None:
+        super().__init__(message if rc is None else f"{message} (TPM rc 0x{rc:x})")
+        self.rc = rc

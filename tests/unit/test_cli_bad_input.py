@@ -4,7 +4,6 @@ The config points libvirt at a socket that does not exist, so a refusal that
 happened only after reaching libvirt would show up as exit code 7 instead.
 """
 
-import os
 import subprocess
 
 import pytest

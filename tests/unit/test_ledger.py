@@ -92,6 +92,14 @@ def test_changed_prev_hash_is_found() -> None:
     assert broken_link(entries) == 3
 
 
+def test_chain_not_starting_at_seq_zero_is_found() -> None:
+    """A self-consistent chain whose numbering is off (entries dropped and re-chained) is still refused."""
+    entries: list[LedgerEntry] = []
+    for seq in (1, 2):
+        entries.append(chain_entry(INSTANCE, seq, "t", "stopped", "a" * 64, entries[-1].entry_hash if entries else None))
+    assert broken_link(entries) == 1
+
+
 def test_entry_from_another_instance_is_found() -> None:
     entries = chain(3)
     entries[1] = chain(3, "i-other")[1]

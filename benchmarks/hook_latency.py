@@ -1,0 +1,278 @@
+"""How long libvirtd waits for tvorch's qemu hook on a start, next to a bare interpreter.
+
+    .venv/bin/python benchmarks/hook_latency.py [--runs 30] [--explain] [--keep]
+
+libvirtd runs the hook synchronously on every operation of every domain, so
+its latency is added to each start. This builds a realistic node state in a
+temporary directory under /var/tmp (config, SQLite store, node key, a
+trusted 64 MiB image layer whose digest is already in the digest cache, a
+qcow2 overlay made by tvorch, a signed launch manifest, a vTPM state with a
+ledger entry from the last stop, and the domain XML as libvirtd passes it on
+`prepare begin`: tests/data/libvirt/efi/hook-prepare-begin.xml adjusted to
+these paths). It then runs, interleaved run by run:
+
+  (a) the hook exactly as libvirtd would: the shim rendered by
+      tvorch.service.hook_install.render_shim(sys.executable, config),
+      executed as [shim, NAME, "prepare", "begin", "-"] with the XML on stdin;
+  (b) `sys.executable -c pass`, the floor any Python hook pays.
+
+and prints median and p90 of each, the ratio (a)/(b) of the medians and
+PASS/FAIL against the goals (median < 50 ms, ratio < 5). Every hook run must
+exit 0 (allowed) with nothing on stdout or stderr, so a broken set-up cannot
+pass for a fast one. --explain adds where the time goes: the import time of
+tvorch.hook (-X importtime) and a cProfile of the decision in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from tvorch import hook
+from tvorch.adapters.digests import measure_file, sha256_file
+from tvorch.adapters.imagefiles import create_overlay, file_identity, inspect_image
+from tvorch.adapters.node_keys import load_or_create
+from tvorch.adapters.store import Store, utc_now
+from tvorch.adapters.vtpm_state import state_digest
+from tvorch.config import Config, parse_config
+from tvorch.core.canonical import config_digest
+from tvorch.core.domain_xml import render_domain_xml
+from tvorch.core.instance import InstanceRecord, InstanceState
+from tvorch.core.manifest import LaunchManifest, Measurement, manifest_digest, sign_manifest
+from tvorch.core.measurements import DigestKey
+from tvorch.core.references import ReferenceValue
+from tvorch.core.spec import DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.service.hook_install import render_shim
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "tests" / "data" / "libvirt" / "efi" / "hook-prepare-begin.xml"
+NAME = "tvbench-hook"
+INSTANCE = "i-benchhook001"
+UUID = "3e9b6a1c-2d4f-4c5e-9a7b-000000000001"
+LAYER_SIZE = 64 * 1024 * 1024
+GOAL_MEDIAN_MS = 50.0
+GOAL_RATIO = 5.0
+METADATA_NS = "https://tvorch.dev/xmlns/instance/1"
+# Measured like a launch measures them when present; the hook reads their paths only.
+FIRMWARE = {"firmware-code": "/usr/share/OVMF/OVMF_CODE_4M.fd", "firmware-vars": "/usr/share/OVMF/OVMF_VARS_4M.fd"}
+
+
+@dataclass(frozen=True)
+class Node:
+    cfg: Config
+    config_path: Path
+    shim: Path
+    xml: str
+    layer: Path
+
+
+def _spec(root: Path, overlay: Path, layer: Path, manifest: str | None) -> DomainSpec:
+    return DomainSpec(
+        name=NAME, uuid=UUID, instance_id=INSTANCE, memory_mib=512, vcpus=1, virt_type=VirtType.QEMU,
+        emulator="/usr/bin/qemu-system-x86_64", firmware=Firmware.EFI, secure_boot=False, tpm_model=TpmModel.CRB,
+        disk_path=str(overlay), disk_format="qcow2", console_log=str(root / "logs" / f"{NAME}-console.log"),
+        backing_chain=(DiskLayer(str(layer), "raw"),), manifest_digest=manifest,
+    )
+
+
+def libvirt_xml(root: Path, overlay: Path, layer: Path, manifest: str) -> str:
+    """The sample libvirtd passed on `prepare begin`, with this node's name, paths and metadata."""
+    tree = ET.fromstring(SAMPLE.read_text())
+    tree.find("name").text = NAME  # type: ignore[union-attr]
+    tree.find("uuid").text = UUID  # type: ignore[union-attr]
+    instance = tree.find(f"metadata/{{{METADATA_NS}}}instance")
+    assert instance is not None
+    instance.set("id", INSTANCE)
+    instance.set("manifest", f"sha256:{manifest}")
+    disk = tree.find("devices/disk")
+    assert disk is not None
+    disk.find("source").set("file", str(overlay))  # type: ignore[union-attr]
+    backing = disk.find("backingStore")
+    assert backing is not None
+    backing.find("format").set("type", "raw")  # type: ignore[union-attr]
+    backing.find("source").set("file", str(layer))  # type: ignore[union-attr]
+    for log in tree.iterfind("devices/*/log"):
+        log.set("file", str(root / "logs" / f"{NAME}-console.log"))
+    return ET.tostring(tree, encoding="unicode")
+
+
+def build_node(root: Path) -> Node:
+    """What `tvorch launch` leaves behind for one running instance, made with tvorch's own code."""
+    for sub in ("images", "overlays", "logs", "hooks"):
+        (root / sub).mkdir()
+    config_path = root / "tvorch.toml"
+    config_path.write_text(
+        f'state_dir = "{root}/state"\nswtpm_state_dir = "{root}/swtpm"\noverlay_dir = "{root}/overlays"\n'
+        f'console_log_dir = "{root}/logs"\n'
+    )
+    cfg = parse_config(config_path.read_bytes(), str(config_path))
+    store = Store(cfg.db_path)
+    try:
+        # The trusted layer: hashed once, as `image trust` did long ago, so its digest is cached.
+        layer = root / "images" / "base.raw"
+        block = bytearray(os.urandom(1 << 20))
+        block[510:512] = b"\x55\xaa"  # an MBR boot signature: image inspection takes it for a raw disk
+        with open(layer, "wb") as f:
+            for _ in range(LAYER_SIZE >> 20):
+                f.write(block)
+        layer_digest = sha256_file(layer)
+        st = os.stat(layer)
+        # measure_file does not cache a file changed < 2 s ago; this one is taken as long settled.
+        store.put(DigestKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), layer_digest)
+        store.add_reference(ReferenceValue("image", layer_digest, "bench", str(layer), LAYER_SIZE, None, utc_now()))
+        overlay = root / "overlays" / f"{NAME}.{INSTANCE}.qcow2"
+        create_overlay(inspect_image(str(layer)), str(overlay))
+
+        xml_without_manifest = libvirt_xml(root, overlay, layer, "0" * 64)
+        rendered = render_domain_xml(_spec(root, overlay, layer, None))
+        if config_digest(rendered) != config_digest(xml_without_manifest):
+            raise SystemExit("set-up error: the adjusted libvirt XML and tvorch's rendering differ in configuration")
+        measurements = [Measurement(kind="image-layer", path=str(layer), digest=layer_digest, size=LAYER_SIZE,
+                                    details={"format": "raw", "layer": 0, "cached": True})]
+        for kind, path in FIRMWARE.items():
+            if os.path.exists(path):
+                measurements.append(Measurement(kind=kind, path=path, digest=sha256_file(path),
+                                                size=os.path.getsize(path)))
+        identity = load_or_create(Path(cfg.state_dir), "bench-node")
+        body = sign_manifest(
+            LaunchManifest(
+                instance_id=INSTANCE, uuid=UUID, name=NAME, node="bench-node",
+                created_at=utc_now()[:23] + "+00:00", measurements=tuple(measurements),
+                config_digest=config_digest(rendered), policy_digest=hashlib.sha256(cfg.raw).hexdigest(),
+            ),
+            identity.signing_key, identity.signing_cert,
+        )
+        digest = manifest_digest(body)
+        now = utc_now()
+        store.create_instance(InstanceRecord(
+            id=INSTANCE, name=NAME, uuid=UUID, image=str(layer), overlay=str(overlay),
+            console_log=str(root / "logs" / f"{NAME}-console.log"), state=InstanceState.STOPPED,
+            virt_type="qemu", domain_xml=render_domain_xml(_spec(root, overlay, layer, digest)),
+            created_at=now, updated_at=now,
+        ))
+        store.save_manifest(INSTANCE, digest, body)
+        store.set_overlay_identity(INSTANCE, file_identity(str(overlay)))
+
+        # The vTPM as swtpm left it at the last stop, and the ledger entry the hook made then.
+        tpm2 = Path(cfg.swtpm_state_dir) / UUID / "tpm2"
+        tpm2.mkdir(parents=True)
+        (tpm2 / "tpm2-00.permall").write_bytes(os.urandom(9 * 1024))
+        store.append_ledger(INSTANCE, "stopped", state_digest(tpm2.parent) or "")
+
+        cached = measure_file(layer, store)
+        if not cached.cached:
+            raise SystemExit("set-up error: the layer's digest is not served from the digest cache")
+    finally:
+        store.close()
+    shim = root / "hooks" / "qemu"
+    shim.write_bytes(render_shim(sys.executable, str(config_path)))
+    shim.chmod(0o755)
+    return Node(cfg, config_path, shim, libvirt_xml(root, overlay, layer, digest), layer)
+
+
+def timed(argv: list[str], stdin: bytes) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, input=stdin, capture_output=True, check=False, env={"PATH": "/usr/bin:/bin"})
+    return (time.perf_counter() - start) * 1000, proc
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10, method="inclusive")[8]
+
+
+def explain(node: Node) -> None:
+    """Where a hook run spends its time: imports, then the decision itself."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import tvorch.hook"],
+                          capture_output=True, text=True, check=True)
+    rows = []
+    for line in proc.stderr.splitlines()[1:]:
+        _, self_us, cumulative_us, name = (part.strip() for part in line.replace(":", "|", 1).split("|"))
+        rows.append((int(cumulative_us), int(self_us), name))
+    print("\nimport tvorch.hook, heaviest cumulative imports (us):")
+    for cumulative_us, self_us, name in sorted(rows, reverse=True)[:15]:
+        print(f"  {cumulative_us:>8} {self_us:>8}  {name}")
+    argv = [NAME, "prepare", "begin", "-"]
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        result = hook.decide(argv, node.xml, node.cfg)
+        times.append((time.perf_counter() - start) * 1000)
+        assert result == (0, None), result
+    print(f"\ndecide() in process: median {statistics.median(times):.2f} ms over 20 calls")
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(20):
+        hook.decide(argv, node.xml, node.cfg)
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(18)
+    print("cProfile of 20 decide() calls, by cumulative time:")
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30, help="timed runs of each (default 30)")
+    parser.add_argument("--explain", action="store_true", help="also show import times and a profile of decide()")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary node state and print where")
+    args = parser.parse_args()
+    if args.runs < 2:
+        parser.error("--runs must be at least 2")
+    root = Path(tempfile.mkdtemp(prefix="tvorch-hook-bench-", dir="/var/tmp"))
+    try:
+        node = build_node(root)
+        hook_argv = [str(node.shim), NAME, "prepare", "begin", "-"]
+        bare_argv = [sys.executable, "-c", "pass"]
+        xml = node.xml.encode()
+        for _ in range(2):  # warm the page cache and the database
+            timed(hook_argv, xml)
+            timed(bare_argv, b"")
+        hook_ms, bare_ms, statuses, noise = [], [], set(), []
+        for _ in range(args.runs):
+            ms, proc = timed(hook_argv, xml)
+            hook_ms.append(ms)
+            statuses.add(proc.returncode)
+            if proc.stdout or proc.stderr:
+                noise.append((proc.stdout + proc.stderr).decode(errors="replace").strip())
+            ms, _ = timed(bare_argv, b"")
+            bare_ms.append(ms)
+        print(f"python: {sys.executable} ({sys.version.split()[0]}); node state in {root}")
+        print(f"hook decision exit status: {sorted(statuses)} (0 = allowed) over {args.runs} runs")
+        if noise:
+            print(f"hook output (must be empty): {noise[0]!r}")
+        print(f"(a) hook via shim, prepare begin: median {statistics.median(hook_ms):6.1f} ms   p90 {p90(hook_ms):6.1f} ms")
+        print(f"(b) python -c pass:               median {statistics.median(bare_ms):6.1f} ms   p90 {p90(bare_ms):6.1f} ms")
+        ratio = statistics.median(hook_ms) / statistics.median(bare_ms)
+        print(f"ratio (a)/(b) of medians: {ratio:.2f}")
+        checks = {
+            f"median < {GOAL_MEDIAN_MS:g} ms": statistics.median(hook_ms) < GOAL_MEDIAN_MS,
+            f"ratio < {GOAL_RATIO:g}": ratio < GOAL_RATIO,
+            "every run allowed, silent": statuses == {0} and not noise,
+        }
+        for what, ok in checks.items():
+            print(f"{'PASS' if ok else 'FAIL'}  {what}")
+        if args.explain:
+            explain(node)
+        return 0 if all(checks.values()) else 1
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

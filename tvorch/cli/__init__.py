@@ -1,0 +1,41 @@
+"""`tvorch` command line: parse, configure once, call the service, map errors.
+
+Every refusal is one line on stderr (`tvorch: error: ...`) and a documented
+exit code (tvorch.errors.ExitCode); `--debug` adds the traceback. Commands
+live in one module per area, each attaching itself to the group.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from ..errors import ExitCode, TvorchError
+from . import gate, instances, trust  # noqa: F401  (they register their commands)
+from .group import cli
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="tvorch", standalone_mode=False)
+    except TvorchError as err:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"tvorch: error: {err}", err=True)
+        return int(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("tvorch: error: aborted", err=True)
+        return int(ExitCode.FAILURE)
+    except click.ClickException as err:
+        # One line instead of click's usage block.
+        click.echo(f"tvorch: error: {' '.join(err.format_message().split())}", err=True)
+        return int(ExitCode.USAGE)
+    except Exception as err:  # a bug: say so in one line unless debugging
+        if debug:
+            traceback.print_exc()
+        click.echo(f"tvorch: internal error: {type(err).__name__}: {err} (run with --debug for details)", err=True)
+        return int(ExitCode.FAILURE)
+    return int(ExitCode.OK)

@@ -1,0 +1,73 @@
+"""The libvirt hook and its records: install-hook, uninstall-hook, hook, events, vtpm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.ledger import broken_link
+from ..service import hook_install
+from .common import Context, emit, json_option, pass_ctx
+from .group import cli
+
+@cli.command(name="install-hook")
+@click.option("--hooks-dir", default="/etc/libvirt/hooks", show_default=True, metavar="DIR")
+@click.option("--hook-config", metavar="PATH", help="Config file the hook reads (default: its standard lookup).")
+@json_option
+def install_hook(hooks_dir: str, hook_config: str | None, as_json: bool) -> None:
+    """Install tvorch's qemu hook (a qemu.d/ drop-in if another hook is there)."""
+    done = hook_install.install(Path(hooks_dir), hook_config)
+    note = "restart libvirtd for the new hook to take effect" if done.created else "updated in place"
+    emit(as_json, {"path": done.path, "created": done.created, "restart_libvirtd": done.created},
+         f"installed {done.path}; {note}")
+
+
+@cli.command(name="uninstall-hook")
+@click.option("--hooks-dir", default="/etc/libvirt/hooks", show_default=True, metavar="DIR")
+@json_option
+def uninstall_hook(hooks_dir: str, as_json: bool) -> None:
+    """Remove tvorch's qemu hook (never anyone else's)."""
+    removed = hook_install.uninstall(Path(hooks_dir))
+    emit(as_json, {"removed": removed}, "removed " + ", ".join(removed) if removed else "no tvorch hook installed")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def hook(args: tuple[str, ...]) -> None:
+    """libvirt's qemu hook: NAME OPERATION SUB-OPERATION EXTRA, domain XML on stdin."""
+    from . import hook as hook_entry
+
+    raise SystemExit(hook_entry.main(list(args)))
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def events(ctx: Context, name: str, as_json: bool) -> None:
+    """The hook's decisions for instance NAME: time, operation, verdict, reasons."""
+    record = ctx.node.store.get_live(name)
+    rows = ctx.node.store.hook_events(record.id)
+    emit(as_json, rows, lambda: "\n".join(
+        f"{r['at']}  {r['operation']:<16} {r['verdict']:<9} {'; '.join(r['reasons'])}" for r in rows)
+        or "no hook decisions recorded")
+
+
+@cli.group()
+def vtpm() -> None:
+    """Per-instance vTPM records."""
+
+
+@vtpm.command(name="ledger")
+@click.argument("name")
+@json_option
+@pass_ctx
+def vtpm_ledger(ctx: Context, name: str, as_json: bool) -> None:
+    """The hash-chained ledger of NAME's vTPM state digests, and whether the chain holds."""
+    record = ctx.node.store.get_live(name)
+    entries = ctx.node.store.ledger(record.id)
+    broken = broken_link(entries)
+    emit(as_json, {"entries": [e.to_json() for e in entries], "intact": broken is None, "broken_at": broken},
+         lambda: "\n".join([f"{e.seq:>4}  {e.at}  {e.event:<10} sha256:{e.state_digest}" for e in entries]
+                           + ["chain intact" if broken is None else f"chain BROKEN at entry {broken}"]))

@@ -1,0 +1,130 @@
+"""Instance lifecycle commands: launch, list, show, start, stop, destroy."""
+
+from __future__ import annotations
+
+import click
+
+from ..core.instance import InstanceRecord
+from ..service import instances
+from ..service.launch import LaunchRequest, launch as launch_instance
+from .common import Context, emit, json_option, pass_ctx
+from .group import cli
+
+def _record_text(r: InstanceRecord) -> str:
+    lines = [
+        f"name:       {r.name}",
+        f"id:         {r.id}",
+        f"uuid:       {r.uuid}",
+        f"state:      {r.state.value}",
+        f"virt type:  {r.virt_type}",
+        f"image:      {r.image}",
+        f"overlay:    {r.overlay}",
+        f"console:    {r.console_log}",
+        f"created:    {r.created_at}",
+    ]
+    if r.error:
+        lines.append(f"error:      {r.error}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--name", required=True, help="Instance (and libvirt domain) name.")
+@click.option("--memory", type=int, help="Memory in MiB [config launch.memory_mib].")
+@click.option("--vcpus", type=int, help="Virtual CPUs [config launch.vcpus].")
+@click.option("--firmware", type=click.Choice(["efi", "bios"]), help="Firmware [config launch.firmware].")
+@click.option("--secure-boot/--no-secure-boot", default=None, help="UEFI Secure Boot [config launch.secure_boot].")
+@click.option("--firmware-profile", metavar="NAME", help="Named OVMF code/vars from config [firmware_profiles].")
+@click.option("--tpm-model", type=click.Choice(["crb", "tis"]), help="vTPM interface [config launch.tpm_model].")
+@click.option("--kernel", metavar="PATH", help="Direct kernel boot: kernel image.")
+@click.option("--initrd", metavar="PATH", help="Direct kernel boot: initrd.")
+@click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel command line.")
+@click.option("--network", metavar="NET", help="Attach a NIC on this libvirt network.")
+@click.option("--rehash", is_flag=True, help="Hash every file again instead of trusting the digest cache.")
+@click.option("--allow-untrusted-image", is_flag=True,
+              help="Launch an image that is not trusted, if policy.allow_untrusted_image permits.")
+@json_option
+@pass_ctx
+def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int | None, firmware: str | None,
+           secure_boot: bool | None, firmware_profile: str | None, tpm_model: str | None, kernel: str | None,
+           initrd: str | None, cmdline: str | None, network: str | None, rehash: bool, allow_untrusted_image: bool,
+           as_json: bool) -> None:
+    """Measure IMAGE, check it is trusted, sign a manifest, then define and start it with a vTPM."""
+    req = LaunchRequest(
+        image=image, name=name, memory_mib=memory, vcpus=vcpus, firmware=firmware, secure_boot=secure_boot,
+        firmware_profile=firmware_profile, tpm_model=tpm_model, kernel=kernel, initrd=initrd, cmdline=cmdline,
+        network=network, rehash=rehash, allow_untrusted_image=allow_untrusted_image,
+    )
+    record = launch_instance(ctx.node, req)
+    emit(as_json, record.to_json(), lambda: "\n".join([
+        f"launched {record.name} ({record.id}, uuid {record.uuid}) running under {record.virt_type}",
+        f"  serial console log: {record.console_log}",
+        f"  interactive console: virsh -c {ctx.node.cfg.libvirt_uri} console {record.name}",
+        f"  stop it:    tvorch stop {record.name}",
+        f"  remove it:  tvorch destroy {record.name}",
+    ]))
+
+
+@cli.command(name="list")
+@json_option
+@pass_ctx
+def list_(ctx: Context, as_json: bool) -> None:
+    """List instances and their current state."""
+    records = instances.list_instances(ctx.node)
+
+    def table() -> str:
+        rows = [("NAME", "ID", "STATE", "VIRT", "IMAGE")]
+        rows += [(r.name, r.id, r.state.value, r.virt_type, r.image) for r in records]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows)
+
+    emit(as_json, [r.to_json() for r in records], table)
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def show(ctx: Context, name: str, as_json: bool) -> None:
+    """Show one instance, with its history."""
+    record = instances.show(ctx.node, name)
+    events = ctx.node.store.events(record.id)
+    emit(as_json, {**record.to_json(), "events": [e.to_json() for e in events]},
+         lambda: _record_text(record) + "\nevents:\n" + "\n".join(
+             f"  {e.at}  {e.kind:<14} {e.detail}" for e in events))
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def start(ctx: Context, name: str, as_json: bool) -> None:
+    """Start a stopped instance."""
+    record, changed = instances.start(ctx.node, name)
+    emit(as_json, {**record.to_json(), "changed": changed},
+         f"started {name}" if changed else f"{name} is already running")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Power off at once instead of asking the guest.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Seconds to wait for the guest [config stop_timeout].")
+@json_option
+@pass_ctx
+def stop(ctx: Context, name: str, force: bool, timeout: float | None, as_json: bool) -> None:
+    """Shut an instance down (graceful, or --force)."""
+    record, changed = instances.stop(ctx.node, name, force, timeout)
+    emit(as_json, {**record.to_json(), "changed": changed},
+         f"stopped {name}" if changed else f"{name} is already stopped")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--purge-vtpm", is_flag=True, help="Also delete the vTPM state (irreversible).")
+@json_option
+@pass_ctx
+def destroy(ctx: Context, name: str, purge_vtpm: bool, as_json: bool) -> None:
+    """Power off and remove an instance; its vTPM state is kept unless --purge-vtpm."""
+    record = instances.destroy(ctx.node, name, purge_vtpm)
+    emit(as_json, {**record.to_json(), "vtpm_purged": purge_vtpm},
+         f"destroyed {name}; vTPM state " + ("purged" if purge_vtpm else "kept"))
