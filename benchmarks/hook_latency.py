@@ -14,7 +14,11 @@ these paths). It then runs, interleaved run by run:
   (a) the hook exactly as libvirtd would: the shim rendered by
       tvorch.service.hook_install.render_shim(sys.executable, config),
       executed as [shim, NAME, "prepare", "begin", "-"] with the XML on stdin;
-  (b) `sys.executable -c pass`, the floor any Python hook pays.
+  (b) `sys.executable -c pass`, the floor any Python hook pays;
+  (c), (d) for information: the hook and `-c pass` with `python -S` (no
+      site.py: no .pth files, no editable-install finder, which in a
+      development virtualenv imports pathlib and more at every start-up and
+      so flatters the ratio; tvorch found through PYTHONPATH),
 
 and prints median and p90 of each, the ratio (a)/(b) of the medians and
 PASS/FAIL against the goals (median < 50 ms, ratio < 5). Every hook run must
@@ -183,9 +187,12 @@ def build_node(root: Path) -> Node:
     return Node(cfg, config_path, shim, libvirt_xml(root, overlay, layer, digest), layer)
 
 
-def timed(argv: list[str], stdin: bytes) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+def timed(argv: list[str], stdin: bytes, env: dict[str, str] | None = None
+          ) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+    """Wall time in ms of one run, as a parent process waiting for it sees it (libvirtd does the same)."""
     start = time.perf_counter()
-    proc = subprocess.run(argv, input=stdin, capture_output=True, check=False, env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(argv, input=stdin, capture_output=True, check=False,
+                          env=env or {"PATH": "/usr/bin:/bin"})
     return (time.perf_counter() - start) * 1000, proc
 
 
@@ -234,29 +241,41 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="tvorch-hook-bench-", dir="/var/tmp"))
     try:
         node = build_node(root)
-        hook_argv = [str(node.shim), NAME, "prepare", "begin", "-"]
-        bare_argv = [sys.executable, "-c", "pass"]
         xml = node.xml.encode()
-        for _ in range(2):  # warm the page cache and the database
-            timed(hook_argv, xml)
-            timed(bare_argv, b"")
-        hook_ms, bare_ms, statuses, noise = [], [], set(), []
-        for _ in range(args.runs):
-            ms, proc = timed(hook_argv, xml)
-            hook_ms.append(ms)
-            statuses.add(proc.returncode)
-            if proc.stdout or proc.stderr:
-                noise.append((proc.stdout + proc.stderr).decode(errors="replace").strip())
-            ms, _ = timed(bare_argv, b"")
-            bare_ms.append(ms)
+        # (c) and (d): the same without site.py (no .pth files, no editable-install finder),
+        # tvorch found through PYTHONPATH: what start-up costs when site-packages are not read.
+        src = str(Path(hook.__file__).resolve().parent.parent)
+        no_site_env = {"PATH": "/usr/bin:/bin", "TVORCH_CONFIG": str(node.config_path), "PYTHONPATH": src}
+        commands = {
+            "(a) hook via shim, prepare begin": ([str(node.shim), NAME, "prepare", "begin", "-"], xml, None),
+            "(b) python -c pass": ([sys.executable, "-c", "pass"], b"", None),
+            "(c) python -S -m tvorch.hook (info)": (
+                [sys.executable, "-S", "-m", "tvorch.hook", NAME, "prepare", "begin", "-"], xml, no_site_env),
+            "(d) python -S -c pass (info)": ([sys.executable, "-S", "-c", "pass"], b"", no_site_env),
+        }
+        times: dict[str, list[float]] = {what: [] for what in commands}
+        statuses: set[int] = set()
+        noise: list[str] = []
+        for run in range(args.runs + 2):  # two warm-up rounds: page cache, database
+            for what, (argv, stdin, env) in commands.items():
+                ms, proc = timed(argv, stdin, env)
+                if what.startswith(("(a)", "(c)")):
+                    statuses.add(proc.returncode)
+                    if proc.stdout or proc.stderr:
+                        noise.append((proc.stdout + proc.stderr).decode(errors="replace").strip())
+                if run >= 2:
+                    times[what].append(ms)
         print(f"python: {sys.executable} ({sys.version.split()[0]}); node state in {root}")
-        print(f"hook decision exit status: {sorted(statuses)} (0 = allowed) over {args.runs} runs")
+        print(f"hook decision exit status: {sorted(statuses)} (0 = allowed) over {2 * (args.runs + 2)} runs")
         if noise:
             print(f"hook output (must be empty): {noise[0]!r}")
-        print(f"(a) hook via shim, prepare begin: median {statistics.median(hook_ms):6.1f} ms   p90 {p90(hook_ms):6.1f} ms")
-        print(f"(b) python -c pass:               median {statistics.median(bare_ms):6.1f} ms   p90 {p90(bare_ms):6.1f} ms")
+        for what, values in times.items():
+            print(f"{what:37} median {statistics.median(values):6.1f} ms   p90 {p90(values):6.1f} ms")
+        hook_ms, bare_ms = times["(a) hook via shim, prepare begin"], times["(b) python -c pass"]
         ratio = statistics.median(hook_ms) / statistics.median(bare_ms)
-        print(f"ratio (a)/(b) of medians: {ratio:.2f}")
+        ratio_no_site = statistics.median(times["(c) python -S -m tvorch.hook (info)"]) / statistics.median(
+            times["(d) python -S -c pass (info)"])
+        print(f"ratio (a)/(b) of medians: {ratio:.2f}   (info: (c)/(d) {ratio_no_site:.2f})")
         checks = {
             f"median < {GOAL_MEDIAN_MS:g} ms": statistics.median(hook_ms) < GOAL_MEDIAN_MS,
             f"ratio < {GOAL_RATIO:g}": ratio < GOAL_RATIO,

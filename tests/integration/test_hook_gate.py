@@ -266,3 +266,19 @@ def test_libvirtd_restart_keeps_the_guest_running(tv: Tv, gated: Gated):
         assert reconnect and reconnect[-1]["verdict"] == "allowed", reconnect
     finally:
         virsh("destroy", gated.name, check=False)
+
+
+def test_save_and_restore_pass_the_gate(tv: Tv, gated: Gated, tmp_path: Path):
+    """A restore goes through the hook too; libvirt's save image forgets the firmware
+    features, and the hook maps the resolved firmware back (see tvorch.core.canonical)."""
+    saved = tmp_path / "saved.img"
+    virsh("start", gated.name)
+    try:
+        virsh("save", gated.name, str(saved))
+        proc = virsh("restore", str(saved), check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert virsh("domstate", gated.name).stdout.strip() == "running"
+        restore = [e for e in tv.json("events", gated.name) if e["operation"] == "restore begin"]
+        assert restore and restore[-1]["verdict"] == "allowed", restore
+    finally:
+        virsh("destroy", gated.name, check=False)
