@@ -54,6 +54,22 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class HostAttestation:
+    """Where the host's evidence comes from, and how fresh a verdict must be."""
+
+    # tpm2-tss TCTI: "device:/dev/tpmrm0" on a node; "swtpm:host=127.0.0.1,port=2321" in tests.
+    tcti: str = "device:/dev/tpmrm0"
+    eventlog: str = "/sys/kernel/security/tpm0/binary_bios_measurements"
+    ima_log: str = "/sys/kernel/security/ima/binary_runtime_measurements"
+    bank: str = "sha256"
+    pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 10)
+    # The reviewed host policy (JSON, written by `tvorch host baseline`).
+    policy: str = "/etc/tvorch/host-policy.json"
+    # Seconds a verdict stays fresh for the hook (policy.host_verdict = "require").
+    verdict_max_age: int = 900
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
 
@@ -79,6 +95,7 @@ class Config:
     log_level: str = "warning"
     launch: LaunchDefaults = field(default_factory=LaunchDefaults)
     policy: Policy = field(default_factory=Policy)
+    host: HostAttestation = field(default_factory=HostAttestation)
     firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
     # Where this config came from, and its bytes (b"" for built-in defaults).
     source: str = field(default="<defaults>", compare=False)
@@ -95,6 +112,7 @@ _CHOICES = {
     "launch.firmware": ("efi", "bios"),
     "launch.tpm_model": ("crb", "tis"),
     "policy.host_verdict": ("ignore", "require"),
+    "host.bank": ("sha1", "sha256", "sha384"),
 }
 _LIST_CHOICES = {
     "policy.require_trusted": ("image", "firmware", "kernel", "initrd", "emulator", "swtpm"),
@@ -148,7 +166,7 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
         return {k: _convert(item_type, v, f"{dotted}.{k}") for k, v in value.items()}
     if get_origin(tp) is tuple:
         (item_type, _) = get_args(tp)
-        if not isinstance(value, list) or any(type(v) is not item_type for v in value):
+        if not isinstance(value, list) or any(type(v) is not item_type or (item_type is int and v < 0) for v in value):
             raise ConfigError(f"config key '{dotted}' must be a list of {_type_name(item_type).split()[-1]}s")
         return tuple(value)
     # bool is a subclass of int: keep them apart so `vcpus = true` is refused.

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -32,6 +33,7 @@ from .config import Config, load_config
 from .core.canonical import AutoSelectedFirmware, config_digest, firmware_features
 from .core.domain_xml import parse_instance_metadata
 from .core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
+from .core.hostverdict import host_problem
 from .core.instance import InstanceRecord
 from .errors import TvorchError
 
@@ -75,9 +77,9 @@ def gather(
             layers.append(LayerEvidence(m["path"], m["digest"], None, str(err)))
     top = layers[-1].path if layers else None
     last = None if running else store.last_ledger_entry(record.id)
-    host_problem = None
+    host = None
     if cfg.policy.host_verdict == "require":
-        host_problem = "no host attestation verdict on this node (policy.host_verdict = \"require\")"
+        host = host_problem(store.latest_host_verdict(), time.time(), cfg.host.verdict_max_age)
     return StartEvidence(
         manifest_in_xml=meta_manifest,
         manifest_stored=hashlib.sha256(body).hexdigest(),
@@ -87,7 +89,7 @@ def gather(
         overlay_problem=overlay_problem(record.overlay, store.overlay_identity(record.id), top),
         vtpm_now=None if running else state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
         vtpm_recorded=last.state_digest if last else None,
-        host_problem=host_problem,
+        host_problem=host,
     )
 
 

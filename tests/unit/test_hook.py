@@ -414,6 +414,16 @@ def test_vtpm_state_removed_after_a_recorded_stop_is_refused(node: Node, capfd: 
     assert status == 1 and line is not None and "vTPM state differs" in line and "no state" in line
 
 
+def test_reconnect_does_not_compare_the_vtpm_state_in_use(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
+    """After a libvirtd restart swtpm is running and writing its state: a difference then is no rollback."""
+    node.write_vtpm(b"state v1")
+    run_guest(node, capfd)
+    node.write_vtpm(b"state v1 as the running guest changed it")
+    assert decide(node, "reconnect", "begin", capfd) == (0, None)
+    last = node.events()[-1]
+    assert (last["operation"], last["verdict"], last["reasons"]) == ("reconnect begin", "allowed", [])
+
+
 def test_release_without_a_run_records_nothing(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
     """A define-then-release (or a start refused before `started`) never ran the guest."""
     node.write_vtpm(b"state v1")

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from ..core.instance import InstanceEvent, InstanceRecord, InstanceState
 from ..core.ledger import LedgerEntry, chain_entry
+from ..core.hostverdict import HostVerdict
 from ..core.references import ReferenceValue
 from ..errors import ConflictError, NotFoundError, StoreError
 from .files import ensure_private_dir
@@ -107,6 +108,18 @@ MIGRATIONS: tuple[str, ...] = (
         prev_hash TEXT NOT NULL,
         entry_hash TEXT NOT NULL,
         PRIMARY KEY (instance_id, seq)
+    );
+    """,
+    """
+    -- Host attestation verdicts; the hook reads the latest.
+    CREATE TABLE host_verdicts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        at_epoch REAL NOT NULL,
+        passed INTEGER NOT NULL,
+        failures TEXT NOT NULL,
+        policy_digest TEXT NOT NULL,
+        quote TEXT NOT NULL
     );
     """,
 )
@@ -409,3 +422,22 @@ class Store:
                  entry.entry_hash),
             )
         return entry
+
+    # -- host verdicts -----------------------------------------------------
+
+    def add_host_verdict(self, verdict: HostVerdict) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO host_verdicts (at, at_epoch, passed, failures, policy_digest, quote) VALUES (?,?,?,?,?,?)",
+                (verdict.at, verdict.at_epoch, int(verdict.passed), json.dumps(list(verdict.failures)),
+                 verdict.policy_digest, verdict.quote_json),
+            )
+
+    def latest_host_verdict(self) -> HostVerdict | None:
+        row = self._db.execute(
+            "SELECT at, at_epoch, passed, failures, policy_digest, quote FROM host_verdicts ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return HostVerdict(row["at"], row["at_epoch"], bool(row["passed"]), tuple(json.loads(row["failures"])),
+                           row["policy_digest"], row["quote"])
