@@ -265,7 +265,7 @@ def main() -> int:
                         noise.append((proc.stdout + proc.stderr).decode(errors="replace").strip())
                 if run >= 2:
                     times[what].append(ms)
-        print(f"python: {sys.executable} ({sys.version.split()[0]}); node state in {root}")
+        print(f"python: {sys.executable} ({sys.version.split()[0]}); node state in {root} (removed at exit unless --keep)")
         print(f"hook decision exit status: {sorted(statuses)} (0 = allowed) over {2 * (args.runs + 2)} runs")
         if noise:
             print(f"hook output (must be empty): {noise[0]!r}")

@@ -17,8 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
-import tempfile
 
 from tvorch.core.images import (
     QCOW2_HEADER_READ,
@@ -207,6 +205,8 @@ def create_overlay(chain: ImageChain, dest: str, timeout: float = QEMU_IMG_TIMEO
         raise ConflictError(f"overlay {dest} already exists")
     directory = os.path.dirname(dest)
     try:
+        import tempfile  # here, not at import: the libvirt hook imports this module
+
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=directory)
     except OSError as err:
         raise ImageError(f"cannot create overlay {dest}: {err.strerror or err}") from None
@@ -243,6 +243,8 @@ def create_overlay(chain: ImageChain, dest: str, timeout: float = QEMU_IMG_TIMEO
 
 
 def _run_qemu_img(args: list[str], tmp: str, dest: str, timeout: float) -> None:
+    import subprocess  # here, not at import: the libvirt hook imports this module
+
     try:
         proc = subprocess.run(
             [QEMU_IMG, *args],

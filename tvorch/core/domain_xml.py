@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 
+from tvorch.core.metadata import (  # noqa: F401  (re-exported: the parser lives with the constants)
+    MANIFEST_DIGEST_PREFIX,
+    METADATA_VERSION,
+    InstanceMetadata,
+    parse_instance_metadata,
+)
 from tvorch.core.spec import (
     METADATA_NAMESPACE,
     METADATA_PREFIX,
@@ -27,23 +31,12 @@ from tvorch.errors import InputError
 
 TEMPLATE_PACKAGE = "tvorch.xml_templates"
 TEMPLATE_NAME = "domain.xml"
-METADATA_VERSION = "1"
-MANIFEST_DIGEST_PREFIX = "sha256:"
 
 # Characters XML 1.0 cannot carry at all, escaped or not (its "Char" production).
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
 # Formats a layer under the overlay may have (what image inspection accepts).
 _LAYER_FORMATS = frozenset({"qcow2", "raw"})
-
-
-@dataclass(frozen=True)
-class InstanceMetadata:
-    """What tvorch recorded in a domain's <metadata>."""
-
-    instance_id: str
-    # sha256 hex of the launch manifest, without the "sha256:" prefix.
-    manifest_digest: str | None
 
 
 def render_domain_xml(spec: DomainSpec) -> str:
@@ -76,33 +69,9 @@ def render_domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def parse_instance_metadata(xml: str) -> InstanceMetadata | None:
-    """Return what tvorch recorded in a domain XML, or None if it is not ours.
-
-    Looks the element up by namespace URI, not prefix: libvirt re-serialises
-    the metadata and may move the namespace declaration or rename the prefix.
-    The libvirt hook calls this on every start, so it stays ElementTree only.
-    Raises ``InputError`` for XML that is not well-formed and for a manifest
-    attribute that is not ``sha256:<64 lowercase hex>``.
-    """
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise InputError(f"domain XML is not well-formed: {err}") from err
-    instance = root.find(f"metadata/{{{METADATA_NAMESPACE}}}instance")
-    if instance is None or not instance.get("id"):
-        return None
-    manifest = instance.get("manifest")
-    digest = None
-    if manifest is not None:
-        digest = manifest.removeprefix(MANIFEST_DIGEST_PREFIX)
-        if not manifest.startswith(MANIFEST_DIGEST_PREFIX) or not _SHA256_HEX.fullmatch(digest):
-            raise InputError(f"domain metadata has a malformed manifest digest: {manifest!r}")
-    return InstanceMetadata(instance_id=instance.get("id", ""), manifest_digest=digest)
-
-
 @lru_cache(maxsize=1)
 def _template() -> str:
+    from importlib import resources  # only when rendering: the hook imports this module
     return resources.files(TEMPLATE_PACKAGE).joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
 
 

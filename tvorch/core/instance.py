@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
 from enum import Enum
 
@@ -69,6 +68,8 @@ class InstanceEvent:
 
 
 def new_instance_id() -> str:
+    import secrets  # not at import time: the hook imports this module and never needs it
+
     return "i-" + secrets.token_hex(6)
 
 

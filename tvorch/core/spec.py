@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-# tvorch's own element in the domain <metadata>; libvirt keeps it verbatim.
-METADATA_NAMESPACE = "https://tvorch.dev/xmlns/instance/1"
-METADATA_PREFIX = "tvorch"
+from .metadata import METADATA_NAMESPACE, METADATA_PREFIX  # noqa: F401  (part of the spec's vocabulary)
 
 
 class Firmware(str, Enum):
