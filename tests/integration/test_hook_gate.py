@@ -282,3 +282,24 @@ def test_save_and_restore_pass_the_gate(tv: Tv, gated: Gated, tmp_path: Path):
         assert restore and restore[-1]["verdict"] == "allowed", restore
     finally:
         virsh("destroy", gated.name, check=False)
+
+
+def test_host_verdict_gates_starts_when_required(tv: Tv, gated: Gated):
+    """With policy.host_verdict = "require", a failing or stale host verdict refuses the start."""
+    from tvorch.adapters.store import Store, utc_now
+    from tvorch.core.hostverdict import HostVerdict
+
+    original = tv.config.read_text()
+    tv.config.write_text(original.replace(
+        "[firmware_profiles.snakeoil]", '[policy]\nhost_verdict = "require"\n[firmware_profiles.snakeoil]'))
+    store = Store(tv.state_dir / "tvorch.db")
+    try:
+        store.add_host_verdict(HostVerdict(utc_now(), time.time(), False, ("PCR 4: quoted 1234",), "0" * 64, "{}"))
+        refused(gated.name, "host attestation failed", "PCR 4: quoted 1234")
+        store.add_host_verdict(HostVerdict(utc_now(), time.time() - 100000, True, (), "0" * 64, "{}"))
+        refused(gated.name, "older than host.verdict_max_age")
+        store.add_host_verdict(HostVerdict(utc_now(), time.time(), True, (), "0" * 64, "{}"))
+        starts_clean(gated.name)
+    finally:
+        store.close()
+        tv.config.write_text(original)

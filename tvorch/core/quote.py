@@ -41,6 +41,7 @@ import binascii
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,9 +49,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
-from tpm2_pytss.types import TPM2B_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss.types import TPM2B_PUBLIC, TPM_OBJECT, TPML_PCR_SELECTION, TPMS_ATTEST, TPMT_SIGNATURE
 
 from tvorch.errors import EvidenceError, TrustError
+
+_T = TypeVar("_T", bound=TPM_OBJECT)
 
 QUOTE_FORMAT_VERSION = 1
 MAX_PCR = 23  # PC Client TPMs have PCRs 0-23
@@ -112,30 +115,26 @@ def parse_attest(attest: bytes) -> TPMS_ATTEST:
     return _unmarshal(TPMS_ATTEST, attest, "quote attest")
 
 
-def quoted_pcrs(info: TPMS_ATTEST) -> dict[str, tuple[int, ...]]:
-    """The PCR selection of a quote: bank name -> ascending PCR indices (empty banks left out)."""
+def selected_pcrs(selection: TPML_PCR_SELECTION) -> dict[str, tuple[int, ...]]:
+    """A PCR selection as bank name -> ascending PCR indices (banks with no PCR left out)."""
     banks: dict[str, tuple[int, ...]] = {}
-    for sel in info.attested.quote.pcrSelect:
+    for sel in selection:
         bitmap = bytes(sel.pcrSelect)[: sel.sizeofSelect]
         pcrs = tuple(i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1)
         if not pcrs:
             continue
         name = _BANK_NAMES.get(sel.hash)
         if name is None:
-            raise TrustError(f"quote selects PCRs in an unknown bank (algorithm 0x{int(sel.hash):x})")
+            raise TrustError(f"PCR selection names an unknown bank (algorithm 0x{int(sel.hash):x})")
         if name in banks:
-            raise TrustError(f"quote selects bank {name} twice")
+            raise TrustError(f"PCR selection names bank {name} twice")
         banks[name] = pcrs
     return banks
 
 
 def signature_hash_name(signature: bytes) -> str:
     """The hash the signature (and so the quote's PCR digest) uses, as a hashlib name."""
-    sig = _unmarshal(TPMT_SIGNATURE, signature, "quote signature")
-    alg = _signature_scheme(sig).hash
-    if alg not in _SIGNATURE_HASHES:
-        raise TrustError(f"quote signature uses hash algorithm 0x{int(alg):x}, not SHA-256/384/512")
-    return _BANK_NAMES[alg]
+    return _signature_hash(_unmarshal(TPMT_SIGNATURE, signature, "quote signature"))
 
 
 def verify_quote(
@@ -161,12 +160,12 @@ def verify_quote(
         raise TrustError("quote attest lacks TPM_GENERATED_VALUE: not produced by a TPM")
     if info.type != TPM2_ST.ATTEST_QUOTE:
         raise TrustError(f"attest is of type 0x{int(info.type):x}, not a quote")
-    hash_name = signature_hash_name(signature)
+    hash_name = _signature_hash(sig)
     _check_signature(key, sig, attest, hash_name)
     if bytes(info.extraData) != nonce:
         raise TrustError("quote nonce does not match the nonce asked for (replayed or stale quote)")
 
-    selected = quoted_pcrs(info)
+    selected = selected_pcrs(info.attested.quote.pcrSelect)
     wanted = tuple(sorted(pcr_values))
     if selected != {bank: wanted}:
         shown = "; ".join(f"{b}:{','.join(map(str, p))}" for b, p in selected.items()) or "nothing"
@@ -226,7 +225,7 @@ def ak_fingerprint(ak_public: bytes) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
-def _unmarshal(cls: type, data: bytes, what: str):  # noqa: ANN202 - returns an instance of cls
+def _unmarshal(cls: type[_T], data: bytes, what: str) -> _T:
     try:
         obj, used = cls.unmarshal(bytes(data))
     except (TSS2_Exception, TypeError, ValueError) as err:
@@ -236,12 +235,16 @@ def _unmarshal(cls: type, data: bytes, what: str):  # noqa: ANN202 - returns an 
     return obj
 
 
-def _signature_scheme(sig: TPMT_SIGNATURE):  # noqa: ANN202 - a TPMS_SIGNATURE_* of the union
+def _signature_hash(sig: TPMT_SIGNATURE) -> str:
     if sig.sigAlg == TPM2_ALG.ECDSA:
-        return sig.signature.ecdsa
-    if sig.sigAlg == TPM2_ALG.RSASSA:
-        return sig.signature.rsassa
-    raise TrustError(f"quote signature scheme 0x{int(sig.sigAlg):x} is not ECDSA or RSASSA")
+        alg = sig.signature.ecdsa.hash
+    elif sig.sigAlg == TPM2_ALG.RSASSA:
+        alg = sig.signature.rsassa.hash
+    else:
+        raise TrustError(f"quote signature scheme 0x{int(sig.sigAlg):x} is not ECDSA or RSASSA")
+    if alg not in _SIGNATURE_HASHES:
+        raise TrustError(f"quote signature uses hash algorithm 0x{int(alg):x}, not SHA-256/384/512")
+    return _BANK_NAMES[alg]
 
 
 def _check_signature(
@@ -303,7 +306,7 @@ class HostQuote:
         if set(obj) != expected:
             missing, unknown = sorted(expected - set(obj)), sorted(set(obj) - expected)
             raise EvidenceError(f"host quote keys wrong: missing {missing}, unknown {unknown}")
-        if obj["version"] != QUOTE_FORMAT_VERSION:
+        if type(obj["version"]) is not int or obj["version"] != QUOTE_FORMAT_VERSION:
             raise EvidenceError(f"host quote version {obj['version']!r} is not {QUOTE_FORMAT_VERSION}")
         bank = _text(obj, "bank")
         size = digest_size(bank)

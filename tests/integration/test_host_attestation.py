@@ -1,0 +1,164 @@
+"""Host attestation end to end: a real swtpm as the host TPM, real logs, the CLI.
+
+The "host" is a swtpm whose PCRs are extended with the events of a UEFI event
+log captured from the test guest under OVMF (tests/data/eventlogs) and with an
+IMA measurement list, in the kernel's binary format, that measures the
+binaries trusted launch relies on with their real digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.tpm_fixtures import running_swtpm
+from tvorch.adapters.tpm import open_tpm
+from tvorch.config import parse_config
+from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log, replay
+from tvorch.core.ima import boot_aggregate_entry, ima_ng_entry, to_binary
+from tvorch.service.host import must_measure
+
+pytestmark = pytest.mark.integration
+
+EVENTLOG = Path(__file__).resolve().parent.parent / "data" / "eventlogs" / "uefi-crb.bin"
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@dataclass
+class Host:
+    root: Path
+    config: Path
+    tcti: str
+    ima_log: Path
+    entries: list
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tvorch.cli", "--config", str(self.config), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def json(self, *args: str) -> dict:
+        proc = self.run(*args, "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def measure(self, entry) -> None:
+        """What the kernel does: append to the list, extend PCR 10."""
+        self.entries.append(entry)
+        self.ima_log.write_bytes(to_binary(self.entries))
+        with open_tpm(self.tcti) as tpm:
+            tpm.extend(10, {"sha256": sha256(entry.template_data)})
+
+
+@pytest.fixture
+def host(tmp_path: Path):
+    with running_swtpm(tmp_path / "tpm") as tcti:
+        config = tmp_path / "tvorch.toml"
+        config.write_text(
+            f'state_dir = "{tmp_path / "state"}"\n[host]\ntcti = "{tcti}"\neventlog = "{EVENTLOG}"\n'
+            f'ima_log = "{tmp_path / "ima.bin"}"\npolicy = "{tmp_path / "host-policy.json"}"\n'
+        )
+        with open_tpm(tcti) as tpm:
+            for event in parse_event_log(EVENTLOG.read_bytes()).events:
+                if event.event_type != EV_NO_ACTION:
+                    tpm.extend(event.pcr, {"sha256": bytes.fromhex(event.digests["sha256"])})
+        node = Host(tmp_path, config, tcti, tmp_path / "ima.bin", [])
+        node.measure(boot_aggregate_entry(b"\x00" * 32))
+        for path in must_measure(parse_config(config.read_bytes())):
+            node.measure(ima_ng_entry(path, sha256(Path(path).read_bytes())))
+        assert node.run("host", "init").returncode == 0
+        yield node
+
+
+def baseline(host: Host) -> dict:
+    assert host.run("host", "baseline", "--out", str(host.root / "host-policy.json")).returncode == 0
+    return json.loads((host.root / "host-policy.json").read_text())
+
+
+def test_init_is_idempotent(host: Host):
+    first, second = host.json("host", "init"), host.json("host", "init")
+    assert first["ak_fingerprint"] == second["ak_fingerprint"]
+    assert oct((host.root / "state" / "host" / "ak.priv").stat().st_mode & 0o777) == "0o600"
+
+
+def test_quote_file_verifies_and_carries_the_logs(host: Host):
+    out = host.root / "quote.json"
+    host.json("host", "quote", "--nonce", "00112233445566778899aabbccddeeff", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["nonce"] == "00112233445566778899aabbccddeeff"
+    assert sorted(map(int, doc["pcrs"])) == [0, 1, 2, 3, 4, 5, 6, 7, 10]
+    assert doc["eventlog"] and doc["ima_log"]
+    expected = replay(parse_event_log(EVENTLOG.read_bytes()), "sha256", range(8))
+    assert {int(i): v for i, v in doc["pcrs"].items() if int(i) < 8} == expected
+
+
+def test_baseline_then_attest_passes(host: Host):
+    policy = baseline(host)
+    assert set(policy["ima"]["required"]) == set(must_measure(parse_config(host.config.read_bytes())))
+    assert policy["pcrs"]["0"] == replay(parse_event_log(EVENTLOG.read_bytes()), "sha256", [0])[0]
+    verdict = host.json("host", "attest")
+    assert verdict["passed"] is True and verdict["failures"] == []
+    status = host.json("host", "status")
+    assert status["passed"] is True and status["age_seconds"] < 60
+
+
+def test_changed_boot_and_unknown_program_are_all_listed(host: Host):
+    baseline(host)
+    with open_tpm(host.tcti) as tpm:
+        tpm.extend(4, {"sha256": sha256(b"a boot loader nobody measured into the log")})
+    host.measure(ima_ng_entry("/opt/evil/miner", sha256(b"evil")))
+    proc = host.run("host", "attest")
+    assert proc.returncode == 12
+    assert proc.stderr.strip().splitlines()[-1].startswith("tvorch: error: host attestation failed")
+    failures = host.json("host", "status")["failures"]
+    text = "\n".join(failures)
+    assert "PCR 4: quoted" in text  # against the policy's reference value
+    assert "PCR 4: event log replays" in text  # the log no longer explains the PCR
+    assert "/opt/evil/miner" in text
+    assert host.json("host", "status")["passed"] is False
+
+
+def test_garbled_logs_are_failures_not_crashes(host: Host):
+    baseline(host)
+    data = host.ima_log.read_bytes()
+    host.ima_log.write_bytes(data[: len(data) - 7])
+    garbled = host.root / "garbled.bin"
+    garbled.write_bytes(EVENTLOG.read_bytes()[:300])
+    host.config.write_text(host.config.read_text().replace(str(EVENTLOG), str(garbled)))
+    proc = host.run("host", "attest")
+    assert proc.returncode == 12, proc.stderr
+    text = "\n".join(host.json("host", "status")["failures"])
+    assert "event log:" in text and "IMA:" in text
+
+
+def test_wrong_nonce_and_missing_policy(host: Host):
+    proc = host.run("host", "attest")
+    assert proc.returncode == 8 and "no host policy" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = host.run("host", "quote", "--nonce", "xyz", "--out", str(host.root / "q.json"))
+    assert proc.returncode == 3 and not (host.root / "q.json").exists()
+
+
+def test_policy_must_require_what_launch_relies_on(host: Host):
+    policy = baseline(host)
+    policy["ima"]["required"] = [p for p in policy["ima"]["required"] if "swtpm" not in p]
+    (host.root / "host-policy.json").write_text(json.dumps(policy))
+    assert host.run("host", "attest").returncode == 12
+    assert any("does not require /usr/bin/swtpm" in f for f in host.json("host", "status")["failures"])
+
+
+def test_attest_without_init(tmp_path: Path):
+    config = tmp_path / "tvorch.toml"
+    config.write_text(f'state_dir = "{tmp_path}/state"\n[host]\npolicy = "{os.devnull}"\n')
+    proc = subprocess.run([sys.executable, "-m", "tvorch.cli", "--config", str(config), "host", "quote",
+                           "--nonce", "00" * 16, "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert proc.returncode == 11 and "tvorch host init" in proc.stderr

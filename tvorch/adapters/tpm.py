@@ -1,0 +1,324 @@
+"""The host TPM through tpm2-pytss's ESAPI: attestation key, quotes, PCRs.
+
+The only module that opens a TPM session. It imports tpm2-pytss (0.1-0.3 s),
+so nothing on the hook's path may import it.
+
+The attestation key (AK) is what tpm2-tools' ``tpm2_createak`` and Keylime
+make: a restricted signing key whose parent is the endorsement key (EK), so it
+can later be bound to the EK by MakeCredential/ActivateCredential. The EK is
+the TCG EK Credential Profile's ECC P-256 primary (``create_ek_template`` also
+honours a template or nonce the manufacturer put in NV, so it matches an EK
+certificate). Creating and loading under the EK needs a PolicySecret session
+on the endorsement hierarchy, whose auth is taken to be empty (the default).
+
+The AK is ECC NIST P-256 with ECDSA-SHA256: the PC Client profile requires
+the curve, so every TPM 2.0 has it; key generation takes milliseconds (RSA
+2048 can take seconds on a discrete TPM); signatures are 64 bytes; and
+``tpm2_checkquote`` takes its PEM.
+
+The AK lives in ``<state_dir>/host/`` as ``ak.pub`` (TPM2B_PUBLIC) and
+``ak.priv`` (TPM2B_PRIVATE, sealed to the EK: useless off this TPM), 0600,
+the same bytes ``tpm2_createak -u/-r`` writes. Each use re-derives the EK
+(primaries are deterministic from their template) and loads the AK under it.
+Not a ContextSave blob: a saved object context is lost at every TPM reset
+(reboot) and with its parent's transient instance. Not EvictControl: that
+needs owner auth, spends scarce NV and competes for persistent handles with
+other agents on the host.
+
+Transient objects and sessions are flushed after every call: without a
+resource manager (swtpm, or ``device:/dev/tpm0``) they would otherwise stay
+in the TPM's few object slots.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_RC, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.types import (
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPML_DIGEST_VALUES,
+    TPML_PCR_SELECTION,
+    TPMT_HA,
+    TPMT_SYM_DEF,
+    TPMU_HA,
+)
+from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
+
+from tvorch.adapters.files import atomic_write, ensure_private_dir
+from tvorch.core.quote import (
+    BANKS,
+    MAX_PCR,
+    ak_fingerprint,
+    ak_name,
+    ak_pem,
+    digest_size,
+    parse_attest,
+    pcr_composite_digest,
+    selected_pcrs,
+    signature_hash_name,
+)
+from tvorch.errors import InputError, TpmError
+
+HOST_DIR = "host"
+AK_PUB = "ak.pub"
+AK_PRIV = "ak.priv"
+_LOCK = ".lock"
+_EK_TYPE = "EK-ECC256"
+_AK_ATTRIBUTES = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+)
+# A PCR may be extended between the Quote and the PCR_Read after it (IMA
+# extends PCR 10 whenever a new file is measured); quote again a few times.
+_QUOTE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class AkInfo:
+    """The host's attestation key: its public parts, and the private blob only this TPM can load."""
+
+    public: bytes  # marshaled TPM2B_PUBLIC
+    pem: bytes  # SubjectPublicKeyInfo PEM
+    name: bytes  # TPM name: nameAlg || H(TPMT_PUBLIC)
+    fingerprint: str  # "sha256:" + hex of the SubjectPublicKeyInfo DER
+    private: bytes = field(repr=False)  # marshaled TPM2B_PRIVATE, wrapped by the EK
+
+
+@dataclass(frozen=True)
+class RawQuote:
+    """A quote as the TPM returned it, with the PCR values read right after it."""
+
+    attest: bytes  # marshaled TPMS_ATTEST (the contents of TPM2B_ATTEST)
+    signature: bytes  # marshaled TPMT_SIGNATURE
+    pcr_values: dict[int, bytes]
+    bank: str
+
+
+def ak_info(public: bytes, private: bytes) -> AkInfo:
+    """AkInfo from the two marshaled blobs, deriving the PEM, name and fingerprint."""
+    return AkInfo(
+        public=public,
+        pem=ak_pem(public),
+        name=ak_name(public),
+        fingerprint=ak_fingerprint(public),
+        private=private,
+    )
+
+
+def read_ak(state_dir: Path) -> AkInfo | None:
+    """The AK kept in STATE_DIR/host, without touching the TPM; None if there is none yet."""
+    host = state_dir / HOST_DIR
+    try:
+        public = (host / AK_PUB).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        private = (host / AK_PRIV).read_bytes()
+    except FileNotFoundError:
+        raise TpmError(f"{host / AK_PUB} exists without {AK_PRIV}: remove it to make a new AK") from None
+    return ak_info(public, private)
+
+
+@contextmanager
+def open_tpm(tcti: str) -> Iterator[Tpm]:
+    """An ESAPI session on the TPM named by TCTI (``device:/dev/tpmrm0``, ``swtpm:host=H,port=N``)."""
+    # tpm2-tss logs every TPM error to stderr itself; tvorch reports them as
+    # one TpmError line instead. An operator's own TSS2_LOG still wins.
+    os.environ.setdefault("TSS2_LOG", "all+none")
+    try:
+        esapi = ESAPI(tcti)
+    except TSS2_Exception as err:
+        raise TpmError(f"cannot open the TPM at {tcti!r}: {err}", err.rc) from None
+    try:
+        yield Tpm(esapi)
+    finally:
+        esapi.close()
+
+
+class Tpm:
+    """One open TPM: make and use the attestation key, read and extend PCRs."""
+
+    def __init__(self, esapi: ESAPI) -> None:
+        self._esapi = esapi
+
+    def create_ak(self, state_dir: Path) -> AkInfo:
+        """The host's AK, made and saved on first use; an existing one is checked to load here."""
+        ensure_private_dir(state_dir)
+        host = state_dir / HOST_DIR
+        ensure_private_dir(host)
+        with _locked(host / _LOCK):
+            existing = read_ak(state_dir)
+            if existing is not None:
+                with self._loaded_ak(existing):  # still this TPM's AK
+                    return existing
+            template = TPM2B_PUBLIC.parse(
+                "ecc256:ecdsa-sha256:null", objectAttributes=_AK_ATTRIBUTES, nameAlg="sha256"
+            )
+            with ExitStack() as stack:
+                ek = self._ek(stack)
+                session = self._endorsement_policy(stack)
+                with _tss("TPM2_Create of the AK"):
+                    private, public, *_ = self._esapi.create(ek, None, template, session1=session)
+            ak = ak_info(public.marshal(), private.marshal())
+            # ak.pub is written last: its presence means the pair is complete.
+            atomic_write(host / AK_PRIV, ak.private)
+            atomic_write(host / AK_PUB, ak.public)
+            return ak
+
+    def quote(self, ak: AkInfo, nonce: bytes, pcrs: Sequence[int], bank: str = "sha256") -> RawQuote:
+        """Quote PCRS of BANK with AK over NONCE, and read those PCRs right after.
+
+        PCR_Read is a second command, so a PCR extended in between makes the
+        values newer than the quote; the quote's digest is what counts (the
+        verifier refuses values that do not hash to it), so quote again until
+        the values match it.
+        """
+        wanted = _pcr_list(pcrs)
+        selection = _selection(wanted, bank)
+        with self._loaded_ak(ak) as handle:
+            for _ in range(_QUOTE_ATTEMPTS):
+                with _tss("TPM2_Quote"):
+                    attest, sig = self._esapi.quote(handle, selection, nonce)
+                raw = RawQuote(bytes(attest), sig.marshal(), self.read_pcrs(wanted, bank), bank)
+                quoted = bytes(parse_attest(raw.attest).attested.quote.pcrDigest)
+                if pcr_composite_digest(raw.pcr_values, signature_hash_name(raw.signature)) == quoted:
+                    return raw
+        raise TpmError(f"{bank} PCRs {wanted} changed between each of {_QUOTE_ATTEMPTS} quotes and the read after it")
+
+    def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
+        """Current values of PCRS in BANK (the TPM returns at most 8 per read: read until all came)."""
+        remaining = _pcr_list(pcrs)
+        values: dict[int, bytes] = {}
+        while remaining:
+            with _tss("TPM2_PCR_Read"):
+                _, read, digests = self._esapi.pcr_read(_selection(remaining, bank))
+            got = selected_pcrs(read).get(bank, ())
+            if not got:
+                raise TpmError(f"the TPM returned no {bank} PCRs for {remaining}: is the {bank} bank allocated?")
+            values.update(zip(got, (bytes(d) for d in digests)))
+            remaining = [i for i in remaining if i not in values]
+        return values
+
+    def extend(self, pcr: int, digest_by_bank: Mapping[str, bytes]) -> None:
+        """Extend PCR with one digest per bank (what a measuring boot component does)."""
+        _pcr_list([pcr])
+        entries = []
+        for bank, digest in digest_by_bank.items():
+            if len(digest) != digest_size(bank):
+                raise InputError(f"a {bank} digest has {digest_size(bank)} bytes, not {len(digest)}")
+            entries.append(TPMT_HA(hashAlg=BANKS[bank], digest=TPMU_HA(**{bank: digest})))
+        with _tss(f"TPM2_PCR_Extend of PCR {pcr}"):
+            self._esapi.pcr_extend(ESYS_TR(ESYS_TR.PCR0 + pcr), TPML_DIGEST_VALUES(entries))
+
+    @contextmanager
+    def _loaded_ak(self, ak: AkInfo) -> Iterator[ESYS_TR]:
+        """AK loaded under a freshly derived EK; both flushed on exit."""
+        with _tss("reading the AK blobs"):
+            public, _ = TPM2B_PUBLIC.unmarshal(ak.public)
+            private, _ = TPM2B_PRIVATE.unmarshal(ak.private)
+        with ExitStack() as stack:
+            ek = self._ek(stack)
+            session = self._endorsement_policy(stack)
+            try:
+                handle = self._esapi.load(ek, private, public, session1=session)
+            except TSS2_Exception as err:
+                if err.error == TPM2_RC.INTEGRITY:  # the blob was not wrapped by this TPM's EK
+                    raise TpmError(
+                        "the AK does not load under this TPM's EK (made on another TPM, or the endorsement "
+                        f"seed changed); remove {HOST_DIR}/{AK_PUB} and {AK_PRIV} in the state directory "
+                        "to make a new one", err.rc,
+                    ) from None
+                raise TpmError(f"TPM2_Load of the AK failed: {err}", err.rc) from None
+            stack.callback(self._flush, handle)
+            yield handle
+
+    def _ek(self, stack: ExitStack) -> ESYS_TR:
+        """The EK, derived anew from its template, flushed when STACK closes."""
+        with _tss("reading the EK template"):
+            _, template = create_ek_template(_EK_TYPE, self._nv_reader())
+        with _tss("TPM2_CreatePrimary of the EK"):
+            ek, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        stack.callback(self._flush, ek)
+        return ek
+
+    def _nv_reader(self) -> Callable[[int], bytes]:
+        """NVReadEK that looks up defined indices first: reading a missing one makes the TSS log errors."""
+        defined: set[int] = set()
+        more = True
+        first = TPM2_HC.NV_INDEX_FIRST
+        while more:
+            with _tss("listing NV indices"):
+                more, data = self._esapi.get_capability(TPM2_CAP.HANDLES, first, 256)
+            handles = [int(h) for h in data.data.handles]
+            defined.update(handles)
+            more = bool(more) and bool(handles)
+            first = max(handles, default=first) + 1
+
+        def read(index: int) -> bytes:
+            if int(index) not in defined:
+                raise NoSuchIndex(index)
+            return NVReadEK(self._esapi)(index)
+
+        return read
+
+    def _endorsement_policy(self, stack: ExitStack) -> ESYS_TR:
+        """A policy session satisfying the EK's policy (PolicySecret on the endorsement hierarchy)."""
+        with _tss("starting the EK policy session"):
+            session = self._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256
+            )
+        stack.callback(self._flush, session)
+        with _tss("TPM2_PolicySecret on the endorsement hierarchy"):
+            self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
+        return session
+
+    def _flush(self, handle: ESYS_TR) -> None:
+        with _tss("TPM2_FlushContext"):
+            self._esapi.flush_context(handle)
+
+
+@contextmanager
+def _tss(what: str) -> Iterator[None]:
+    """Turn a TSS failure into a one-line TpmError that keeps the response code."""
+    try:
+        yield
+    except TSS2_Exception as err:
+        raise TpmError(f"{what} failed: {err}", err.rc) from None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on PATH: a daemon and a CLI must not both make an AK."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _pcr_list(pcrs: Sequence[int]) -> list[int]:
+    wanted = sorted(set(pcrs))
+    if not wanted:
+        raise InputError("no PCRs selected")
+    bad = [i for i in wanted if not 0 <= i <= MAX_PCR]
+    if bad:
+        raise InputError(f"PCR indices out of range 0-{MAX_PCR}: {bad}")
+    return wanted
+
+
+def _selection(pcrs: Sequence[int], bank: str) -> TPML_PCR_SELECTION:
+    digest_size(bank)  # refuses an unknown bank by name
+    return TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}")

@@ -1,0 +1,108 @@
+"""Evidence commands: read a firmware event log, show what it measured, replay it."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import click
+
+from ..core.eventlog import MAX_PCR, EventLog, TcgEvent, parse_event_log, replay
+from ..errors import EvidenceError, InputError
+from .common import emit, json_option
+from .group import cli
+
+# Real firmware logs are tens of KiB; anything far larger is not one, and is not read whole.
+MAX_LOG_BYTES = 16 << 20
+
+
+def read_event_log(path: str) -> EventLog:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_LOG_BYTES + 1)
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(raw) > MAX_LOG_BYTES:
+        raise EvidenceError(f"{path}: more than {MAX_LOG_BYTES >> 20} MiB, not a firmware event log")
+    try:
+        return parse_event_log(raw)
+    except EvidenceError as err:
+        raise EvidenceError(f"{path}: {err}") from None
+
+
+def _bytes(n: int) -> str:
+    return "1 byte" if n == 1 else f"{n} bytes"
+
+
+def _describe(event: TcgEvent) -> str:
+    """One line saying what an event measured, from its decoded fields."""
+    d: Mapping[str, Any] | None = event.decoded  # shape depends on the event type
+    if d is None:
+        return _bytes(len(event.data))
+    if "decode_error" in d:
+        return f"undecodable: {d['decode_error']}"
+    if "algorithms" in d:
+        algs = ", ".join(str(a["name"]) for a in d["algorithms"])
+        return f"{d['signature']}: {algs} (platform class {d['platform_class']}, spec {d['spec_version']})"
+    if "locality" in d:
+        return f"StartupLocality: locality {d['locality']}"
+    if "device_path" in d:
+        return f"{d['device_path']} ({_bytes(d['image_length'])})"
+    if "data_sha256" in d:
+        return f"{d['name']} ({d['guid']}), {_bytes(d['data_length'])}"
+    if "partitions" in d:
+        return f"disk {d['disk_guid']}, {len(d['partitions'])} partition(s)"
+    if "tables" in d:
+        return ", ".join(f"{t['guid']} at 0x{t['address']:x}" for t in d["tables"]) or "no tables"
+    if "tag_id" in d:
+        return f"tag 0x{d['tag_id']:x}: " + (repr(d["text"]) if "text" in d else _bytes(d["data_length"]))
+    if "base" in d:
+        return f"base 0x{d['base']:x}, length 0x{d['length']:x}"
+    if "version" in d:
+        return f"version {d['version']!r}"
+    if "text" in d:
+        return repr(d["text"])
+    if "binary_length" in d:
+        return f"binary, {_bytes(d['binary_length'])}"
+    if "value" in d:
+        return f"0x{d['value']:08x}" if isinstance(d["value"], int) else str(d["value"])
+    return str(d.get("signature", ""))
+
+
+def _table(log: EventLog) -> str:
+    bank = "sha256" if "sha256" in log.spec_algorithms else next(iter(log.spec_algorithms))
+    width = max(len(e.type_name) for e in log.events)
+    lines = [f"{'#':>4}  {'PCR':>3}  {'TYPE':<{width}}  {bank.upper():<12}  DESCRIPTION"]
+    for e in log.events:
+        digest = e.digests.get(bank, "-")[:12]
+        lines.append(f"{e.index:>4}  {e.pcr:>3}  {e.type_name:<{width}}  {digest:<12}  {_describe(e)}")
+    return "\n".join(lines)
+
+
+@cli.group()
+def eventlog() -> None:
+    """UEFI (TCG PC Client) firmware event logs."""
+
+
+@eventlog.command(name="show")
+@click.argument("file")
+@json_option
+def eventlog_show(file: str, as_json: bool) -> None:
+    """Show every event of the firmware event log in FILE.
+
+    On a host or guest the log is /sys/kernel/security/tpm0/binary_bios_measurements.
+    """
+    log = read_event_log(file)
+    emit(as_json, log.to_json(), lambda: _table(log))
+
+
+@eventlog.command(name="replay")
+@click.argument("file")
+@click.option("--bank", default="sha256", show_default=True, help="PCR bank to replay (sha1, sha256, ...).")
+@click.option("--pcr", "pcrs", type=click.IntRange(0, MAX_PCR), multiple=True, metavar="N",
+              help="Only this PCR (repeatable; default: every PCR the log extends).")
+@json_option
+def eventlog_replay(file: str, bank: str, pcrs: tuple[int, ...], as_json: bool) -> None:
+    """Print the PCR values the log in FILE adds up to."""
+    values = replay(read_event_log(file), bank, pcrs or None)
+    emit(as_json, {"bank": bank, "pcrs": {str(pcr): value for pcr, value in values.items()}},
+         lambda: "\n".join([f"PCR  {bank}"] + [f"{pcr:>3}  {value}" for pcr, value in values.items()]))

@@ -1,0 +1,190 @@
+"""Host attestation: quote the host TPM, replay its logs, judge against the host policy.
+
+`init` makes the attestation key once; `quote` gathers evidence for a nonce;
+`attest` quotes with a fresh nonce, verifies, judges and stores the verdict
+the hook reads; `baseline` learns a policy file from the current evidence
+for an operator to review (it is never applied by itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import tvorch
+
+from ..adapters.store import Store, utc_now
+from ..adapters.tpm import AkInfo, open_tpm, read_ak
+from ..config import Config
+from ..core.eventlog import parse_event_log, replay
+from ..core.hostpolicy import (
+    DEFAULT_EXCLUDES,
+    HostEvidence,
+    HostPolicy,
+    judge_host,
+    parse_policy,
+)
+from ..core.hostverdict import HostVerdict
+from ..core.ima import (
+    IMA_PCR,
+    ImaReplay,
+    bad_template_hashes,
+    check_allowlist,
+    exclude_matcher,
+    parse_ima_list,
+    replay_ima,
+    replay_until,
+)
+from ..core.quote import HostQuote
+from ..errors import ConfigError, EvidenceError, HostError, TrustError
+from ..logs import get_logger
+
+log = get_logger(__name__)
+# Evidence files larger than this are refused rather than read into memory.
+MAX_LOG_BYTES = 256 * 1024 * 1024
+
+
+def must_measure(cfg: Config) -> tuple[str, ...]:
+    """The binaries a trusted launch relies on, as IMA names them (real paths)."""
+    return tuple(
+        os.path.realpath(p)
+        for p in (cfg.emulator, cfg.swtpm, "/usr/sbin/libvirtd", sys.executable, tvorch.__file__)
+    )
+
+
+def init(cfg: Config) -> AkInfo:
+    with open_tpm(cfg.host.tcti) as tpm:
+        return tpm.create_ak(Path(cfg.state_dir))
+
+
+def _read_log(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_LOG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise HostError(f"cannot read {path}: {err.strerror}") from None
+    if len(data) > MAX_LOG_BYTES:
+        raise HostError(f"{path} is larger than {MAX_LOG_BYTES} bytes")
+    return data
+
+
+def quote(cfg: Config, nonce: bytes) -> HostQuote:
+    """A quote over the configured PCRs with NONCE, plus the logs it covers."""
+    ak = read_ak(Path(cfg.state_dir))
+    if ak is None:
+        raise HostError("no host attestation key: run `tvorch host init` first")
+    with open_tpm(cfg.host.tcti) as tpm:
+        raw = tpm.quote(ak, nonce, cfg.host.pcrs, cfg.host.bank)
+    return HostQuote(
+        nonce=nonce, bank=raw.bank, pcrs=raw.pcr_values, attest=raw.attest, signature=raw.signature,
+        ak_public=ak.public, ak_pem=ak.pem.decode(),
+        eventlog=_read_log(cfg.host.eventlog), ima_log=_read_log(cfg.host.ima_log),
+    )
+
+
+def evidence(q: HostQuote, nonce: bytes, policy: HostPolicy | None = None) -> HostEvidence:
+    """Verify the quote and replay both logs; every problem becomes part of the evidence."""
+    quoted: dict[int, str] = {}
+    quote_problem = None
+    try:
+        q.verify(nonce)
+        quoted = {i: v.hex() for i, v in q.pcrs.items()}
+    except (TrustError, EvidenceError) as err:
+        quote_problem = str(err)
+    eventlog_pcrs, eventlog_problem = None, None
+    if q.eventlog is None:
+        eventlog_problem = "no UEFI event log on this host"
+    else:
+        try:
+            covered = [i for i in q.pcrs if i != IMA_PCR]
+            eventlog_pcrs = replay(parse_event_log(q.eventlog), q.bank, covered)
+        except EvidenceError as err:
+            eventlog_problem = str(err)
+    ima_pcr, ima_problems = None, []
+    if q.ima_log is None:
+        ima_problems.append("no IMA measurement list on this host")
+    else:
+        try:
+            entries = parse_ima_list(q.ima_log)
+            # IMA appends before it extends: judge only the entries the quote covers.
+            target = q.pcrs.get(IMA_PCR) if quoted else None
+            state = replay_until(entries, target, ImaReplay.initial(q.bank)) if target else None
+            if state is not None:
+                entries, ima_pcr = entries[:state.count], state.pcr_value.hex()
+            else:
+                ima_pcr = replay_ima(entries, q.bank).hex()
+            if policy is None:
+                ima_problems += [f"entry {i}: template hash does not match its data"
+                                 for i in bad_template_hashes(entries)]
+            else:  # the allowlist check reports bad template hashes itself
+                ima_problems += [str(f) for f in check_allowlist(
+                    entries, policy.ima_allowlist, policy.ima_required, (*policy.ima_excludes, "boot_aggregate"))]
+        except EvidenceError as err:
+            ima_problems.append(str(err))
+    return HostEvidence(quoted, quote_problem, eventlog_pcrs, eventlog_problem, ima_pcr, tuple(ima_problems))
+
+
+def load_policy(cfg: Config) -> tuple[HostPolicy, str]:
+    try:
+        data = Path(cfg.host.policy).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"no host policy at {cfg.host.policy}: review one made by `tvorch host baseline`") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read host policy {cfg.host.policy}: {err.strerror}") from None
+    return parse_policy(data, cfg.host.policy), hashlib.sha256(data).hexdigest()
+
+
+def attest(cfg: Config, store: Store) -> HostVerdict:
+    """Quote with a fresh nonce, judge against the host policy, store the verdict."""
+    policy, policy_digest = load_policy(cfg)
+    nonce = os.urandom(32)
+    q = quote(cfg, nonce)
+    failures = judge_host(policy, evidence(q, nonce, policy), must_measure(cfg))
+    verdict = HostVerdict(utc_now(), time.time(), not failures, failures, policy_digest,
+                          _json_text(q.to_json()))
+    store.add_host_verdict(verdict)
+    if failures:
+        log.error("host_attestation_failed", failures=list(failures))
+    return verdict
+
+
+def baseline(cfg: Config) -> HostPolicy:
+    """A policy that the current evidence satisfies, for review. Refused when the
+    evidence does not hold together (a log that does not replay to the quote)."""
+    nonce = os.urandom(32)
+    q = quote(cfg, nonce)
+    found = evidence(q, nonce)
+    problems = [p for p in (found.quote_problem, found.eventlog_problem) if p] + list(found.ima_problems)
+    problems += [f"PCR {i}: the event log does not replay to the quoted value"
+                 for i, v in (found.eventlog_pcrs or {}).items() if found.quoted_pcrs.get(i) != v]
+    if found.ima_pcr is not None and found.quoted_pcrs.get(IMA_PCR) != found.ima_pcr:
+        problems.append("PCR 10: the IMA log does not replay to the quoted value")
+    if problems:
+        raise TrustError("no baseline from inconsistent evidence: " + "; ".join(problems))
+    allowlist: dict[str, set[str]] = {}
+    excluded = exclude_matcher(DEFAULT_EXCLUDES)
+    assert q.ima_log is not None
+    for entry in parse_ima_list(q.ima_log):
+        if entry.path != "boot_aggregate" and not entry.invalidated and not excluded(entry.path):
+            allowlist.setdefault(entry.path, set()).add(entry.file_digest.hex())
+    required = must_measure(cfg)
+    missing = [p for p in required if p not in allowlist]
+    if missing:
+        raise TrustError(f"no baseline: IMA never measured {', '.join(missing)}, which trusted launch relies on")
+    return HostPolicy(
+        bank=q.bank,
+        pcrs={i: v for i, v in found.quoted_pcrs.items() if i != IMA_PCR},
+        ima_allowlist={p: frozenset(d) for p, d in allowlist.items()},
+        ima_required=required,
+        ima_excludes=DEFAULT_EXCLUDES,
+    )
+
+
+def _json_text(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
