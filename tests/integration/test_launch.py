@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -193,3 +194,33 @@ def test_failed_start_rolls_back(tv: Tv, guest_dir: Path):
         assert all(r["name"] != name for r in tv.json("list"))
     finally:
         virsh("net-undefine", net, check=False)
+
+
+def test_guest_event_log_replays_to_its_pcrs(booted_guest: BootedGuest, tmp_path: Path):
+    """The firmware event log the guest read from securityfs replays to the PCRs it read
+    from sysfs, with tvorch's parser and with tpm2-tools' tpm2_eventlog."""
+    from tvorch.core.eventlog import parse_event_log, replay
+
+    report = booted_guest.report
+    ours = replay(parse_event_log(report.eventlog), "sha256")
+    for pcr, value in ours.items():
+        if pcr in report.pcrs:
+            assert report.pcrs[pcr] == value, pcr
+    log = tmp_path / "guest.bin"
+    log.write_bytes(report.eventlog)
+    cli = json.loads(subprocess.run([sys.executable, "-m", "tvorch.cli", "eventlog", "replay", str(log), "--json"],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert {int(k): v for k, v in cli["pcrs"].items()} == ours
+    tools = subprocess.run(["tpm2_eventlog", str(log)], capture_output=True, text=True, check=True).stdout
+    theirs = {}
+    in_sha256 = False
+    for line in tools.splitlines():
+        stripped = line.strip()
+        if stripped == "sha256:":
+            in_sha256 = True
+        elif in_sha256 and stripped.split(":")[0].strip().isdigit():
+            index, value = stripped.split(":")
+            theirs[int(index.strip())] = value.strip().lower().removeprefix("0x")
+        elif in_sha256 and stripped.endswith(":"):
+            in_sha256 = False
+    assert theirs and all(theirs[p] == v for p, v in ours.items()), (theirs, ours)
