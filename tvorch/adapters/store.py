@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -122,6 +123,21 @@ MIGRATIONS: tuple[str, ...] = (
         quote TEXT NOT NULL
     );
     """,
+    """
+    -- A failed launch no longer holds its name: it can be retried by name.
+    DROP INDEX instances_live_name;
+    CREATE UNIQUE INDEX instances_live_name ON instances(name) WHERE state NOT IN ('destroyed', 'failed');
+    -- The daemon's heartbeat, one row, for `tvorch status`.
+    CREATE TABLE daemon_status (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        heartbeat_at TEXT NOT NULL,
+        heartbeat_epoch REAL NOT NULL,
+        connected INTEGER NOT NULL,
+        detail TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -181,11 +197,16 @@ class Store:
             raise StoreError(f"state database {self.path} is busy: {err}") from None
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except BaseException as err:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.IntegrityError):
+                raise  # callers turn these into their own refusals (a taken name)
+            if isinstance(err, sqlite3.Error):
+                # A full disk, an I/O error: the transaction is rolled back, nothing half-written.
+                raise StoreError(f"state database {self.path}: {err}; nothing was changed") from None
+            raise
 
     def _migrate(self) -> None:
         version = self.schema_version()
@@ -278,9 +299,10 @@ class Store:
         return row[0] if row else None
 
     def find_live(self, name: str) -> InstanceRecord | None:
-        """The instance of that name that has not been destroyed, if any."""
+        """The newest instance of that name that has not been destroyed (a failed one included)."""
         row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM instances WHERE name = ? AND state != 'destroyed'", (name,)
+            f"SELECT {_COLUMNS} FROM instances WHERE name = ? AND state != 'destroyed' "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1", (name,)
         ).fetchone()
         return _row_to_record(row) if row else None
 
@@ -441,3 +463,25 @@ class Store:
             return None
         return HostVerdict(row["at"], row["at_epoch"], bool(row["passed"]), tuple(json.loads(row["failures"])),
                            row["policy_digest"], row["quote"])
+
+    # -- daemon heartbeat --------------------------------------------------
+
+    def daemon_heartbeat(self, pid: int, started_at: str, connected: bool, detail: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO daemon_status (id, pid, started_at, heartbeat_at, heartbeat_epoch, connected, "
+                "detail) VALUES (1,?,?,?,?,?,?)",
+                (pid, started_at, utc_now(), time.time(), int(connected), detail),
+            )
+
+    def daemon_status(self) -> dict[str, object] | None:
+        row = self._db.execute(
+            "SELECT pid, started_at, heartbeat_at, heartbeat_epoch, connected, detail FROM daemon_status"
+        ).fetchone()
+        return dict(row) if row else None
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, COUNT(*) FROM instances WHERE state != 'destroyed' GROUP BY state"
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}

@@ -31,7 +31,7 @@ from ..core.manifest import manifest_digest
 from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
 from ..errors import ConflictError, HostError, InputError, TrustError, TvorchError
 from ..logs import get_logger
-from .instances import Node
+from .instances import Node, destroy
 from .manifests import issue_manifest
 from .measure import judge, measure_launch
 
@@ -118,7 +118,8 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         raise HostError(f"emulator {cfg.emulator} is not an executable file (config key 'emulator')")
 
     hv = node.hypervisor
-    if node.store.find_live(name) is not None or hv.domain_exists(name):
+    previous = node.store.find_live(name)
+    if (previous is not None and previous.state is not InstanceState.FAILED) or hv.domain_exists(name):
         raise ConflictError(f"an instance or libvirt domain named '{name}' already exists")
     if req.network is not None and not hv.network_exists(req.network):
         raise InputError(f"refused --network {req.network}: libvirt has no such network")
@@ -158,6 +159,8 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         console_log=spec.console_log, state=InstanceState.LAUNCHING, virt_type=virt_type.value, domain_xml=xml,
         created_at=now, updated_at=now,
     )
+    if previous is not None:  # a failed launch of that name: clear what is left of it
+        destroy(node, name, purge_vtpm=False)
     node.store.create_instance(record)
     node.store.save_manifest(instance_id, spec.manifest_digest, manifest)
     for m in measured.measurements:
