@@ -70,6 +70,17 @@ class HostAttestation:
 
 
 @dataclass(frozen=True)
+class Serve:
+    """`tvorch serve`: how often it attests the host and reports that it lives."""
+
+    # Seconds between host attestations (0: never); keep it below host.verdict_max_age.
+    attest_interval: int = 300
+    heartbeat_interval: int = 5
+    # Longest wait between attempts to reach libvirtd again.
+    reconnect_max_wait: int = 30
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
 
@@ -96,6 +107,7 @@ class Config:
     launch: LaunchDefaults = field(default_factory=LaunchDefaults)
     policy: Policy = field(default_factory=Policy)
     host: HostAttestation = field(default_factory=HostAttestation)
+    serve: Serve = field(default_factory=Serve)
     firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
     # Where this config came from, and its bytes (b"" for built-in defaults).
     source: str = field(default="<defaults>", compare=False)

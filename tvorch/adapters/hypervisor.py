@@ -7,11 +7,14 @@ libvirt error becomes a one-line ``LibvirtError``.
 from __future__ import annotations
 
 import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import libvirt
 
 from ..core.instance import InstanceState
+from ..core.metadata import METADATA_NAMESPACE
 from ..errors import LibvirtError, NotFoundError, OperationTimeout
 from ..logs import get_logger
 from .retry import libvirt_retry
@@ -31,12 +34,32 @@ _STATES = {
 }
 
 
+@dataclass(frozen=True)
+class DomainInfo:
+    """One libvirt domain as reconciliation sees it."""
+
+    name: str
+    uuid: str
+    state: InstanceState
+    instance_id: str | None  # from tvorch's <metadata>; None: tvorch did not launch it
+
+
 def _message(err: libvirt.libvirtError) -> str:
     return err.get_error_message() or str(err)
 
 
 def _silence_default_handler(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we report our own line."""
+
+
+def _instance_id(element: str | None) -> str | None:
+    """The id in tvorch's metadata element as libvirt returns it; None if absent or unreadable."""
+    if element is None:
+        return None
+    try:
+        return ET.fromstring(element).get("id") or None
+    except ET.ParseError:
+        return None
 
 
 class Hypervisor:
@@ -84,6 +107,25 @@ class Hypervisor:
         except NotFoundError:
             return None
         return self._call(f"read the UUID of '{name}'", dom.UUIDString)
+
+    def domains(self) -> list[DomainInfo]:
+        """Every domain, running or not: one call for all states, one per domain for tvorch's metadata."""
+        stats = self._call("list domains", lambda: self._conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE))
+        found = []
+        for dom, values in stats:
+            try:
+                element = libvirt_retry(dom.metadata)(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NAMESPACE, 0)
+            except libvirt.libvirtError as err:
+                code = err.get_error_code()
+                if code == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined since the listing
+                if code != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    what = f"read the metadata of '{dom.name()}'"
+                    raise LibvirtError(f"libvirt refused to {what}: {_message(err)}") from None
+                element = None
+            state = _STATES.get(values.get("state.state", libvirt.VIR_DOMAIN_NOSTATE), InstanceState.RUNNING)
+            found.append(DomainInfo(dom.name(), dom.UUIDString(), state, _instance_id(element)))
+        return found
 
     def network_exists(self, name: str) -> bool:
         try:

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from ..core.instance import InstanceEvent, InstanceRecord, InstanceState
 from ..core.ledger import LedgerEntry, chain_entry
-from ..core.hostverdict import HostVerdict
+from ..core.hostverdict import DaemonStatus, HostVerdict
 from ..core.references import ReferenceValue
 from ..errors import ConflictError, NotFoundError, StoreError
 from .files import ensure_private_dir
@@ -286,6 +286,13 @@ class Store:
             (instance_id, utc_now(), kind, detail),
         )
 
+    def by_uuid(self, uuid: str) -> InstanceRecord | None:
+        """The live (not destroyed) instance whose libvirt domain has UUID."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM instances WHERE uuid = ? AND state != 'destroyed'", (uuid,)
+        ).fetchone()
+        return _row_to_record(row) if row else None
+
     def by_id(self, instance_id: str) -> InstanceRecord | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE id = ?", (instance_id,)).fetchone()
         return _row_to_record(row) if row else None
@@ -474,11 +481,11 @@ class Store:
                 (pid, started_at, utc_now(), time.time(), int(connected), detail),
             )
 
-    def daemon_status(self) -> dict[str, object] | None:
+    def daemon_status(self) -> DaemonStatus | None:
         row = self._db.execute(
             "SELECT pid, started_at, heartbeat_at, heartbeat_epoch, connected, detail FROM daemon_status"
         ).fetchone()
-        return dict(row) if row else None
+        return DaemonStatus(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute(

@@ -1,16 +1,21 @@
-"""What every command module shares: the context, `--json`, output."""
+"""What every command module shares: the context, `--json`, output.
+
+Nothing heavy is imported here: every command module imports this one, and
+`tvorch launch` is on a cloud controller's critical path. The node (libvirt,
+the store, structlog) is imported when a command first asks for it.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from ..config import load_config
 from ..errors import InputError
-from ..logs import configure_logging
-from ..service.instances import Node
+
+if TYPE_CHECKING:
+    from ..service.instances import Node
 
 class Context:
     def __init__(self, config_path: str | None, debug: bool, verbose: bool) -> None:
@@ -22,6 +27,10 @@ class Context:
     @property
     def node(self) -> Node:
         if self._node is None:
+            from ..config import load_config
+            from ..logs import configure_logging
+            from ..service.instances import Node
+
             cfg = load_config(self.config_path)
             if not (self.debug or self.verbose):
                 configure_logging(cfg.log_level)  # the group set flag-derived logging already

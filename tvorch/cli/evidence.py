@@ -1,21 +1,31 @@
-"""Evidence commands: read a firmware event log, show what it measured, replay it."""
+"""Evidence commands: read a firmware event log, show what it measured, replay it.
+
+The parser (tvorch.core.eventlog, ~5 ms to import) is imported by the commands
+that use it, so that loading the CLI for another command (`launch`) does not.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import click
 
-from ..core.eventlog import MAX_PCR, EventLog, TcgEvent, parse_event_log, replay
 from ..errors import EvidenceError, InputError
 from .common import emit, json_option
 from .group import cli
 
+if TYPE_CHECKING:
+    from ..core.eventlog import EventLog, TcgEvent
+
 # Real firmware logs are tens of KiB; anything far larger is not one, and is not read whole.
 MAX_LOG_BYTES = 16 << 20
+# tvorch.core.eventlog.MAX_PCR, written out so that `--pcr`'s range needs no parser import.
+MAX_PCR = 31
 
 
 def read_event_log(path: str) -> EventLog:
+    from ..core.eventlog import parse_event_log
+
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_LOG_BYTES + 1)
@@ -103,6 +113,8 @@ def eventlog_show(file: str, as_json: bool) -> None:
 @json_option
 def eventlog_replay(file: str, bank: str, pcrs: tuple[int, ...], as_json: bool) -> None:
     """Print the PCR values the log in FILE adds up to."""
+    from ..core.eventlog import replay
+
     values = replay(read_event_log(file), bank, pcrs or None)
     emit(as_json, {"bank": bank, "pcrs": {str(pcr): value for pcr, value in values.items()}},
          lambda: "\n".join([f"PCR  {bank}"] + [f"{pcr:>3}  {value}" for pcr, value in values.items()]))

@@ -1,4 +1,8 @@
-"""The libvirt hook and its records: install-hook, uninstall-hook, hook, events, vtpm."""
+"""The libvirt hook and its records: install-hook, uninstall-hook, hook, events, vtpm.
+
+What only one command needs is imported inside it, so that loading the CLI
+for another command (`launch`) does not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ from pathlib import Path
 
 import click
 
-from ..core.ledger import broken_link
-from ..service import hook_install
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
 
@@ -17,6 +19,8 @@ from .group import cli
 @json_option
 def install_hook(hooks_dir: str, hook_config: str | None, as_json: bool) -> None:
     """Install tvorch's qemu hook (a qemu.d/ drop-in if another hook is there)."""
+    from ..service import hook_install
+
     done = hook_install.install(Path(hooks_dir), hook_config)
     note = "restart libvirtd for the new hook to take effect" if done.created else "updated in place"
     emit(as_json, {"path": done.path, "created": done.created, "restart_libvirtd": done.created},
@@ -28,6 +32,8 @@ def install_hook(hooks_dir: str, hook_config: str | None, as_json: bool) -> None
 @json_option
 def uninstall_hook(hooks_dir: str, as_json: bool) -> None:
     """Remove tvorch's qemu hook (never anyone else's)."""
+    from ..service import hook_install
+
     removed = hook_install.uninstall(Path(hooks_dir))
     emit(as_json, {"removed": removed}, "removed " + ", ".join(removed) if removed else "no tvorch hook installed")
 
@@ -36,7 +42,7 @@ def uninstall_hook(hooks_dir: str, as_json: bool) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def hook(args: tuple[str, ...]) -> None:
     """libvirt's qemu hook: NAME OPERATION SUB-OPERATION EXTRA, domain XML on stdin."""
-    from . import hook as hook_entry
+    from .. import hook as hook_entry  # tvorch.hook, the lean entry point libvirtd's shim runs
 
     raise SystemExit(hook_entry.main(list(args)))
 
@@ -65,6 +71,8 @@ def vtpm() -> None:
 @pass_ctx
 def vtpm_ledger(ctx: Context, name: str, as_json: bool) -> None:
     """The hash-chained ledger of NAME's vTPM state digests, and whether the chain holds."""
+    from ..core.ledger import broken_link
+
     record = ctx.node.store.get_live(name)
     entries = ctx.node.store.ledger(record.id)
     broken = broken_link(entries)

@@ -1,4 +1,9 @@
-"""Host attestation commands: `tvorch host init|quote|attest|baseline|status`."""
+"""Host attestation commands: `tvorch host init|quote|attest|baseline|status`.
+
+tvorch.service.host pulls in tpm2_pytss (0.02-0.3 s to import): each command
+that needs it imports it itself, so no other command (`launch` above all)
+pays for it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ import time
 
 import click
 
-from ..core.hostpolicy import policy_to_json
 from ..errors import InputError, TrustError
-from ..service import host as host_service
 from .common import Context, emit, json_option, pass_ctx, write_output
 from .group import cli
 
@@ -24,6 +27,8 @@ def host() -> None:
 @pass_ctx
 def host_init(ctx: Context, as_json: bool) -> None:
     """Create the host attestation key (once; later calls show it)."""
+    from ..service import host as host_service
+
     ak = host_service.init(ctx.node.cfg)
     emit(as_json, {"ak_fingerprint": ak.fingerprint, "ak_pem": ak.pem.decode()},
          f"host attestation key {ak.fingerprint}")
@@ -42,6 +47,8 @@ def host_quote(ctx: Context, nonce: str, out: str, as_json: bool) -> None:
         raise InputError(f"refused --nonce {nonce!r}: not hex") from None
     if not 8 <= len(raw_nonce) <= 64:
         raise InputError(f"refused --nonce: {len(raw_nonce)} bytes, expected 8 to 64")
+    from ..service import host as host_service
+
     q = host_service.quote(ctx.node.cfg, raw_nonce)
     write_output(out, (json.dumps(q.to_json(), indent=2, sort_keys=True) + "\n").encode())
     emit(as_json, {"out": out, "pcrs": sorted(q.pcrs), "bank": q.bank}, f"wrote quote over PCRs "
@@ -53,6 +60,8 @@ def host_quote(ctx: Context, nonce: str, out: str, as_json: bool) -> None:
 @pass_ctx
 def host_attest(ctx: Context, as_json: bool) -> None:
     """Quote with a fresh nonce, judge against the host policy, store the verdict (exit 12 if it fails)."""
+    from ..service import host as host_service
+
     verdict = host_service.attest(ctx.node.cfg, ctx.node.store)
     emit(as_json, verdict.to_json(time.time()), lambda: "host attestation passed" if verdict.passed else
          "host attestation FAILED:\n" + "\n".join(f"  - {f}" for f in verdict.failures))
@@ -66,6 +75,9 @@ def host_attest(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def host_baseline(ctx: Context, out: str | None, as_json: bool) -> None:
     """Learn a host policy from the current evidence, for review (not applied)."""
+    from ..core.hostpolicy import policy_to_json
+    from ..service import host as host_service
+
     data = policy_to_json(host_service.baseline(ctx.node.cfg))
     if out:
         write_output(out, data)

@@ -1,14 +1,22 @@
-"""Instance lifecycle commands: launch, list, show, start, stop, destroy."""
+"""Instance lifecycle commands: launch, list, show, start, stop, destroy.
+
+The services (libvirt, the store, manifest signing) are imported inside each
+command: every CLI call loads this module, and `tvorch launch` is on a cloud
+controller's critical path, so loading the CLI must not cost more than the
+command itself needs.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from ..core.instance import InstanceRecord
-from ..service import instances
-from ..service.launch import LaunchRequest, launch as launch_instance
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
+
+if TYPE_CHECKING:
+    from ..core.instance import InstanceRecord
 
 def _record_text(r: InstanceRecord) -> str:
     lines = [
@@ -50,6 +58,8 @@ def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int |
            initrd: str | None, cmdline: str | None, network: str | None, rehash: bool, allow_untrusted_image: bool,
            as_json: bool) -> None:
     """Measure IMAGE, check it is trusted, sign a manifest, then define and start it with a vTPM."""
+    from ..service.launch import LaunchRequest, launch as launch_instance
+
     req = LaunchRequest(
         image=image, name=name, memory_mib=memory, vcpus=vcpus, firmware=firmware, secure_boot=secure_boot,
         firmware_profile=firmware_profile, tpm_model=tpm_model, kernel=kernel, initrd=initrd, cmdline=cmdline,
@@ -70,6 +80,8 @@ def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int |
 @pass_ctx
 def list_(ctx: Context, as_json: bool) -> None:
     """List instances and their current state."""
+    from ..service import instances
+
     records = instances.list_instances(ctx.node)
 
     def table() -> str:
@@ -87,6 +99,8 @@ def list_(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def show(ctx: Context, name: str, as_json: bool) -> None:
     """Show one instance, with its history."""
+    from ..service import instances
+
     record = instances.show(ctx.node, name)
     events = ctx.node.store.events(record.id)
     emit(as_json, {**record.to_json(), "events": [e.to_json() for e in events]},
@@ -100,6 +114,8 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
 @pass_ctx
 def start(ctx: Context, name: str, as_json: bool) -> None:
     """Start a stopped instance."""
+    from ..service import instances
+
     record, changed = instances.start(ctx.node, name)
     emit(as_json, {**record.to_json(), "changed": changed},
          f"started {name}" if changed else f"{name} is already running")
@@ -113,6 +129,8 @@ def start(ctx: Context, name: str, as_json: bool) -> None:
 @pass_ctx
 def stop(ctx: Context, name: str, force: bool, timeout: float | None, as_json: bool) -> None:
     """Shut an instance down (graceful, or --force)."""
+    from ..service import instances
+
     record, changed = instances.stop(ctx.node, name, force, timeout)
     emit(as_json, {**record.to_json(), "changed": changed},
          f"stopped {name}" if changed else f"{name} is already stopped")
@@ -125,6 +143,19 @@ def stop(ctx: Context, name: str, force: bool, timeout: float | None, as_json: b
 @pass_ctx
 def destroy(ctx: Context, name: str, purge_vtpm: bool, as_json: bool) -> None:
     """Power off and remove an instance; its vTPM state is kept unless --purge-vtpm."""
+    from ..service import instances
+
     record = instances.destroy(ctx.node, name, purge_vtpm)
     emit(as_json, {**record.to_json(), "vtpm_purged": purge_vtpm},
          f"destroyed {name}; vTPM state " + ("purged" if purge_vtpm else "kept"))
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def reconcile(ctx: Context, as_json: bool) -> None:
+    """Make the store and libvirt agree: settle interrupted launches, remove orphan overlays."""
+    from ..service.reconcile import reconcile as reconcile_node
+
+    lines = reconcile_node(ctx.node)
+    emit(as_json, lines, lambda: "\n".join(lines) or "nothing to reconcile")

@@ -1,17 +1,22 @@
-"""Trust commands: image and reference values, launch manifests, the node CA."""
+"""Trust commands: image and reference values, launch manifests, the node CA.
+
+cryptography and the services are imported inside the commands that use
+them, so that loading the CLI for another command (`launch`) does not pay
+for image-signature checking and the like.
+"""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
-from cryptography.hazmat.primitives import hashes
 
-from ..core.manifest import manifest_digest
-from ..core.references import ReferenceValue
-from ..service import manifests, trust
 from .common import Context, emit, json_option, pass_ctx, write_output
 from .group import cli
+
+if TYPE_CHECKING:
+    from ..core.references import ReferenceValue
 
 def _ref_table(refs: list[ReferenceValue]) -> str:
     if not refs:
@@ -36,6 +41,8 @@ def image() -> None:
 def image_trust(ctx: Context, path: str, label: str | None, signature: str | None, cert: str | None,
                 rehash: bool, as_json: bool) -> None:
     """Trust every layer of the image at PATH."""
+    from ..service import trust
+
     done = trust.trust_image(ctx.node, path, label, signature, cert, rehash)
     emit(as_json, [t.to_json() for t in done], lambda: "\n".join(
         f"{'trusted' if t.added else 'already trusted'} {t.reference.digest}  {t.reference.path}" for t in done))
@@ -56,6 +63,8 @@ def image_list(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def image_untrust(ctx: Context, digest_or_path: str, as_json: bool) -> None:
     """Stop trusting an image digest (give the hex digest or the file)."""
+    from ..service import trust
+
     ref = trust.remove_reference(ctx.node, "image", digest_or_path)
     emit(as_json, ref.to_json(), f"no longer trusted: {ref.digest}  {ref.label}")
 
@@ -74,6 +83,8 @@ def reference() -> None:
 @pass_ctx
 def reference_add(ctx: Context, kind: str, path: str, label: str | None, rehash: bool, as_json: bool) -> None:
     """Trust the file at PATH as a KIND reference value."""
+    from ..service import trust
+
     done = trust.add_reference(ctx.node, kind, path, label, rehash)
     emit(as_json, done.to_json(),
          f"{'trusted' if done.added else 'already trusted'} {kind} {done.reference.digest}  {done.reference.path}")
@@ -96,6 +107,8 @@ def reference_list(ctx: Context, kind: str | None, as_json: bool) -> None:
 @pass_ctx
 def reference_remove(ctx: Context, kind: str, digest_or_path: str, as_json: bool) -> None:
     """Stop trusting a reference value."""
+    from ..service import trust
+
     ref = trust.remove_reference(ctx.node, kind, digest_or_path)
     emit(as_json, ref.to_json(), f"no longer trusted: {kind} {ref.digest}")
 
@@ -115,6 +128,9 @@ def manifest() -> None:
 @pass_ctx
 def manifest_show(ctx: Context, name: str, out: str | None, as_json: bool) -> None:
     """Show the launch manifest of instance NAME."""
+    from ..core.manifest import manifest_digest
+    from ..service import manifests
+
     body = manifests.manifest_of(ctx.node, name)
     if out:
         write_output(out, body)
@@ -134,6 +150,8 @@ def manifest_show(ctx: Context, name: str, out: str | None, as_json: bool) -> No
 @json_option
 def manifest_verify(file: str, ca_path: str, as_json: bool) -> None:
     """Verify a manifest FILE with nothing but the node CA certificate."""
+    from ..service import manifests
+
     m = manifests.verify_file(file, ca_path)
     emit(as_json, {"valid": True, "instance_id": m.instance_id, "name": m.name, "node": m.node,
                    "config_digest": m.config_digest, "measurements": len(m.measurements)},
@@ -151,6 +169,10 @@ def ca() -> None:
 @pass_ctx
 def ca_show(ctx: Context, pem: bool, as_json: bool) -> None:
     """Show the node CA certificate."""
+    from cryptography.hazmat.primitives import hashes
+
+    from ..service import manifests
+
     identity = manifests.node_identity(ctx.node.cfg)
     cert = identity.ca_cert
     fingerprint = cert.fingerprint(hashes.SHA256()).hex()

@@ -1,4 +1,4 @@
-"""A host attestation verdict, as stored and as the hook judges it."""
+"""What `tvorch status` reports: the host verdict (also judged by the hook) and the daemon's heartbeat."""
 
 from __future__ import annotations
 
@@ -32,3 +32,24 @@ def host_problem(verdict: HostVerdict | None, now_epoch: float, max_age: int) ->
     if age > max_age:
         return f"host verdict is {age:.0f} s old, older than host.verdict_max_age ({max_age} s)"
     return None
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    heartbeat_epoch: float
+    connected: bool
+    detail: str
+
+    def healthy(self, now_epoch: float, heartbeat_interval: int, alive: bool) -> bool:
+        """Alive, connected to libvirt, and its heartbeat no older than three intervals."""
+        return alive and self.connected and now_epoch - self.heartbeat_epoch < 3 * heartbeat_interval
+
+    def to_json(self, now_epoch: float, healthy: bool) -> dict[str, object]:
+        return {
+            "pid": self.pid, "started_at": self.started_at, "heartbeat_at": self.heartbeat_at,
+            "heartbeat_age_seconds": round(now_epoch - self.heartbeat_epoch, 1), "connected": self.connected,
+            "detail": self.detail, "healthy": healthy,
+        }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..adapters import imagefiles
 from ..adapters.hypervisor import Hypervisor
+from ..adapters.locks import instance_lock
 from ..adapters.store import Store
 from ..config import Config
 from ..core.instance import InstanceRecord, InstanceState
@@ -41,6 +42,12 @@ class Node:
         if self._hv is None:
             self._hv = Hypervisor(self.cfg.libvirt_uri)
         return self._hv
+
+    def reset_hypervisor(self) -> None:
+        """Drop the libvirt connection (libvirtd restarted); the next use opens a new one."""
+        if self._hv is not None:
+            self._hv.close()
+            self._hv = None
 
     def close(self) -> None:
         if self._hv is not None:
@@ -74,7 +81,11 @@ def refresh(node: Node, record: InstanceRecord) -> InstanceRecord:
 
 
 def list_instances(node: Node) -> list[InstanceRecord]:
-    return [refresh(node, r) for r in node.store.list_instances()]
+    """Every instance not destroyed, after reconciling the store with libvirt."""
+    from .reconcile import reconcile  # reconcile builds on this module
+
+    reconcile(node)
+    return node.store.list_instances()
 
 
 def show(node: Node, name: str) -> InstanceRecord:
@@ -90,33 +101,41 @@ def _require_domain(node: Node, name: str) -> InstanceRecord:
 
 def start(node: Node, name: str) -> tuple[InstanceRecord, bool]:
     """Start a stopped instance; (record, False) when it was already running."""
-    record = _require_domain(node, name)
-    if record.state is InstanceState.RUNNING:
-        return record, False
-    node.hypervisor.start(name)
-    return node.store.update_instance(record.id, state=InstanceState.RUNNING, event=("started", "tvorch start")), True
+    with instance_lock(Path(node.cfg.state_dir), name):
+        record = _require_domain(node, name)
+        if record.state is InstanceState.RUNNING:
+            return record, False
+        node.hypervisor.start(name)
+        return node.store.update_instance(record.id, state=InstanceState.RUNNING,
+                                          event=("started", "tvorch start")), True
 
 
 def stop(node: Node, name: str, force: bool, timeout: float | None) -> tuple[InstanceRecord, bool]:
     """Graceful shutdown within TIMEOUT, or power off at once with FORCE."""
-    record = _require_domain(node, name)
-    if record.state is InstanceState.STOPPED:
-        return record, False
-    if force:
-        node.hypervisor.power_off(name)
-    else:
-        node.hypervisor.shutdown(name, float(node.cfg.stop_timeout if timeout is None else timeout))
-    how = "powered off (--force)" if force else "shut down by the guest"
-    return node.store.update_instance(record.id, state=InstanceState.STOPPED, event=("stopped", how)), True
+    with instance_lock(Path(node.cfg.state_dir), name):
+        record = _require_domain(node, name)
+        if record.state is InstanceState.STOPPED:
+            return record, False
+        if force:
+            node.hypervisor.power_off(name)
+        else:
+            node.hypervisor.shutdown(name, float(node.cfg.stop_timeout if timeout is None else timeout))
+        how = "powered off (--force)" if force else "shut down by the guest"
+        return node.store.update_instance(record.id, state=InstanceState.STOPPED, event=("stopped", how)), True
 
 
 def destroy(node: Node, name: str, purge_vtpm: bool) -> InstanceRecord:
     """Power off, undefine (keeping vTPM state unless PURGE_VTPM), remove the overlay."""
-    record = node.store.get_live(name)
+    with instance_lock(Path(node.cfg.state_dir), name):
+        return remove_instance(node, node.store.get_live(name), purge_vtpm)
+
+
+def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> InstanceRecord:
+    """What destroy does, for a caller that holds the name's lock already (launch clearing a failed one)."""
     hv = node.hypervisor
     if _owns_domain(node, record):
-        hv.power_off(name)
-        hv.undefine(name, purge_tpm=purge_vtpm)
+        hv.power_off(record.name)
+        hv.undefine(record.name, purge_tpm=purge_vtpm)
     elif purge_vtpm:
         # The domain is gone already; its vTPM state may not be.
         shutil.rmtree(Path(node.cfg.swtpm_state_dir) / record.uuid, ignore_errors=True)

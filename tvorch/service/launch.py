@@ -3,7 +3,9 @@
 Nothing is written before every check has passed: the inputs, the image's
 backing chain, the name, the host, and the measurements against the reference
 values. Then the record, the signed manifest, the overlay, the domain; a
-failure after that point undoes what was created and records why.
+failure after that point undoes what was created and records why. The name's
+lock is held from the name check to the end, so a launcher killed half-way
+is recognised and its launch settled by `reconcile`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from ..adapters import imagefiles
 from ..adapters.files import ensure_private_dir
 from ..adapters.hostcaps import is_executable, probe_kvm
+from ..adapters.locks import instance_lock
 from ..adapters.store import utc_now
 from ..config import Config
 from ..core.domain_xml import render_domain_xml
@@ -30,10 +33,12 @@ from ..core.instance import (
 from ..core.manifest import manifest_digest
 from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
 from ..errors import ConflictError, HostError, InputError, TrustError, TvorchError
+from ..faults import crash_point
 from ..logs import get_logger
-from .instances import Node, destroy
+from .instances import Node, remove_instance
 from .manifests import issue_manifest
 from .measure import judge, measure_launch
+from .reconcile import reconcile
 
 log = get_logger(__name__)
 
@@ -118,77 +123,86 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         raise HostError(f"emulator {cfg.emulator} is not an executable file (config key 'emulator')")
 
     hv = node.hypervisor
-    previous = node.store.find_live(name)
-    if (previous is not None and previous.state is not InstanceState.FAILED) or hv.domain_exists(name):
-        raise ConflictError(f"an instance or libvirt domain named '{name}' already exists")
-    if req.network is not None and not hv.network_exists(req.network):
-        raise InputError(f"refused --network {req.network}: libvirt has no such network")
-    virt_type = choose_virt_type(cfg.virt_type, probe_kvm() if cfg.virt_type == "auto" else None)
-    if not is_executable(cfg.swtpm):
-        raise HostError(f"swtpm {cfg.swtpm} is not an executable file (config key 'swtpm')")
+    # Held to the end: a `launching` record whose lock is free is an interrupted launch (see reconcile).
+    with instance_lock(Path(cfg.state_dir), name):
+        # Before the name check, so that a retry by name after a crash finds the old launch settled.
+        reconcile(node, holding=name)
+        previous = node.store.find_live(name)
+        if (previous is not None and previous.state is not InstanceState.FAILED) or hv.domain_exists(name):
+            raise ConflictError(f"an instance or libvirt domain named '{name}' already exists")
+        if req.network is not None and not hv.network_exists(req.network):
+            raise InputError(f"refused --network {req.network}: libvirt has no such network")
+        virt_type = choose_virt_type(cfg.virt_type, probe_kvm() if cfg.virt_type == "auto" else None)
+        if not is_executable(cfg.swtpm):
+            raise HostError(f"swtpm {cfg.swtpm} is not an executable file (config key 'swtpm')")
 
-    instance_id = new_instance_id()
-    overlay_dir, log_dir = Path(cfg.overlay_dir), Path(cfg.console_log_dir)
-    spec = DomainSpec(
-        name=name,
-        uuid=str(uuidlib.uuid4()),
-        instance_id=instance_id,
-        memory_mib=memory,
-        vcpus=vcpus,
-        virt_type=virt_type,
-        emulator=cfg.emulator,
-        firmware=firmware,
-        secure_boot=secure_boot,
-        tpm_model=tpm_model,
-        disk_path=str(overlay_dir / f"{name}.{instance_id}.qcow2"),
-        disk_format="qcow2",
-        console_log=str(log_dir / f"{name}.{instance_id}.log"),
-        network=req.network,
-        direct_boot=DirectBoot(kernel, initrd, req.cmdline) if kernel else None,
-        firmware_images=firmware_images,
-        backing_chain=tuple(DiskLayer(layer.path, layer.format.value) for layer in reversed(chain.layers)),
-    )
-    measured = judge(cfg, node.store, measure_launch(cfg, node.store, spec, chain, req.rehash),
-                     req.allow_untrusted_image)
-    manifest = issue_manifest(cfg, spec, measured)
-    spec = dataclasses.replace(spec, manifest_digest=manifest_digest(manifest))
-    xml = render_domain_xml(spec)
-    now = utc_now()
-    record = InstanceRecord(
-        id=instance_id, name=name, uuid=spec.uuid, image=chain.top.path, overlay=spec.disk_path,
-        console_log=spec.console_log, state=InstanceState.LAUNCHING, virt_type=virt_type.value, domain_xml=xml,
-        created_at=now, updated_at=now,
-    )
-    if previous is not None:  # a failed launch of that name: clear what is left of it
-        destroy(node, name, purge_vtpm=False)
-    node.store.create_instance(record)
-    node.store.save_manifest(instance_id, spec.manifest_digest, manifest)
-    for m in measured.measurements:
-        if m.details.get("waived"):
-            node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")
-    log.info("launching", name=name, id=instance_id, image=chain.top.path, virt_type=virt_type.value)
-
-    defined = False
-    try:
-        # libvirt's qemu user must traverse to the overlay; the log dir is virtlogd's (root).
-        ensure_private_dir(overlay_dir, 0o711)
-        ensure_private_dir(log_dir)
-        imagefiles.create_overlay(chain, spec.disk_path)
-        node.store.set_overlay_identity(instance_id, imagefiles.file_identity(spec.disk_path))
-        hv.define(xml)
-        defined = True
-        node.store.add_event(instance_id, "defined", f"libvirt domain {name} ({spec.uuid})")
-        hv.start(name)
-    except BaseException as err:
-        reason = str(err) if isinstance(err, TvorchError) else f"{type(err).__name__}: {err}"
-        _roll_back_launch(node, spec, defined)
-        node.store.update_instance(
-            instance_id, state=InstanceState.FAILED, error=reason, event=("launch-failed", reason)
+        instance_id = new_instance_id()
+        overlay_dir, log_dir = Path(cfg.overlay_dir), Path(cfg.console_log_dir)
+        spec = DomainSpec(
+            name=name,
+            uuid=str(uuidlib.uuid4()),
+            instance_id=instance_id,
+            memory_mib=memory,
+            vcpus=vcpus,
+            virt_type=virt_type,
+            emulator=cfg.emulator,
+            firmware=firmware,
+            secure_boot=secure_boot,
+            tpm_model=tpm_model,
+            disk_path=str(overlay_dir / f"{name}.{instance_id}.qcow2"),
+            disk_format="qcow2",
+            console_log=str(log_dir / f"{name}.{instance_id}.log"),
+            network=req.network,
+            direct_boot=DirectBoot(kernel, initrd, req.cmdline) if kernel else None,
+            firmware_images=firmware_images,
+            backing_chain=tuple(DiskLayer(layer.path, layer.format.value) for layer in reversed(chain.layers)),
         )
-        raise
-    return node.store.update_instance(
-        instance_id, state=InstanceState.RUNNING, event=("started", f"virt_type={virt_type.value}")
-    )
+        measured = judge(cfg, node.store, measure_launch(cfg, node.store, spec, chain, req.rehash),
+                         req.allow_untrusted_image)
+        crash_point("measured")
+        manifest = issue_manifest(cfg, spec, measured)
+        spec = dataclasses.replace(spec, manifest_digest=manifest_digest(manifest))
+        xml = render_domain_xml(spec)
+        now = utc_now()
+        record = InstanceRecord(
+            id=instance_id, name=name, uuid=spec.uuid, image=chain.top.path, overlay=spec.disk_path,
+            console_log=spec.console_log, state=InstanceState.LAUNCHING, virt_type=virt_type.value, domain_xml=xml,
+            created_at=now, updated_at=now,
+        )
+        if previous is not None:  # a failed launch of that name: clear what is left of it
+            remove_instance(node, previous, purge_vtpm=False)
+        node.store.create_instance(record)
+        node.store.save_manifest(instance_id, spec.manifest_digest, manifest)
+        crash_point("recorded")
+        for m in measured.measurements:
+            if m.details.get("waived"):
+                node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")
+        log.info("launching", name=name, id=instance_id, image=chain.top.path, virt_type=virt_type.value)
+
+        defined = False
+        try:
+            # libvirt's qemu user must traverse to the overlay; the log dir is virtlogd's (root).
+            ensure_private_dir(overlay_dir, 0o711)
+            ensure_private_dir(log_dir)
+            imagefiles.create_overlay(chain, spec.disk_path)
+            node.store.set_overlay_identity(instance_id, imagefiles.file_identity(spec.disk_path))
+            crash_point("overlay")
+            hv.define(xml)
+            crash_point("defined")
+            defined = True
+            node.store.add_event(instance_id, "defined", f"libvirt domain {name} ({spec.uuid})")
+            hv.start(name)
+            crash_point("started")
+        except BaseException as err:
+            reason = str(err) if isinstance(err, TvorchError) else f"{type(err).__name__}: {err}"
+            _roll_back_launch(node, spec, defined)
+            node.store.update_instance(
+                instance_id, state=InstanceState.FAILED, error=reason, event=("launch-failed", reason)
+            )
+            raise
+        return node.store.update_instance(
+            instance_id, state=InstanceState.RUNNING, event=("started", f"virt_type={virt_type.value}")
+        )
 
 
 def _roll_back_launch(node: Node, spec: DomainSpec, defined: bool) -> None:

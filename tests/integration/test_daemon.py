@@ -1,0 +1,162 @@
+"""`tvorch serve` against the real libvirtd: systemd notifications, lifecycle events,
+reconnecting after a libvirtd restart, catching up after being killed, signals."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import PREFIX, Tv, require, virsh
+from .test_hook_gate import _restart_libvirtd
+
+pytestmark = pytest.mark.integration
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "tvorch.service"
+
+
+class Notifications:
+    """A NOTIFY_SOCKET like systemd's: collects the datagrams the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.seen: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if line in self.seen:
+                return
+            try:
+                self.seen.extend(self.sock.recv(4096).decode().splitlines())
+            except socket.timeout:
+                pass
+        raise AssertionError(f"no {line!r} from the daemon within {timeout} s; got {self.seen}")
+
+
+def start_daemon(tv: Tv, tmp: Path) -> tuple[subprocess.Popen, Notifications]:
+    notes = Notifications(tmp / f"notify-{secrets.token_hex(2)}")
+    env = {**os.environ, "TVORCH_CONFIG": str(tv.config), "NOTIFY_SOCKET": str(notes.path),
+           "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "tvorch.cli", "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "ab"))
+    notes.wait_for("READY=1")
+    return proc, notes
+
+
+def stop_daemon(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def state_of(tv: Tv, name: str) -> str:
+    """The record's state as the store has it (show --json would refresh it from libvirt)."""
+    from tvorch.adapters.store import Store
+
+    store = Store(tv.state_dir / "tvorch.db")
+    try:
+        record = store.find_live(name)
+        return record.state.value if record else "absent"
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def guest(tv: Tv, guest_dir: Path):
+    name = f"{PREFIX}svc-{secrets.token_hex(2)}"
+    tv.launch(guest_dir / "guest.qcow2", name, "--memory", "256")
+    yield name
+    tv.run("destroy", "--purge-vtpm", name, check=False)
+
+
+def test_notify_watchdog_status_and_sigterm(tv: Tv, tmp_path: Path):
+    proc, notes = start_daemon(tv, tmp_path)
+    try:
+        notes.wait_for("WATCHDOG=1", timeout=10)
+        status = tv.json("status")
+        assert status["daemon"]["pid"] == proc.pid and status["daemon"]["healthy"] is True
+    finally:
+        assert stop_daemon(proc) == 0
+    notes.wait_for("STOPPING=1", timeout=5)
+    assert tv.json("status")["daemon"]["healthy"] is False
+
+
+def test_follows_lifecycle_outside_tvorch(tv: Tv, tmp_path: Path, guest: str):
+    proc, _ = start_daemon(tv, tmp_path)
+    try:
+        virsh("destroy", guest)
+        wait_until(lambda: state_of(tv, guest) == "stopped", what="record stopped after virsh destroy")
+        virsh("start", guest)
+        wait_until(lambda: state_of(tv, guest) == "running", what="record running after virsh start")
+        kinds = [e["detail"] for e in tv.json("show", guest)["events"] if e["kind"] == "libvirt"]
+        assert any("destroyed" in k for k in kinds) and any("booted" in k for k in kinds)
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_reconnects_after_libvirtd_restart(tv: Tv, tmp_path: Path, guest: str):
+    proc, _ = start_daemon(tv, tmp_path)
+    try:
+        _restart_libvirtd()
+        assert virsh("domstate", guest).stdout.strip() == "running"
+        # Events flow again on the new connection.
+        time.sleep(1)
+        wait_until(lambda: tv.json("status")["daemon"]["connected"] is True, what="daemon reconnected")
+        virsh("destroy", guest)
+        wait_until(lambda: state_of(tv, guest) == "stopped", what="event seen after reconnect")
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_catches_up_after_being_killed(tv: Tv, tmp_path: Path, guest: str):
+    proc, _ = start_daemon(tv, tmp_path)
+    proc.kill()
+    proc.wait()
+    virsh("destroy", guest)  # happens while no daemon watches
+    assert state_of(tv, guest) == "running"
+    proc, _ = start_daemon(tv, tmp_path)
+    try:
+        wait_until(lambda: state_of(tv, guest) == "stopped", what="reconciled on restart")
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_sighup_reloads(tv: Tv, tmp_path: Path):
+    proc, notes = start_daemon(tv, tmp_path)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        notes.wait_for("RELOADING=1", timeout=10)
+        wait_until(lambda: "config_reloaded" in (tmp_path / "serve.log").read_text(), what="reload logged")
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_unit_file_verifies(tmp_path: Path):
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze (package systemd)")
+    unit = tmp_path / "tvorch.service"
+    unit.write_text(UNIT.read_text().replace("/opt/tvorch/bin/tvorch", str(Path(sys.executable).with_name("tvorch"))))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    text = UNIT.read_text()
+    for directive in ("Type=notify", "WatchdogSec=", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                      "PrivateTmp=yes", "CapabilityBoundingSet=", "ReadWritePaths=", "After=libvirtd.service"):
+        assert directive in text

@@ -1,0 +1,55 @@
+"""The node service: `tvorch serve` (the daemon) and `tvorch status`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+from .common import Context, emit, json_option, pass_ctx
+from .group import cli
+
+
+@cli.command()
+@pass_ctx
+def serve(ctx: Context) -> None:
+    """Run the node service (systemd: Type=notify); SIGTERM stops, SIGHUP reloads."""
+    from ..daemon import serve as run_daemon
+
+    raise SystemExit(run_daemon(ctx.config_path))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def status(ctx: Context, as_json: bool) -> None:
+    """The daemon's health, the host verdict and instances by state."""
+    store, cfg, now = ctx.node.store, ctx.node.cfg, time.time()
+    daemon = store.daemon_status()
+    healthy = daemon is not None and daemon.healthy(now, cfg.serve.heartbeat_interval, _alive(daemon.pid))
+    verdict = store.latest_host_verdict()
+    counts = store.count_by_state()
+    doc = {
+        "daemon": daemon.to_json(now, healthy) if daemon else None,
+        "host_verdict": verdict.to_json(now) if verdict else None,
+        "instances": counts,
+    }
+    lines = [
+        "daemon:    never ran (tvorch serve)" if daemon is None else
+        f"daemon:    {'healthy' if healthy else 'NOT HEALTHY'}, pid {daemon.pid}, {daemon.detail}, "
+        f"heartbeat {now - daemon.heartbeat_epoch:.0f} s ago",
+        "host:      no verdict yet" if verdict is None else
+        f"host:      {'passed' if verdict.passed else 'FAILED'} {now - verdict.at_epoch:.0f} s ago",
+        "instances: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
+    ]
+    emit(as_json, doc, "\n".join(lines))

@@ -1,0 +1,203 @@
+"""`tvorch serve`: the node service that keeps tvorch's view of the node true.
+
+It follows every instance's lifecycle through libvirt's events (also starts,
+stops and crashes that happen outside tvorch), reconciles the store with
+libvirt on every (re)connect, attests the host on a schedule so the hook
+always finds a fresh verdict, and reports to systemd (READY, WATCHDOG,
+STATUS). SIGTERM stops it cleanly; SIGHUP reloads the configuration.
+
+One main thread owns the store and does all the work; libvirt's event loop
+runs on its own thread and only queues events.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+from tenacity import wait_exponential
+
+from .adapters.libvirt_events import LifecycleFeed
+from .adapters.sdnotify import notify, watchdog_interval
+from .adapters.store import utc_now
+from .config import Config, load_config
+from .core.lifecycle import LifecycleEvent, interpret
+from .errors import TvorchError
+from .logs import get_logger
+from .service.instances import Node
+
+log = get_logger(__name__)
+
+
+class Daemon:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self.cfg: Config = load_config(config_path)
+        self.node = Node(self.cfg)
+        self.events: queue.Queue[LifecycleEvent] = queue.Queue()
+        self.feed = LifecycleFeed(self.cfg.libvirt_uri, self.events)
+        self.started_at = utc_now()
+        self.stopping = False
+        self.reload_requested = False
+        # tenacity computes the backoff; the loop keeps running between attempts.
+        self._backoff = wait_exponential(multiplier=0.5, max=self.cfg.serve.reconnect_max_wait)
+        self._attempt = 0
+        self._next_connect = 0.0
+        self._next_attest = 0.0
+        self._next_heartbeat = 0.0
+        self._next_watchdog = 0.0
+        self._warned_no_policy = False
+
+    # -- signals -------------------------------------------------------------
+
+    def _on_term(self, _signum: int, _frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self.reload_requested = True
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        log.info("serve_starting", pid=os.getpid(), config=self.cfg.source)
+        ready = False
+        while not self.stopping:
+            now = time.monotonic()
+            if self.reload_requested:
+                self._reload()
+            if not self.feed.connected and now >= self._next_connect:
+                self._connect()
+                if self.feed.connected and not ready:
+                    notify("READY=1", "STATUS=following libvirt")
+                    ready = True
+            self._drain_events(timeout=0.5)
+            self._periodic(time.monotonic())
+        notify("STOPPING=1")
+        self.feed.close()
+        self.node.store.daemon_heartbeat(os.getpid(), self.started_at, False, "stopped")
+        self.node.close()
+        log.info("serve_stopped")
+        return 0
+
+    def _connect(self) -> None:
+        if self.feed.lost.is_set():
+            log.warning("libvirt_connection_lost", uri=self.cfg.libvirt_uri)
+            self.feed.close()
+            self.node.reset_hypervisor()
+        try:
+            self.feed.connect()
+        except TvorchError as err:
+            self._attempt += 1
+            delay = self._backoff(_Attempt(self._attempt))
+            self._next_connect = time.monotonic() + delay
+            log.warning("libvirt_unreachable", error=str(err), retry_in=round(delay, 1))
+            notify(f"STATUS=waiting for libvirtd (retry in {delay:.0f} s)")
+            return
+        self._attempt = 0
+        log.info("libvirt_connected", uri=self.cfg.libvirt_uri)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        from .service.reconcile import reconcile
+
+        try:
+            for line in reconcile(self.node):
+                log.info("reconciled", action=line)
+        except TvorchError as err:
+            log.error("reconcile_failed", error=str(err))
+
+    def _drain_events(self, timeout: float) -> None:
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._record(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _record(self, event: LifecycleEvent) -> None:
+        """Bring the instance's record in line with what libvirt just reported."""
+        record = self.node.store.by_uuid(event.uuid)
+        if record is None:
+            return  # not one of ours
+        state, why = interpret(event.event, event.detail)
+        try:
+            if state is None or state is record.state:
+                self.node.store.add_event(record.id, "libvirt", why)
+            else:
+                self.node.store.update_instance(record.id, state=state, event=("libvirt", why))
+                log.info("instance_state", name=record.name, state=state.value, why=why)
+        except TvorchError as err:
+            log.error("record_failed", name=record.name, error=str(err))
+
+    def _periodic(self, now: float) -> None:
+        interval = watchdog_interval()
+        if interval and now >= self._next_watchdog:
+            notify("WATCHDOG=1")
+            self._next_watchdog = now + interval
+        if now >= self._next_heartbeat:
+            detail = "connected to libvirt" if self.feed.connected else "waiting for libvirtd"
+            try:
+                self.node.store.daemon_heartbeat(os.getpid(), self.started_at, self.feed.connected, detail)
+            except TvorchError as err:
+                log.error("heartbeat_failed", error=str(err))
+            self._next_heartbeat = now + self.cfg.serve.heartbeat_interval
+        if self.cfg.serve.attest_interval and now >= self._next_attest:
+            self._attest()
+            self._next_attest = now + self.cfg.serve.attest_interval
+
+    def _attest(self) -> None:
+        if not Path(self.cfg.host.policy).exists():
+            if not self._warned_no_policy:
+                log.warning("host_attestation_skipped", reason=f"no host policy at {self.cfg.host.policy}")
+                self._warned_no_policy = True
+            return
+        from .service import host as host_service  # tpm2-pytss only when attestation runs
+
+        try:
+            verdict = host_service.attest(self.cfg, self.node.store)
+        except TvorchError as err:
+            log.error("host_attestation_error", error=str(err))
+            notify(f"STATUS=host attestation error: {err}")
+            return
+        if verdict.passed:
+            log.info("host_attestation_passed")
+            notify("STATUS=following libvirt; host verdict passed")
+        else:  # attest() already logged every failure
+            notify(f"STATUS=HOST VERDICT FAILED ({len(verdict.failures)} failures)")
+
+    def _reload(self) -> None:
+        self.reload_requested = False
+        notify("RELOADING=1")
+        try:
+            cfg = load_config(self.config_path)
+        except TvorchError as err:
+            log.error("reload_failed", error=str(err))
+        else:
+            self.node.close()
+            self.cfg, self.node = cfg, Node(cfg)
+            self._warned_no_policy = False
+            self._next_attest = 0.0
+            log.info("config_reloaded", config=cfg.source)
+        notify("READY=1")
+
+
+class _Attempt:
+    """The one field of tenacity's RetryCallState its wait strategies read."""
+
+    def __init__(self, number: int) -> None:
+        self.attempt_number = number
+
+
+def serve(config_path: str | None) -> int:
+    return Daemon(config_path).run()
