@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+
 # --- golden files (tests/golden/) ---------------------------------------------
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -12,7 +12,6 @@ fixtures. Without swtpm the tests skip, except under CI=true, where they fail.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.components import require
 
 _START_ATTEMPTS = 5  # the free ports found may be taken before swtpm binds them
 _READY_TIMEOUT = 10.0
@@ -70,10 +71,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def running_swtpm(state_dir: Path) -> Iterator[str]:
     """A swtpm on free ports N, N+1 of 127.0.0.1 with its state in STATE_DIR; yields the TCTI string."""
     swtpm = shutil.which("swtpm")
-    if swtpm is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must have swtpm (Debian package swtpm)")
-        pytest.skip("swtpm is not installed")
+    require(swtpm is not None, "swtpm (Debian package swtpm)")
     state_dir.mkdir(parents=True, exist_ok=True)
     errors = b""
     for _ in range(_START_ATTEMPTS):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.components import require
 from tvorch.adapters.files import atomic_write
 from tvorch.service import hook_install
 
@@ -28,14 +29,6 @@ PREFIX = "tvtest-"
 GUEST_DIR = Path(os.environ.get("TVORCH_TEST_GUEST_DIR", "/var/cache/tvorch/test-guest"))
 SNAKEOIL_CODE = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd"
 SNAKEOIL_VARS = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd"
-
-
-def require(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must have this component: {reason}")
-    pytest.skip(reason)
 
 
 def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

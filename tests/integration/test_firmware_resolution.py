@@ -17,11 +17,17 @@ import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO
 
 import pytest
 
-from tvorch.adapters.firmware_files import expand_machine, resolve_bios, resolve_for_spec, resolve_uefi
+from tests.components import missing
+from tvorch.adapters.firmware_files import (
+    expand_machine,
+    resolve_bios,
+    resolve_for_spec,
+    resolve_uefi,
+)
 from tvorch.core.domain_xml import render_domain_xml
 from tvorch.core.firmware import FirmwareRequest
 from tvorch.core.spec import DomainSpec, Firmware, TpmModel, VirtType
@@ -49,27 +55,20 @@ SPEC = DomainSpec(
 BIOS_SIZE = 256 * 1024
 
 
-def _skip_or_fail(reason: str) -> NoReturn:
-    """A missing component skips the test locally but fails it in CI."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true, so this is a failure)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def virsh() -> str:
     path = shutil.which("virsh")
     if path is None:
-        _skip_or_fail("virsh is not installed (package libvirt-clients)")
+        missing("virsh is not installed (package libvirt-clients)")
     if subprocess.run([path, "-c", URI, "version"], capture_output=True, check=False).returncode != 0:
-        _skip_or_fail(f"libvirt at {URI} is unreachable")
+        missing(f"libvirt at {URI} is unreachable")
     return path
 
 
 @pytest.fixture(scope="module")
 def emulator() -> str:
     if not os.access(EMULATOR, os.X_OK):
-        _skip_or_fail(f"{EMULATOR} is not installed (package qemu-system-x86)")
+        missing(f"{EMULATOR} is not installed (package qemu-system-x86)")
     return EMULATOR
 
 

@@ -7,17 +7,16 @@ never started, and only ones named tvtest-xml-* that did not exist before.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import libvirt
 import pytest
 
+from tests.components import missing
 from tvorch.core.domain_xml import parse_instance_metadata
 from tvorch.core.spec import METADATA_NAMESPACE
 
@@ -28,13 +27,6 @@ PREFIX = "tvtest-xml-"
 GOLDEN_FILES = sorted((Path(__file__).resolve().parent.parent / "golden").glob("*.xml"))
 # The disk every golden file points at.
 DISK = Path("/var/lib/libvirt/images/tvtest-xml-disk.qcow2")
-
-
-def _skip_or_fail(reason: str) -> NoReturn:
-    """A missing component skips the test locally but fails it in CI."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true, so this is a failure)")
-    pytest.skip(reason)
 
 
 def _element(root: ET.Element, path: str) -> ET.Element:
@@ -48,7 +40,7 @@ def conn() -> Iterator[libvirt.virConnect]:
     try:
         connection = libvirt.open(URI)
     except libvirt.libvirtError as err:
-        _skip_or_fail(f"libvirt at {URI} is unreachable: {err}")
+        missing(f"libvirt at {URI} is unreachable: {err}")
     try:
         yield connection
     finally:
@@ -59,7 +51,7 @@ def conn() -> Iterator[libvirt.virConnect]:
 def disk() -> Iterator[Path]:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
-        _skip_or_fail("qemu-img is not installed (package qemu-utils)")
+        missing("qemu-img is not installed (package qemu-utils)")
     if DISK.exists():
         pytest.fail(f"{DISK} already exists (left by an earlier run?); remove it and rerun")
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(DISK), "64M"], check=True)

@@ -20,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.canonical import AutoSelectedFirmware, canonical_domain, config_digest, firmware_features
+from tvorch.core.canonical import (
+    AutoSelectedFirmware,
+    canonical_domain,
+    config_digest,
+    firmware_features,
+)
 from tvorch.errors import InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "libvirt"

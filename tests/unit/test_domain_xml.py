@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 
-from tvorch.core.domain_xml import InstanceMetadata, parse_instance_metadata, render_domain_xml
+from tests.components import missing
+from tvorch.core.domain_xml import (
+    InstanceMetadata,
+    parse_instance_metadata,
+    render_domain_xml,
+)
 from tvorch.core.spec import (
     METADATA_NAMESPACE,
     DirectBoot,
@@ -98,13 +102,6 @@ SCENARIOS: dict[str, DomainSpec] = {
 }
 
 
-def _skip_or_fail(reason: str) -> NoReturn:
-    """A missing tool skips the test locally but fails it in CI."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true, so this is a failure)")
-    pytest.skip(reason)
-
-
 def _element(root: ET.Element, path: str) -> ET.Element:
     element = root.find(path)
     assert element is not None, f"no <{path}>"
@@ -139,7 +136,7 @@ def test_rendering_matches_golden_file(scenario: str, regen_golden: bool) -> Non
 def test_golden_file_is_valid_domain_xml(scenario: str) -> None:
     validator = shutil.which("virt-xml-validate")
     if validator is None:
-        _skip_or_fail("virt-xml-validate is not installed (package libvirt-clients)")
+        missing("virt-xml-validate is not installed (package libvirt-clients)")
     result = subprocess.run(
         [validator, str(GOLDEN / f"{scenario}.xml"), "domain"],
         capture_output=True,

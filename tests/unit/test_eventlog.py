@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -22,8 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.components import require
 from tvorch.cli import main
-from tvorch.core.eventlog import EVENT_TYPES, SPEC_ID_SIGNATURE, EventLog, parse_event_log, replay
+from tvorch.core.eventlog import (
+    EVENT_TYPES,
+    SPEC_ID_SIGNATURE,
+    EventLog,
+    parse_event_log,
+    replay,
+)
 from tvorch.errors import EvidenceError, ExitCode, InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"
@@ -191,10 +197,7 @@ def test_seabios_events_decode():
 
 def tpm2_eventlog(path: Path) -> tuple[int, dict[str, dict[int, str]]]:
     """Event count and the `pcrs:` section of tpm2_eventlog's YAML, parsed by hand (no PyYAML here)."""
-    if shutil.which("tpm2_eventlog") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tpm2_eventlog (package tpm2-tools) is missing")
-        pytest.skip("tpm2_eventlog (package tpm2-tools) is not installed")
+    require(shutil.which("tpm2_eventlog") is not None, "tpm2_eventlog (package tpm2-tools)")
     out = subprocess.run(["tpm2_eventlog", str(path)], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     count = sum(1 for line in lines if line.startswith("- EventNum:"))

@@ -27,9 +27,9 @@ from tvorch.adapters.firmware_files import (
 from tvorch.core.firmware import (
     FileMapping,
     FirmwareRequest,
+    FirmwareTarget,
     FlashFile,
     FlashMapping,
-    FirmwareTarget,
     ResolvedFirmware,
     descriptor_matches,
     machine_glob_matches,

@@ -11,7 +11,13 @@ import dataclasses
 
 import pytest
 
-from tvorch.core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
+from tvorch.core.gate import (
+    LayerEvidence,
+    Phase,
+    StartEvidence,
+    phase_of,
+    start_refusals,
+)
 
 A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
 

@@ -37,7 +37,12 @@ from tvorch.core.canonical import config_digest
 from tvorch.core.domain_xml import render_domain_xml
 from tvorch.core.instance import InstanceRecord, InstanceState
 from tvorch.core.ledger import broken_link
-from tvorch.core.manifest import LaunchManifest, Measurement, manifest_digest, sign_manifest
+from tvorch.core.manifest import (
+    LaunchManifest,
+    Measurement,
+    manifest_digest,
+    sign_manifest,
+)
 from tvorch.core.spec import DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
 
 REPO = Path(__file__).resolve().parents[2]

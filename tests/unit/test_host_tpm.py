@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.components import require
 from tests.tpm_fixtures import running_swtpm, swtpm_host_fixture  # noqa: F401
 from tvorch.adapters.tpm import AK_PRIV, AK_PUB, HOST_DIR, ak_info, open_tpm, read_ak
 from tvorch.core.quote import verify_quote
@@ -105,10 +106,7 @@ def test_a_tpm_that_is_not_there_is_a_tpm_error() -> None:
 @pytest.fixture
 def tools(swtpm_host: str, tmp_path: Path):
     """Run a tpm2-tools command against the test swtpm in tmp_path, flushing what it leaves loaded."""
-    if shutil.which("tpm2_checkquote") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must have tpm2-tools")
-        pytest.skip("tpm2-tools is not installed")
+    require(shutil.which("tpm2_checkquote") is not None, "tpm2-tools")
     env = {**os.environ, "TPM2TOOLS_TCTI": swtpm_host}
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from tvorch.core.hostpolicy import HostEvidence, HostPolicy, judge_host, parse_policy, policy_to_json
+from tvorch.core.hostpolicy import (
+    HostEvidence,
+    HostPolicy,
+    judge_host,
+    parse_policy,
+    policy_to_json,
+)
 from tvorch.errors import ConfigError
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64

@@ -43,7 +43,6 @@ from tvorch.core.ima import (
 )
 from tvorch.errors import EvidenceError, ExitCode, InputError
 
-
 # Printed by Linux on real machines (linux-integrity mailing list, posts by the IMA
 # maintainers): an ima-ng list without a TPM, an ima-buf entry, and an ima-sig list
 # whose lines end in a space because the empty sig field keeps its separator.

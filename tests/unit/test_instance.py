@@ -1,6 +1,11 @@
 import pytest
 
-from tvorch.core.instance import new_instance_id, validate_memory, validate_name, validate_vcpus
+from tvorch.core.instance import (
+    new_instance_id,
+    validate_memory,
+    validate_name,
+    validate_vcpus,
+)
 from tvorch.errors import ExitCode, InputError
 
 

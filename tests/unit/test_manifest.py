@@ -8,8 +8,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from tvorch.core.manifest import (
@@ -22,7 +25,13 @@ from tvorch.core.manifest import (
     sign_manifest,
     verify_manifest,
 )
-from tvorch.core.signing import generate_key, issue_certificate, issue_signing_cert, make_ca, verify_chain
+from tvorch.core.signing import (
+    generate_key,
+    issue_certificate,
+    issue_signing_cert,
+    make_ca,
+    verify_chain,
+)
 from tvorch.errors import ExitCode, TrustError
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)

@@ -23,7 +23,13 @@ from tpm2_pytss.types import (
 
 from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import AkInfo, RawQuote, open_tpm
-from tvorch.core.quote import HostQuote, QuoteInfo, parse_attest, pcr_composite_digest, verify_quote
+from tvorch.core.quote import (
+    HostQuote,
+    QuoteInfo,
+    parse_attest,
+    pcr_composite_digest,
+    verify_quote,
+)
 from tvorch.errors import EvidenceError, ExitCode, TrustError
 
 NONCE = hashlib.sha256(b"verifier nonce").digest()
