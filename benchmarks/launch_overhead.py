@@ -31,8 +31,9 @@ median and p90 of each, the ratio (a)/(b) of the medians and PASS/FAIL
 against the goal (< 1.5). --explain adds where (a)'s time goes: import time
 (`-X importtime`) of a real launch, and a cProfile of the launch in process.
 
-Everything is named `tvbench-*` and removed at the end. The node's store
-keeps the `destroyed` records of the (a) runs, as after any destroy.
+Everything is named `tvbench-*` and removed at the end (console logs too,
+which `tvorch destroy` keeps). The node's store keeps the `destroyed` records
+of the (a) runs, as after any destroy.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ URI = "qemu:///system"
 HOOK = Path("/etc/libvirt/hooks/qemu")
 SWTPM_STATE = Path("/var/lib/libvirt/swtpm")
 NVRAM_DIR = Path("/var/lib/libvirt/qemu/nvram")
+# The default config's console_log_dir: `tvorch destroy` keeps console logs; the benchmark removes its own.
+CONSOLE_LOG_DIR = Path("/var/log/tvorch")
 # qemu (libvirt-qemu) must reach (b)'s overlays, as it reaches tvorch's: under libvirt's images.
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 GOAL_RATIO = 1.5
@@ -318,6 +321,8 @@ def main() -> int:
             destroy_plain(name, dom_uuid)
         shutil.rmtree(overlay_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+        for log in CONSOLE_LOG_DIR.glob(f"tvbench-*{TAG}*.log"):
+            log.unlink(missing_ok=True)
 
     med_a, med_b = statistics.median(tv_times), statistics.median(plain_times)
     ratio = med_a / med_b

@@ -27,16 +27,18 @@ from .adapters.store import utc_now
 from .config import Config, load_config
 from .core.lifecycle import LifecycleEvent, interpret
 from .errors import TvorchError
-from .logs import get_logger
+from .logs import configure_logging, get_logger
 from .service.instances import Node
 
 log = get_logger(__name__)
 
 
 class Daemon:
-    def __init__(self, config_path: str | None) -> None:
+    def __init__(self, config_path: str | None, log_level: str | None = None) -> None:
         self.config_path = config_path
         self.cfg: Config = load_config(config_path)
+        # A service's journal wants its routine events: info unless told otherwise.
+        configure_logging(log_level or ("debug" if self.cfg.log_level == "debug" else "info"))
         self.node = Node(self.cfg)
         self.events: queue.Queue[LifecycleEvent] = queue.Queue()
         self.feed = LifecycleFeed(self.cfg.libvirt_uri, self.events)
@@ -199,5 +201,5 @@ class _Attempt:
         self.attempt_number = number
 
 
-def serve(config_path: str | None) -> int:
-    return Daemon(config_path).run()
+def serve(config_path: str | None, log_level: str | None = None) -> int:
+    return Daemon(config_path, log_level).run()

@@ -156,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing libvirtd left open (its sockets, its locks) stays open in here.
     os.closerange(3, 1024)
     phase = phase_of(*(args + ["", "", ""])[1:3])
+    if phase is Phase.IGNORED:
+        return ALLOW  # attach, detach, migrate end ...: nothing to read, nothing to decide
     fail = REFUSE if phase is Phase.START else ALLOW
     signal.signal(signal.SIGALRM, _on_alarm)
     try:
         cfg = load_config()
         signal.setitimer(signal.ITIMER_REAL, cfg.hook_deadline_ms / 1000)
-        xml = sys.stdin.read() if phase is not Phase.IGNORED else ""
+        xml = sys.stdin.read()
         status, line = decide(args, xml, cfg)
     except DeadlineExceeded:
         status, line = fail, "tvorch: hook deadline passed before a decision" + (

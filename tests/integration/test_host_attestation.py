@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +163,26 @@ def test_attest_without_init(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "tvorch.cli", "--config", str(config), "host", "quote",
                            "--nonce", "00" * 16, "--out", str(tmp_path / "q")], capture_output=True, text=True)
     assert proc.returncode == 11 and "tvorch host init" in proc.stderr
+
+
+def test_daemon_keeps_the_verdict_fresh(host: Host):
+    """`tvorch serve` attests every serve.attest_interval seconds."""
+    baseline(host)
+    host.config.write_text(host.config.read_text() + "[serve]\nattest_interval = 1\n")
+    log = open(host.root / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tvorch.cli", "--config", str(host.config), "serve"],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(set(seen)) < 2 and time.monotonic() < deadline:
+            status = host.run("host", "status", "--json")
+            doc = json.loads(status.stdout) if status.returncode == 0 else {}
+            if doc.get("passed"):
+                seen.append(doc["at"])
+            time.sleep(0.5)
+        assert len(set(seen)) >= 2, (host.root / "serve.log").read_text()[-2000:]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        log.close()

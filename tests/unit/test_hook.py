@@ -503,3 +503,14 @@ def test_hook_imports_nothing_heavy() -> None:
     assert "tvorch" in top_level  # the probe itself worked
     assert top_level.isdisjoint({"libvirt", "libvirtmod", "tpm2_pytss", "structlog", "cryptography", "click",
                                  "tenacity"}), sorted(top_level)
+
+
+def test_tvorch_hook_command_runs_the_hook(tmp_path):
+    """`tvorch hook ...` (the CLI spelling) reaches the same entry point; ignored operations exit 0 at once."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tvorch.cli", "hook", "vm", "attach", "begin", "-"],
+                          input="", capture_output=True, text=True, timeout=60,
+                          env={"TVORCH_CONFIG": str(tmp_path / "absent.toml"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""

@@ -19,6 +19,8 @@ def notify(*lines: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Never block the daemon on a reader that is not reading: drop the datagram.
+        sock.setblocking(False)
         try:
             sock.sendto("\n".join(lines).encode(), address)
         except OSError:

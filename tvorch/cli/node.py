@@ -16,7 +16,7 @@ def serve(ctx: Context) -> None:
     """Run the node service (systemd: Type=notify); SIGTERM stops, SIGHUP reloads."""
     from ..daemon import serve as run_daemon
 
-    raise SystemExit(run_daemon(ctx.config_path))
+    raise SystemExit(run_daemon(ctx.config_path, "debug" if ctx.debug else "info" if ctx.verbose else None))
 
 
 def _alive(pid: int) -> bool:
