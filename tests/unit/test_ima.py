@@ -371,8 +371,10 @@ def test_allowlist_excludes_prefixes_and_globs_but_not_bad_hashes():
     ]
     excludes = ["/tmp/", "/var/log/*", "/home/*/.cache/*", "/usr/bin/required-*"]
     failures = check_allowlist(entries, {}, ["/usr/bin/required-but-excluded"], excludes)
+    # A required path is digest-checked even where an exclude would match it.
     assert [(f.reason, f.index) for f in failures] == [
-        (ImaFailureReason.BAD_TEMPLATE_HASH, 4), (ImaFailureReason.NOT_IN_ALLOWLIST, 6)]
+        (ImaFailureReason.BAD_TEMPLATE_HASH, 4), (ImaFailureReason.NOT_IN_ALLOWLIST, 5),
+        (ImaFailureReason.NOT_IN_ALLOWLIST, 6)]
     matcher = exclude_matcher(["/run/", "*.pyc", "/etc/[ab]*"])
     assert [matcher(p) for p in ("/run/x", "/runner", "/a/b.pyc", "/etc/alt", "/etc/c")] == [
         True, False, True, True, False]

@@ -628,12 +628,19 @@ def check_allowlist(entries: Sequence[ImaEntry], allowlist: Mapping[str, frozens
 
     An entry with a bad template hash is reported as such and nothing else is
     believed of it (it neither fails nor satisfies the allowlist). EXCLUDES
-    skip the allowlist, not the template hash check; a required path counts as
-    measured even if excluded. Paths are as the kernel writes them (spaces
+    skip the allowlist, not the template hash check, and never apply to a
+    required path: what trusted launch relies on is always digest-checked,
+    wherever it lives. Paths are as the kernel writes them (spaces
     become "_"). boot_aggregate is checked against the quoted PCRs
     (boot_aggregate_digest), so exclude it here.
     """
-    excluded = exclude_matcher(excludes)
+    matches_exclude = exclude_matcher(excludes)
+    required = tuple(dict.fromkeys(required))
+    must = frozenset(required)
+
+    def excluded(path: str) -> bool:
+        return path not in must and matches_exclude(path)
+
     allowed = {p: frozenset(d.lower() for d in ds) for p, ds in allowlist.items()}
     bad = set(bad_template_hashes(entries))
     seen: set[str] = set()
@@ -654,7 +661,7 @@ def check_allowlist(entries: Sequence[ImaEntry], allowlist: Mapping[str, frozens
             failures.append(ImaFailure(ImaFailureReason.NOT_IN_ALLOWLIST, e.path, digest, i))
         elif e.file_digest.hex() not in ok:
             failures.append(ImaFailure(ImaFailureReason.DIGEST_NOT_ALLOWED, e.path, digest, i))
-    for path in dict.fromkeys(required):
+    for path in required:
         if path not in seen:
             failures.append(ImaFailure(ImaFailureReason.REQUIRED_NOT_MEASURED, path, "", None))
     return tuple(failures)

@@ -168,12 +168,14 @@ def baseline(cfg: Config) -> HostPolicy:
     if problems:
         raise TrustError("no baseline from inconsistent evidence: " + "; ".join(problems))
     allowlist: dict[str, set[str]] = {}
+    required = must_measure(cfg)
     excluded = exclude_matcher(DEFAULT_EXCLUDES)
     assert q.ima_log is not None
     for entry in parse_ima_list(q.ima_log):
-        if entry.path != "boot_aggregate" and not entry.invalidated and not excluded(entry.path):
+        if entry.path == "boot_aggregate" or entry.invalidated:
+            continue
+        if entry.path in required or not excluded(entry.path):  # a required path is never excluded
             allowlist.setdefault(entry.path, set()).add(entry.file_digest.hex())
-    required = must_measure(cfg)
     missing = [p for p in required if p not in allowlist]
     if missing:
         raise TrustError(f"no baseline: IMA never measured {', '.join(missing)}, which trusted launch relies on")
