@@ -296,6 +296,9 @@ def test_host_verdict_gates_starts_when_required(tv: Tv, gated: Gated):
     try:
         store.add_host_verdict(HostVerdict(utc_now(), time.time(), False, ("PCR 4: quoted 1234",), "0" * 64, "{}"))
         refused(gated.name, "host attestation failed", "PCR 4: quoted 1234")
+        # tvorch launch says so before measuring or writing anything.
+        proc = tv.run("launch", str(gated.base), "--name", f"{PREFIX}hostfail", check=False)
+        assert proc.returncode == 12 and "launch refused: host attestation failed" in proc.stderr
         store.add_host_verdict(HostVerdict(utc_now(), time.time() - 100000, True, (), "0" * 64, "{}"))
         refused(gated.name, "older than host.verdict_max_age")
         store.add_host_verdict(HostVerdict(utc_now(), time.time(), True, (), "0" * 64, "{}"))

@@ -11,6 +11,7 @@ is recognised and its launch settled by `reconcile`.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..adapters.locks import instance_lock
 from ..adapters.store import utc_now
 from ..config import Config
 from ..core.domain_xml import render_domain_xml
+from ..core.hostverdict import host_problem
 from ..core.instance import (
     InstanceRecord,
     InstanceState,
@@ -123,6 +125,10 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         raise HostError(f"emulator {cfg.emulator} is not an executable file (config key 'emulator')")
 
     hv = node.hypervisor
+    if cfg.policy.host_verdict == "require":  # the hook would refuse the start anyway: say so first
+        problem = host_problem(node.store.latest_host_verdict(), time.time(), cfg.host.verdict_max_age)
+        if problem:
+            raise TrustError(f"launch refused: {problem}")
     # Held to the end: a `launching` record whose lock is free is an interrupted launch (see reconcile).
     with instance_lock(Path(cfg.state_dir), name):
         # Before the name check, so that a retry by name after a crash finds the old launch settled.
