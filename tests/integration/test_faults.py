@@ -242,3 +242,17 @@ def test_disk_full_while_appending_to_the_ledger(small_node: tuple[Tv, str]):
         assert [e.state_digest for e in store.ledger(instance)] == ["ab" * 32, "cd" * 32]
     finally:
         store.close()
+
+
+def test_reconcile_never_deletes_an_overlay_it_cannot_account_for(tv: Tv):
+    """A disk named like an overlay but unknown to this store (another store's, a restored
+    database) may be in use: reconcile leaves it alone."""
+    tv.overlay_dir.mkdir(mode=0o711, exist_ok=True)
+    stranger = tv.overlay_dir / f"{PREFIX}stranger.i-0123456789ab.qcow2"
+    stranger.write_bytes(b"someone's disk")
+    try:
+        tv.run("reconcile")
+        tv.json("list")
+        assert stranger.read_bytes() == b"someone's disk"
+    finally:
+        stranger.unlink()

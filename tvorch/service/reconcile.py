@@ -74,8 +74,9 @@ def reconcile(node: Node, holding: str | None = None) -> list[str]:
     known = {r.id for r in records}
     for d in domains:
         if d.instance_id and d.instance_id not in known and node.store.by_id(d.instance_id) is None:
-            _note(done, f"warning: libvirt domain {d.name} carries tvorch instance {d.instance_id}, "
-                        "unknown to this store; left alone")
+            # Another store's instance on the same libvirtd: worth a line, not a warning on every launch.
+            _note(done, f"libvirt domain {d.name} carries tvorch instance {d.instance_id}, "
+                        "unknown to this store; left alone", quiet=True)
     return done
 
 
@@ -158,10 +159,16 @@ def _sweep_overlays(node: Node, claimed: set[str], done: list[str]) -> None:
             continue
         # Read afresh: a record is always committed before its overlay is created.
         record = node.store.by_id(match["id"])
-        if record is not None and (record.state not in _ENDED or record.name != match["name"]
-                                   or (record.state is InstanceState.FAILED and _ran(node, record))):
+        if record is None:
+            # Another store's (a second config, a restored database) or a disk in use:
+            # never delete what this store cannot account for.
+            log.info("overlay_not_ours", path=entry.path, reason="instance unknown to this store; left alone")
             continue
-        whose = f"{record.state.value} instance" if record else "instance unknown to this store:"
+        if record.state not in _ENDED or record.name != match["name"] or (
+            record.state is InstanceState.FAILED and _ran(node, record)
+        ):
+            continue
+        whose = f"{record.state.value} instance"
         if match["id"] in claimed:
             log.info("overlay_kept", path=entry.path, reason=f"a libvirt domain carries instance {match['id']}")
             continue
