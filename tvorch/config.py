@@ -130,6 +130,17 @@ _LIST_CHOICES = {
     "policy.require_trusted": ("image", "firmware", "kernel", "initrd", "emulator", "swtpm"),
 }
 _NOT_FROM_FILE = {"source", "raw"}
+# Lower bounds beyond "not negative": values that would switch a safeguard off.
+_MINIMUMS = {
+    "hook_deadline_ms": 1, "stop_timeout": 1, "max_backing_depth": 1,
+    "launch.memory_mib": 128, "launch.vcpus": 1, "launch.max_memory_mib": 128, "launch.max_vcpus": 1,
+    "host.verdict_max_age": 1, "serve.heartbeat_interval": 1, "serve.reconnect_max_wait": 1,
+}
+# Paths tvorch writes to or trusts: relative ones would depend on the caller's directory.
+_ABSOLUTE = {
+    "state_dir", "emulator", "swtpm", "overlay_dir", "console_log_dir", "swtpm_state_dir",
+    "host.eventlog", "host.ima_log", "host.policy",
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -153,6 +164,12 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
                 raise ConfigError(
                     f"config key '{dotted}' items must be among {', '.join(_LIST_CHOICES[dotted])}, not {item!r}"
                 )
+        if dotted in _MINIMUMS and values[f.name] < _MINIMUMS[dotted]:
+            raise ConfigError(f"config key '{dotted}' must be at least {_MINIMUMS[dotted]}, not {values[f.name]}")
+        if dotted in _ABSOLUTE and not values[f.name].startswith("/"):
+            raise ConfigError(f"config key '{dotted}' must be an absolute path, not {values[f.name]!r}")
+        if dotted == "host.pcrs" and (not values[f.name] or max(values[f.name]) > 23):
+            raise ConfigError(f"config key '{dotted}' must list PCR indices 0-23, not {list(values[f.name])}")
         choices = _CHOICES.get(dotted)
         if choices and values[f.name] not in choices:
             raise ConfigError(

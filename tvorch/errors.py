@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     TRUST_REFUSED = 12  # a measurement, signature or manifest did not verify or is not trusted
     EVIDENCE = 13  # an event log, IMA log or quote is malformed
     TPM = 14  # the TPM refused or failed a command (the TPM response code is kept)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 class TvorchError(Exception):

@@ -151,6 +151,12 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
         store.close()
 
 
+def _read_stdin() -> str:
+    """libvirt writes UTF-8; anything undecodable cannot match a manifest anyway."""
+    raw = getattr(sys.stdin, "buffer", None)
+    return raw.read().decode("utf-8", "replace") if raw is not None else sys.stdin.read()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     # Nothing libvirtd left open (its sockets, its locks) stays open in here.
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config()
         signal.setitimer(signal.ITIMER_REAL, cfg.hook_deadline_ms / 1000)
-        xml = sys.stdin.read()
+        xml = _read_stdin()
         status, line = decide(args, xml, cfg)
     except DeadlineExceeded:
         status, line = fail, "tvorch: hook deadline passed before a decision" + (

@@ -95,3 +95,16 @@ def test_effective_config_covers_defaults_and_is_json_ready():
     assert data["policy"]["require_trusted"] == ("image",)
     assert "source" not in data and "raw" not in data
     json.dumps(data)  # serialisable, so it can be digested canonically
+
+
+@pytest.mark.parametrize("text, words", [
+    (b"hook_deadline_ms = 0\n", "'hook_deadline_ms' must be at least 1"),
+    (b"[launch]\nvcpus = 0\n", "'launch.vcpus' must be at least 1"),
+    (b"[serve]\nheartbeat_interval = 0\n", "'serve.heartbeat_interval' must be at least 1"),
+    (b"state_dir = 'relative/state'\n", "'state_dir' must be an absolute path"),
+    (b"[host]\npcrs = [99]\n", "'host.pcrs' must list PCR indices 0-23"),
+    (b"[host]\npcrs = []\n", "'host.pcrs' must list PCR indices 0-23"),
+])
+def test_values_that_would_disable_a_safeguard_are_refused(text, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_config(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.errors import ConflictError, InputError
+from tvorch.errors import ConfigError, ConflictError, InputError
 from tvorch.service.hook_install import DROP_IN, MARKER, install, render_shim, uninstall
 
 PYTHON = "/opt/tvorch/bin/python"
@@ -40,15 +40,16 @@ def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
 
 def test_install_into_empty_dir_takes_the_main_slot(tmp_path: Path) -> None:
     hooks = tmp_path / "hooks"
-    done = install(hooks, "/etc/tvorch/tvorch.toml", python=PYTHON)
+    config = str(config_file(tmp_path, "tvorch.toml"))
+    done = install(hooks, config, python=PYTHON)
     shim = hooks / "qemu"
-    assert done.path == str(shim) and done.created is True and done.config == "/etc/tvorch/tvorch.toml"
+    assert done.path == str(shim) and done.created is True and done.config == config
     assert mode(shim) == 0o755
     text = shim.read_text()
     assert text.startswith("#!/bin/sh\n")
     assert MARKER in text
     assert f"TVORCH_PYTHON='{PYTHON}'\n" in text
-    assert "export TVORCH_CONFIG='/etc/tvorch/tvorch.toml'\n" in text
+    assert f"export TVORCH_CONFIG='{config}'\n" in text
     assert 'exec "$TVORCH_PYTHON" -m tvorch.hook "$@"' in text
     assert not (hooks / "qemu.d").exists()
 
@@ -61,14 +62,16 @@ def test_install_without_config_exports_none(tmp_path: Path) -> None:
 
 
 def test_install_again_updates_in_place(tmp_path: Path) -> None:
-    install(tmp_path, "/etc/a.toml", python=PYTHON)
-    again = install(tmp_path, "/etc/b.toml", python="/srv/venv/bin/python")
+    configs = tmp_path / "etc"
+    configs.mkdir()
+    install(tmp_path, str(config_file(configs, "a.toml")), python=PYTHON)
+    again = install(tmp_path, str(config_file(configs, "b.toml")), python="/srv/venv/bin/python")
     assert again.created is False and again.path == str(tmp_path / "qemu")
     text = (tmp_path / "qemu").read_text()
-    assert "/etc/b.toml" in text and "/etc/a.toml" not in text
+    assert str(configs / "b.toml") in text and str(configs / "a.toml") not in text
     assert "TVORCH_PYTHON='/srv/venv/bin/python'" in text
     assert mode(tmp_path / "qemu") == 0o755
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qemu"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc", "qemu"]  # no temporary file left behind
 
 
 def test_someone_elses_hook_keeps_the_main_slot(tmp_path: Path) -> None:
@@ -165,12 +168,29 @@ def test_shim_does_not_override_an_inherited_config_when_none_given(tmp_path: Pa
 def test_installed_shim_is_executable_directly(tmp_path: Path) -> None:
     """libvirtd execs the hook file itself, not `sh FILE`: the mode and #! line must do."""
     fake = _fake_interpreter(tmp_path / "bin")
-    done = install(tmp_path / "hooks", "/etc/t.toml", python=str(fake))
+    done = install(tmp_path / "hooks", str(config_file(tmp_path, "t.toml")), python=str(fake))
     result = subprocess.run([done.path, "vm", "started", "begin", "-"], input=b"x", capture_output=True,
                             env={"PATH": "/usr/bin:/bin"}, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines()[2:] == ["arg=vm", "arg=started", "arg=begin", "arg=-",
-                                                       "config=/etc/t.toml", "stdin=x"]
+                                                       f"config={tmp_path / 't.toml'}", "stdin=x"]
+
+
+def config_file(directory: Path, name: str) -> Path:
+    """A real (empty: all defaults) config, since install-hook loads the one it names."""
+    path = directory / name
+    path.write_text("")
+    return path
+
+
+def test_a_config_that_does_not_load_is_refused(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks"
+    with pytest.raises(ConfigError, match="config file not found"):
+        install(hooks, str(tmp_path / "missing.toml"), python=PYTHON)
+    (tmp_path / "typo.toml").write_text("stop_timout = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'stop_timout'"):
+        install(hooks, str(tmp_path / "typo.toml"), python=PYTHON)
+    assert not hooks.exists()
 
 
 @pytest.mark.parametrize("bad", ["/etc/it's.toml", "/etc/a\nb.toml"])

@@ -466,7 +466,9 @@ def test_mutated_logs_parse_or_raise_evidence_error_only(case):
         # Whatever parses is written back byte for byte, and the in-place fast path
         # agrees with the field-by-field decoder the ASCII parser uses.
         assert to_binary(entries) == bytes(data)
-        assert parse_ima_ascii(to_ascii(entries)) == entries
+        # The ASCII list cannot carry a newline inside a field (the kernel prints it raw too).
+        if not any(b"\n" in e.template_data for e in entries):
+            assert parse_ima_ascii(to_ascii(entries)) == entries
 
 
 @settings(max_examples=300, deadline=None)

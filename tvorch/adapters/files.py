@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import ConfigError
+
 
 def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
     """Create PATH (and parents) if missing; a new leaf gets MODE whatever the umask.
@@ -12,14 +14,17 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
     An existing directory keeps its mode: it may be shared (a mistaken
     `state_dir = "/var/lib"` must not lock everyone else out of it).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.mkdir(mode=mode)
-    except FileExistsError:
-        if not path.is_dir():
-            raise
-        return
-    os.chmod(path, mode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=mode)
+        except FileExistsError:
+            if not path.is_dir():
+                raise NotADirectoryError(20, "exists and is not a directory") from None
+            return
+        os.chmod(path, mode)
+    except OSError as err:
+        raise ConfigError(f"cannot create directory {path}: {err.strerror}") from None
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

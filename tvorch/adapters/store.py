@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from ..core.instance import InstanceEvent, InstanceRecord, InstanceState
+from ..core.instance import InstanceEvent, InstanceRecord, InstanceState, validate_name
 from ..core.ledger import LedgerEntry, chain_entry
 from ..core.hostverdict import DaemonStatus, HostVerdict
 from ..core.references import ReferenceValue
@@ -314,7 +314,8 @@ class Store:
         return _row_to_record(row) if row else None
 
     def get_live(self, name: str) -> InstanceRecord:
-        record = self.find_live(name)
+        """The record of NAME; a name no launch could have made is refused first (exit 3)."""
+        record = self.find_live(validate_name(name))
         if record is None:
             raise NotFoundError(f"no instance named '{name}'")
         return record

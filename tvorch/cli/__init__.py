@@ -26,9 +26,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"tvorch: error: {err}", err=True)
         return int(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("tvorch: error: aborted", err=True)
-        return int(ExitCode.FAILURE)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("tvorch: error: interrupted", err=True)
+        return int(ExitCode.INTERRUPTED)
+    except click.exceptions.NoArgsIsHelpError as err:
+        # `tvorch image` alone: show that group's help, as a usage error.
+        click.echo(err.ctx.get_help() if err.ctx else str(err), err=True)
+        return int(ExitCode.USAGE)
     except click.ClickException as err:
         # One line instead of click's usage block.
         click.echo(f"tvorch: error: {' '.join(err.format_message().split())}", err=True)

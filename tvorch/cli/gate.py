@@ -6,6 +6,8 @@ for another command (`launch`) does not pay for it.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import click
@@ -40,10 +42,13 @@ def uninstall_hook(hooks_dir: str, as_json: bool) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def hook(args: tuple[str, ...]) -> None:
+@pass_ctx
+def hook(ctx: Context, args: tuple[str, ...]) -> None:
     """libvirt's qemu hook: NAME OPERATION SUB-OPERATION EXTRA, domain XML on stdin."""
     from .. import hook as hook_entry  # tvorch.hook, the lean entry point libvirtd's shim runs
 
+    if ctx.config_path:  # the hook reads its config the way libvirtd's shim gives it
+        os.environ["TVORCH_CONFIG"] = ctx.config_path
     raise SystemExit(hook_entry.main(list(args)))
 
 

@@ -68,6 +68,8 @@ def parse_policy(data: bytes, source: str = "host policy") -> HostPolicy:
         doc: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{source} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a host policy") from None
     _require(isinstance(doc, dict) and set(doc) == _FIELDS, "top level",
              f"must have exactly the keys {', '.join(sorted(_FIELDS))}")
     _require(doc["version"] == POLICY_VERSION, "version", f"must be {POLICY_VERSION}")

@@ -191,6 +191,8 @@ def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime) 
         raise TrustError("manifest file is not UTF-8") from None
     except ValueError as err:
         raise TrustError(f"manifest file is not valid JSON: {err}") from None
+    except RecursionError:
+        raise TrustError("manifest file is nested too deeply to be a manifest") from None
     try:
         canonical = canonical_json(parsed)
     except ValueError as err:

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..adapters.files import atomic_write
+from ..config import load_config
 from ..errors import ConflictError, InputError
 
 MARKER = "# tvorch-hook"
@@ -67,6 +68,13 @@ def target(hooks_dir: Path) -> Path:
 
 
 def install(hooks_dir: Path, config: str | None, python: str = sys.executable) -> HookInstall:
+    if config is not None:
+        # The hook reads it on every start of every domain: a typo here would refuse them all.
+        config = os.path.abspath(config)
+        _sh_quote(config)
+        load_config(config)
+    if not hooks_dir.is_absolute() or (hooks_dir.exists() and not hooks_dir.is_dir()):
+        raise InputError(f"refused --hooks-dir {str(hooks_dir)!r}: not an absolute path to a directory")
     path = target(hooks_dir)
     drop_in = path.parent.name == "qemu.d"
     if drop_in and path.exists() and not _is_ours(path):

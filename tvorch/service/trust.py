@@ -100,7 +100,7 @@ def add_reference(node: Node, kind: str, path: str, label: str | None, rehash: b
 
 def remove_reference(node: Node, kind: str, digest_or_path: str) -> ReferenceValue:
     """Forget one trusted digest, named by its hex or by a file that has it."""
-    digest = digest_or_path.lower()
+    digest = digest_or_path.lower().removeprefix("sha256:")  # the form tvorch prints
     if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
         if not Path(digest_or_path).is_file():
             raise InputError(f"refused {digest_or_path!r}: neither a SHA-256 hex digest nor a file")
