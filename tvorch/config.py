@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .adapters.files import read_bounded
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/tvorch/tvorch.toml"
@@ -228,7 +229,7 @@ def load_config(path: str | None = None) -> Config:
     explicit = path or os.environ.get(CONFIG_ENV)
     target = explicit or DEFAULT_CONFIG_PATH
     try:
-        text = Path(target).read_bytes()
+        text = read_bounded(target, 1024 * 1024)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file not found: {target}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -48,3 +49,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_bounded(path: str, limit: int) -> bytes:
+    """The bytes of PATH, a regular file of at most LIMIT bytes.
+
+    O_NONBLOCK so a FIFO never hangs us; the size is checked by reading (files
+    in securityfs, like the IMA list, report a size of 0).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(21, "not a regular file") if stat.S_ISDIR(os.fstat(fd).st_mode) else OSError(
+                22, "not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(27, f"larger than {limit} bytes")
+    return data

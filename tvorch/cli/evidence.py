@@ -24,15 +24,13 @@ MAX_PCR = 31
 
 
 def read_event_log(path: str) -> EventLog:
+    from ..adapters.files import read_bounded
     from ..core.eventlog import parse_event_log
 
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_LOG_BYTES + 1)
+        raw = read_bounded(path, MAX_LOG_BYTES)
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(raw) > MAX_LOG_BYTES:
-        raise EvidenceError(f"{path}: more than {MAX_LOG_BYTES >> 20} MiB, not a firmware event log")
     try:
         return parse_event_log(raw)
     except EvidenceError as err:

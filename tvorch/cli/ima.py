@@ -19,19 +19,23 @@ if TYPE_CHECKING:
     from ..core.ima import ImaEntry
 
 
+# A day of a busy node's IMA list is a few tens of MB; more is not a measurement list.
+MAX_LIST_BYTES = 512 * 1024 * 1024
+
+
 def _read_entries(path: str, fmt: str) -> tuple[ImaEntry, ...]:
     """Entries of the list at PATH ("-" for stdin), in FMT or told apart by parse_ima_list.
 
     The parser (~5 ms to import) is imported here, not when the CLI loads.
     """
+    from ..adapters.files import read_bounded
     from ..core.ima import parse_ima_ascii, parse_ima_binary, parse_ima_list
 
     try:
         if path == "-":
             data = sys.stdin.buffer.read()
         else:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_bounded(path, MAX_LIST_BYTES)
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror}") from None
     if fmt == "binary":

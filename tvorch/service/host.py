@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tvorch
 
+from ..adapters.files import read_bounded
 from ..adapters.store import Store, utc_now
 from ..adapters.tpm import AkInfo, open_tpm, read_ak
 from ..config import Config
@@ -63,15 +64,11 @@ def init(cfg: Config) -> AkInfo:
 
 def _read_log(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_LOG_BYTES + 1)
+        return read_bounded(path, MAX_LOG_BYTES)
     except FileNotFoundError:
         return None
     except OSError as err:
         raise HostError(f"cannot read {path}: {err.strerror}") from None
-    if len(data) > MAX_LOG_BYTES:
-        raise HostError(f"{path} is larger than {MAX_LOG_BYTES} bytes")
-    return data
 
 
 def quote(cfg: Config, nonce: bytes) -> HostQuote:
