@@ -11,9 +11,11 @@ query, one pass over libvirt's domains and one listing of the overlay directory.
   the record marked failed, so the name can be launched again.
 - Other live records take libvirt's state (`instances.refresh`), under the
   name's lock so that a concurrent start, stop or destroy is not overwritten.
-- An overlay of an instance this store does not know, or of a failed or
-  destroyed one, is removed, unless a libvirt domain claims that instance or a
-  guest ran on it (a tenant's data: only `tvorch destroy` removes that).
+- An overlay of a failed or destroyed instance of this store is removed,
+  unless a libvirt domain claims that instance or a guest ran on it (a
+  tenant's data: only `tvorch destroy` removes that). An overlay of an
+  instance this store does not know is never touched: it may be another
+  store's disk, in use.
 - A domain carrying tvorch metadata this store does not know is reported and
   left alone; domains without tvorch metadata are never touched.
 """
