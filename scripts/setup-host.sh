@@ -10,7 +10,7 @@ PACKAGES=(
     libxml2-utils python3-venv python3-dev
     # build the test guest
     linux-image-cloud-amd64 busybox-static cpio systemd-boot-efi sbsigntool
-    mtools dosfstools fdisk
+    mtools dosfstools fdisk binutils openssl
 )
 
 missing=()
