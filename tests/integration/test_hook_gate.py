@@ -211,6 +211,8 @@ def test_domain_tvorch_never_launched(tv: Tv, gated: Gated):
     redefine(edited(gated, edit))
     try:
         refused(impostor, "which this node did not launch")
+        # No record, but the refusal is on file under the domain's name.
+        assert [e["verdict"] for e in tv.json("events", impostor) if e["operation"] == "prepare begin"] == ["refused"]
     finally:
         virsh("undefine", "--nvram", "--keep-tpm", impostor, check=False)
 

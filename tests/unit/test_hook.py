@@ -73,7 +73,7 @@ class Node:
     def events(self) -> list[dict[str, object]]:
         s = self.store()
         try:
-            return s.hook_events(INSTANCE)
+            return s.hook_events(INSTANCE, NAME)
         finally:
             s.close()
 

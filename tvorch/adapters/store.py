@@ -408,10 +408,12 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
-    def hook_events(self, instance_id: str) -> list[dict[str, object]]:
+    def hook_events(self, instance_id: str | None, domain: str) -> list[dict[str, object]]:
+        """The hook's decisions for the instance, and those about a domain of that name it did not know."""
         rows = self._db.execute(
-            "SELECT at, operation, verdict, reasons FROM hook_events WHERE instance_id = ? ORDER BY seq",
-            (instance_id,),
+            "SELECT at, operation, verdict, reasons FROM hook_events "
+            "WHERE instance_id = ? OR (instance_id IS NULL AND domain = ?) ORDER BY seq",
+            (instance_id, domain),
         ).fetchall()
         return [
             {"at": r["at"], "operation": r["operation"], "verdict": r["verdict"], "reasons": json.loads(r["reasons"])}

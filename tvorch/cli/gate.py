@@ -7,13 +7,15 @@ for another command (`launch`) does not pay for it.
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import click
 
+from ..core.instance import validate_name
+from ..errors import NotFoundError
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
+
 
 @cli.command(name="install-hook")
 @click.option("--hooks-dir", default="/etc/libvirt/hooks", show_default=True, metavar="DIR")
@@ -57,9 +59,12 @@ def hook(ctx: Context, args: tuple[str, ...]) -> None:
 @json_option
 @pass_ctx
 def events(ctx: Context, name: str, as_json: bool) -> None:
-    """The hook's decisions for instance NAME: time, operation, verdict, reasons."""
-    record = ctx.node.store.get_live(name)
-    rows = ctx.node.store.hook_events(record.id)
+    """The hook's decisions for instance NAME (or a domain of that name it refused): time, operation, verdict, reasons."""
+    store = ctx.node.store
+    record = store.find_live(validate_name(name))
+    rows = store.hook_events(record.id if record else None, name)
+    if record is None and not rows:
+        raise NotFoundError(f"no instance named '{name}', and no hook decision about a domain of that name")
     emit(as_json, rows, lambda: "\n".join(
         f"{r['at']}  {r['operation']:<16} {r['verdict']:<9} {'; '.join(r['reasons'])}" for r in rows)
         or "no hook decisions recorded")
