@@ -17,9 +17,10 @@ demo: setup
 test: setup lint
 	TVORCH_TEST_GUEST_DIR=$(GUEST_DIR) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Errors a reader would trip over: undefined names, unused imports, syntax.
+# Errors a reader would trip over: undefined names, unused imports, syntax, types.
 lint: venv
 	$(VENV)/bin/ruff check --quiet --select F,E9 tvorch tests benchmarks
+	$(VENV)/bin/mypy tvorch
 
 unit: venv
 	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from tenacity import wait_exponential
+from tenacity import RetryCallState, Retrying, wait_exponential
 
 from .adapters.libvirt_events import LifecycleFeed
 from .adapters.sdnotify import notify, watchdog_interval
@@ -45,7 +45,7 @@ class Daemon:
         self.started_at = utc_now()
         self.stopping = False
         self.reload_requested = False
-        # tenacity computes the backoff; the loop keeps running between attempts.
+        # tenacity computes the backoff; the loop keeps running (heartbeat, watchdog) between attempts.
         self._backoff = wait_exponential(multiplier=0.5, max=self.cfg.serve.reconnect_max_wait)
         self._attempt = 0
         self._next_connect = 0.0
@@ -97,7 +97,9 @@ class Daemon:
             self.feed.connect()
         except TvorchError as err:
             self._attempt += 1
-            delay = self._backoff(_Attempt(self._attempt))
+            state = RetryCallState(Retrying(), None, (), {})
+            state.attempt_number = self._attempt
+            delay = self._backoff(state)
             self._next_connect = time.monotonic() + delay
             log.warning("libvirt_unreachable", error=str(err), retry_in=round(delay, 1))
             notify(f"STATUS=waiting for libvirtd (retry in {delay:.0f} s)")
@@ -192,13 +194,6 @@ class Daemon:
             self._next_attest = 0.0
             log.info("config_reloaded", config=cfg.source)
         notify("READY=1")
-
-
-class _Attempt:
-    """The one field of tenacity's RetryCallState its wait strategies read."""
-
-    def __init__(self, number: int) -> None:
-        self.attempt_number = number
 
 
 def serve(config_path: str | None, log_level: str | None = None) -> int:

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..core.instance import InstanceEvent, InstanceRecord, InstanceState, validate_name
 from ..core.ledger import LedgerEntry, chain_entry
@@ -408,7 +408,7 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
-    def hook_events(self, instance_id: str | None, domain: str) -> list[dict[str, object]]:
+    def hook_events(self, instance_id: str | None, domain: str) -> list[dict[str, Any]]:
         """The hook's decisions for the instance, and those about a domain of that name it did not know."""
         rows = self._db.execute(
             "SELECT at, operation, verdict, reasons FROM hook_events "

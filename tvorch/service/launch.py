@@ -167,7 +167,8 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
                          req.allow_untrusted_image)
         crash_point("measured")
         manifest = issue_manifest(cfg, spec, measured)
-        spec = dataclasses.replace(spec, manifest_digest=manifest_digest(manifest))
+        signed_digest = manifest_digest(manifest)
+        spec = dataclasses.replace(spec, manifest_digest=signed_digest)
         xml = render_domain_xml(spec)
         now = utc_now()
         record = InstanceRecord(
@@ -178,7 +179,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         if previous is not None:  # a failed launch of that name: clear what is left of it
             remove_instance(node, previous, purge_vtpm=False)
         node.store.create_instance(record)
-        node.store.save_manifest(instance_id, spec.manifest_digest, manifest)
+        node.store.save_manifest(instance_id, signed_digest, manifest)
         crash_point("recorded")
         for m in measured.measurements:
             if m.details.get("waived"):
