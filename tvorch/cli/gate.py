@@ -72,7 +72,7 @@ def events(ctx: Context, name: str, as_json: bool) -> None:
 
 @cli.group()
 def vtpm() -> None:
-    """Per-instance vTPM records."""
+    """Per-instance vTPMs: their ledger, and manufacturing a state with node-issued EK certificates."""
 
 
 @vtpm.command(name="ledger")

@@ -1,0 +1,183 @@
+"""Manufacture a vTPM state: swtpm_setup with EK certificates from the node CA.
+
+Runs ``swtpm_setup --tpm2 --createek --create-ek-cert --lock-nvram`` with a
+private swtpm_setup.conf (in a 0700 temporary directory) whose
+``create_certs_tool`` is ``tvorch.adapters.swtpm_certs``; that tool finds the
+node state directory in the ``create_certs_tool_config`` file written beside
+it. The resulting state is what libvirt takes as is (DESIGN.md,
+"Environment facts").
+
+Why no ``--runas``: swtpm_setup drops to that user before running the certs
+tool, which would then need to read the node CA key, and that key must
+never be readable by ``tss`` (the user every swtpm runs as). So swtpm_setup
+runs as the caller (root in production) and the finished state is handed to
+OWNER afterwards (chown of the directory and its files).
+
+swtpm_setup keeps no copy of the certificates outside the TPM's NV, so
+``--write-ek-cert-files`` collects them and ``manufacture`` returns them for
+the caller to record.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tvorch.adapters.files import ensure_private_dir
+from tvorch.adapters.node_keys import load_or_create
+from tvorch.adapters.swtpm_certs import NODE_STATE_DIR_KEY
+from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
+from tvorch.errors import ConflictError, HostError, OperationTimeout, TvorchError
+
+DEFAULT_TIMEOUT = 60.0
+RSA_EK_FILE = "ek-rsa2048.crt"  # the names --write-ek-cert-files uses (swtpm 0.7)
+ECC_EK_FILE = "ek-secp384r1.crt"
+# swtpm_setup's own framing lines, never the reason it failed.
+_NOISE = ("Starting vTPM manufacturing", "Ending vTPM manufacturing", "An error occurred",
+          "Error getting next filename", "Invoking ", "TPM is listening")
+
+
+class VtpmManufactureError(HostError):
+    """swtpm_setup could not make the vTPM state (its last meaningful line is kept); exit code HOST."""
+
+
+@dataclass(frozen=True)
+class ManufacturedVtpm:
+    """What the caller records: the RSA EK certificate is the vTPM's identity, the ECC one its twin."""
+
+    ek_cert_der: bytes  # RSA 2048 EK certificate, as written at NV index 0x01c00002
+    ek_public_pem: bytes
+    ek_fingerprint: str  # sha256 of the EK SubjectPublicKeyInfo (tvorch.core.ekcert.ek_fingerprint)
+    ek_certs: dict[str, bytes] = field(default_factory=dict)  # every EK cert by file name (RSA and ECC)
+
+    def ek_cert(self) -> x509.Certificate:
+        """The RSA EK certificate, parsed."""
+        return x509.load_der_x509_certificate(self.ek_cert_der)
+
+
+def manufacture(
+    state_dir: Path,
+    node_state_dir: Path,
+    vmid: str,
+    owner: str = "tss",
+    *,
+    pwdfile: Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> ManufacturedVtpm:
+    """Make a fresh TPM 2 state in STATE_DIR (created 0700, must be empty) with node-CA EK certificates.
+
+    PWDFILE, when given, encrypts the state (``--pwdfile F --cipher
+    aes-256-cbc``; libvirt must then start swtpm with the same secret).
+    OWNER gets the state when running as root and the user exists.
+    """
+    swtpm_setup = shutil.which("swtpm_setup")
+    if swtpm_setup is None or shutil.which("swtpm") is None:
+        raise HostError("swtpm_setup and swtpm are needed to make a vTPM (Debian packages swtpm, swtpm-tools)")
+    identity = load_or_create(node_state_dir, socket.gethostname())  # make the CA now, not in the tool
+    created = not state_dir.exists()
+    ensure_private_dir(state_dir)
+    if any(state_dir.iterdir()):
+        raise ConflictError(f"{state_dir} is not empty; a vTPM state is never overwritten")
+    os.chmod(state_dir, 0o700)  # an existing empty directory too: the state holds the vTPM's secrets
+    try:
+        with tempfile.TemporaryDirectory(prefix="tvorch-vtpm-") as tmp:
+            work = Path(tmp)
+            conf = _write_configs(work, node_state_dir)
+            certs = work / "certs"
+            certs.mkdir()
+            command = [swtpm_setup, "--tpm2", "--tpm-state", str(state_dir.absolute()), "--createek", "--create-ek-cert",
+                       "--lock-nvram", "--pcr-banks", "sha256", "--config", str(conf), "--vmid", vmid,
+                       "--write-ek-cert-files", str(certs)]
+            if pwdfile is not None:
+                command += ["--pwdfile", str(pwdfile), "--cipher", "aes-256-cbc"]
+            _run(command, timeout)
+            found = {p.name: p.read_bytes() for p in sorted(certs.glob("ek-*.crt"))}
+        if RSA_EK_FILE not in found:
+            raise VtpmManufactureError(f"swtpm_setup wrote no {RSA_EK_FILE} (it wrote: {', '.join(found) or 'none'})")
+        now = datetime.now(timezone.utc)
+        for name, der in found.items():  # the tool must have used this node's CA
+            try:
+                verify_ek_certificate(x509.load_der_x509_certificate(der), identity.ca_cert, now)
+            except (ValueError, TvorchError) as err:
+                raise VtpmManufactureError(f"EK certificate {name} from swtpm_setup does not check: {err}") from None
+        _hand_over(state_dir, owner)
+    except BaseException:
+        if created:  # leave nothing half made behind, so a retry starts clean
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+    cert = x509.load_der_x509_certificate(found[RSA_EK_FILE])
+    public = cert.public_key()
+    if not isinstance(public, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise VtpmManufactureError(f"{RSA_EK_FILE} holds a {type(public).__name__}, not an EK")
+    return ManufacturedVtpm(
+        ek_cert_der=found[RSA_EK_FILE],
+        ek_public_pem=public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        ek_fingerprint=ek_fingerprint(public),
+        ek_certs=found,
+    )
+
+
+def _write_configs(work: Path, node_state_dir: Path) -> Path:
+    """swtpm_setup.conf, the certs tool's config and options, and a wrapper (the config takes a path only)."""
+    tool = work / "tvorch-swtpm-certs"
+    tool.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tvorch.adapters.swtpm_certs \"$@\"\n")
+    tool.chmod(0o700)
+    tool_conf = work / "swtpm-certs.conf"
+    tool_conf.write_text(f"{NODE_STATE_DIR_KEY} = {node_state_dir.resolve()}\n")
+    tool_opts = work / "swtpm-certs.options"
+    tool_opts.write_text("")
+    conf = work / "swtpm_setup.conf"
+    conf.write_text(
+        f"create_certs_tool = {tool}\n"
+        f"create_certs_tool_config = {tool_conf}\n"
+        f"create_certs_tool_options = {tool_opts}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    return conf
+
+
+def _run(command: list[str], timeout: float) -> None:
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise OperationTimeout(f"swtpm_setup did not finish in {timeout:g} s") from None
+    except OSError as err:
+        raise HostError(f"cannot run swtpm_setup: {err.strerror}") from None
+    if done.returncode != 0:
+        raise VtpmManufactureError(
+            f"swtpm_setup failed (exit {done.returncode}): {_last_meaningful(done.stderr, done.stdout)}")
+
+
+def _last_meaningful(stderr: bytes, stdout: bytes) -> str:
+    """The reason, from stderr first: stdout (progress) is block-buffered and comes out after it."""
+    for stream in (stderr, stdout):
+        lines = [line.strip() for line in stream.decode(errors="replace").splitlines() if line.strip()]
+        useful = [line for line in lines if not any(noise in line for noise in _NOISE)]
+        if useful:
+            return useful[-1][:500]
+    return "no output"
+
+
+def _hand_over(state_dir: Path, owner: str) -> None:
+    """chown the state to OWNER when we are root and OWNER exists (libvirt runs swtpm as tss)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam(owner)
+    except KeyError:
+        return
+    for path in [state_dir, *state_dir.iterdir()]:
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
