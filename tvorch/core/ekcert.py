@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tvorch.core.signing import key_usage
 from tvorch.errors import TrustError
 
 # TCG OIDs (TCG EK Credential Profile, section 5; "TCG OID" registry).
@@ -77,9 +78,9 @@ def issue_ek_certificate(
     if now.tzinfo is None:
         raise ValueError("a timezone-aware datetime is required")
     if isinstance(ek_public_key, rsa.RSAPublicKey):
-        usage = _key_usage(key_encipherment=True)
+        usage = key_usage(key_encipherment=True)
     elif isinstance(ek_public_key, ec.EllipticCurvePublicKey):
-        usage = _key_usage(key_agreement=True)
+        usage = key_usage(key_agreement=True)
     else:  # pragma: no cover - the type says it cannot happen
         raise TypeError(f"an EK is an RSA or ECC key, not {type(ek_public_key).__name__}")
     serial = x509.random_serial_number() if serial_hint is None else serial_hint
@@ -154,20 +155,6 @@ def ek_fingerprint(public_key: EkPublicKey) -> str:
     """SHA-256 of the EK's SubjectPublicKeyInfo, hex: the vTPM's identity, stable across certificate reissues."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
-
-
-def _key_usage(*, key_encipherment: bool = False, key_agreement: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=key_encipherment,
-        data_encipherment=False,
-        key_agreement=key_agreement,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _tpm_spec_attributes(spec: TpmSpecification) -> bytes:

@@ -63,7 +63,7 @@ def make_ca(common_name: str, now: datetime) -> tuple[ec.EllipticCurvePrivateKey
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(_add_years(now, CA_YEARS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -121,7 +121,7 @@ def issue_signing_cert(
         years=SIGNING_CERT_YEARS,
         extensions=[
             (x509.BasicConstraints(ca=False, path_length=None), True),
-            (_key_usage(digital_signature=True), True),
+            (key_usage(digital_signature=True), True),
             (x509.ExtendedKeyUsage([DOCUMENT_SIGNING]), False),
         ],
     )
@@ -193,18 +193,14 @@ def _extension(cert: x509.Certificate, kind: type[_Ext]) -> _Ext | None:
         return None
 
 
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=key_cert_sign,
-        crl_sign=crl_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
+def key_usage(**granted: bool) -> x509.KeyUsage:
+    """A KeyUsage with only the GRANTED uses (cryptography wants every flag spelled out)."""
+    flags = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    unknown = set(granted) - set(flags)
+    if unknown:
+        raise TypeError(f"unknown key usage {sorted(unknown)}")
+    return x509.KeyUsage(**{flag: granted.get(flag, False) for flag in flags})
 
 
 def _add_years(now: datetime, years: int) -> datetime:
