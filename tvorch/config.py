@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .adapters.files import read_bounded
+from .core.references import REFERENCE_KINDS
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/tvorch/tvorch.toml"
@@ -128,7 +129,7 @@ _CHOICES = {
     "host.bank": ("sha1", "sha256", "sha384"),
 }
 _LIST_CHOICES = {
-    "policy.require_trusted": ("image", "firmware", "kernel", "initrd", "emulator", "swtpm"),
+    "policy.require_trusted": REFERENCE_KINDS,
 }
 _NOT_FROM_FILE = {"source", "raw"}
 # Lower bounds beyond "not negative": values that would switch a safeguard off.

@@ -35,7 +35,7 @@ from .core.metadata import parse_instance_metadata
 from .core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
 from .core.hostverdict import host_problem
 from .core.instance import InstanceRecord
-from .errors import TvorchError
+from .errors import StoreError, TvorchError
 
 ALLOW, REFUSE = 0, 1
 
@@ -66,7 +66,7 @@ def gather(
     """
     body = store.manifest(record.id)
     if body is None:
-        raise TvorchError(f"instance {record.id} has no launch manifest")
+        raise StoreError(f"instance {record.id} has no launch manifest in the store")
     manifest = json.loads(body)["manifest"]
     measurements = manifest["measurements"]
     layers = []

@@ -32,6 +32,7 @@ from tvorch.core.images import (
     parse_qcow2_header,
     qcow2_header_bytes_needed,
     qcow2_l2_table_offsets,
+    resolve_backing_path,
 )
 from tvorch.errors import ConflictError, HostError, ImageError, OperationTimeout
 
@@ -81,7 +82,7 @@ def inspect_image(path: str, max_depth: int = 16) -> ImageChain:
             next_open = backing_open_path(opened_as, header.backing_file)
         except ImageError as err:
             raise ImageError(f"image {name}: {err}") from None
-        next_name = os.path.normpath(next_open)
+        next_name = resolve_backing_path(opened_as, header.backing_file)
         if header.backing_format is not None and header.backing_format not in {f.value for f in ImageFormat}:
             raise ImageError(f"image {name}: backing format {header.backing_format!r} is not supported")
         layers.append(

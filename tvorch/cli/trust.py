@@ -8,15 +8,13 @@ for image-signature checking and the like.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 import click
 
+from ..core.references import FILE_REFERENCE_KINDS, REFERENCE_KINDS, ReferenceValue
 from .common import Context, emit, json_option, pass_ctx, write_output
 from .group import cli
 
-if TYPE_CHECKING:
-    from ..core.references import ReferenceValue
 
 def _ref_table(refs: list[ReferenceValue]) -> str:
     if not refs:
@@ -75,7 +73,7 @@ def reference() -> None:
 
 
 @reference.command(name="add")
-@click.argument("kind", type=click.Choice(["firmware", "kernel", "initrd", "emulator", "swtpm"]))
+@click.argument("kind", type=click.Choice(FILE_REFERENCE_KINDS))
 @click.argument("path")
 @click.option("--label", help="A name for it (default: its file name).")
 @click.option("--rehash", is_flag=True, help="Hash again instead of trusting the digest cache.")
@@ -91,7 +89,7 @@ def reference_add(ctx: Context, kind: str, path: str, label: str | None, rehash:
 
 
 @reference.command(name="list")
-@click.option("--kind", type=click.Choice(["image", "firmware", "kernel", "initrd", "emulator", "swtpm"]))
+@click.option("--kind", type=click.Choice(REFERENCE_KINDS))
 @json_option
 @pass_ctx
 def reference_list(ctx: Context, kind: str | None, as_json: bool) -> None:
@@ -101,7 +99,7 @@ def reference_list(ctx: Context, kind: str | None, as_json: bool) -> None:
 
 
 @reference.command(name="remove")
-@click.argument("kind", type=click.Choice(["firmware", "kernel", "initrd", "emulator", "swtpm"]))
+@click.argument("kind", type=click.Choice(FILE_REFERENCE_KINDS))
 @click.argument("digest_or_path")
 @json_option
 @pass_ctx

@@ -13,6 +13,8 @@ from typing import Iterable
 
 # Measured things whose digests can be required to match a reference value.
 REFERENCE_KINDS = ("image", "firmware", "kernel", "initrd", "emulator", "swtpm")
+# Those `tvorch reference` manages; images go through `tvorch image trust`, which checks the backing chain.
+FILE_REFERENCE_KINDS = REFERENCE_KINDS[1:]
 
 
 @dataclass(frozen=True)
