@@ -25,6 +25,20 @@ Not a ContextSave blob: a saved object context is lost at every TPM reset
 needs owner auth, spends scarce NV and competes for persistent handles with
 other agents on the host.
 
+Secrets (a vTPM's state key) are sealed to the host TPM: ``Tpm.seal`` makes
+a KEYEDHASH data object under the storage root key (SRK) whose only
+authorization is a TPM2_PolicyPCR over the PCRs' current values
+(``tvorch.core.sealed`` holds the blob format and the policy arithmetic), and
+``Tpm.unseal`` returns the secret only while those PCRs still hold those
+values. The SRK is the TCG Provisioning Guidance ECC NIST P-256 storage
+template, derived anew from the owner hierarchy at each call (deterministic,
+like the EK) and flushed after it; the owner hierarchy's auth is taken to be
+empty (the default). The secret crosses the bus encrypted both ways: the
+TPM2_Create and TPM2_Unseal sessions are salted with the SRK and encrypt the
+first parameter (AES-128-CFB). That defeats a passive listener on the bus;
+an active interposer could answer TPM2_CreatePrimary with its own key, which
+only a pinned SRK name would catch (not done).
+
 Transient objects and sessions are flushed after every call: without a
 resource manager (swtpm, or ``device:/dev/tpm0``) they would otherwise stay
 in the TPM's few object slots.
@@ -40,15 +54,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_RC, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_HC,
+    TPM2_RC,
+    TPM2_SE,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+)
 from tpm2_pytss.types import (
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
+    TPMS_SENSITIVE_CREATE,
     TPMT_HA,
+    TPMT_PUBLIC,
     TPMT_SYM_DEF,
     TPMU_HA,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
 )
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
@@ -65,6 +93,7 @@ from tvorch.core.quote import (
     selected_pcrs,
     signature_hash_name,
 )
+from tvorch.core.sealed import MAX_SECRET_SIZE, SealedKey, policy_pcr_digest
 from tvorch.errors import InputError, TpmError
 
 HOST_DIR = "host"
@@ -83,6 +112,26 @@ _AK_ATTRIBUTES = (
 # A PCR may be extended between the Quote and the PCR_Read after it (IMA
 # extends PCR 10 whenever a new file is measured); quote again a few times.
 _QUOTE_ATTEMPTS = 3
+# The TCG storage root key: TPM v2.0 Provisioning Guidance 7.5.1 (the EK
+# Credential Profile's ECC NIST P-256 template with the SRK's attributes:
+# userWithAuth, noDA, no policy), unique x and y 32 zero bytes each.
+_SRK_ATTRIBUTES = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.DECRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
+)
+# A sealed data object: no userWithAuth, so only its policy can unseal it.
+_SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+# PCRs may change between the PCR_Read and the trial PolicyPCR that checks it.
+_POLICY_ATTEMPTS = 3
+
+
+class SealedKeyLocked(TpmError):
+    """The sealed key's PCR policy no longer holds: the host booted something else since sealing."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +197,7 @@ def open_tpm(tcti: str) -> Iterator[Tpm]:
 
 
 class Tpm:
-    """One open TPM: make and use the attestation key, read and extend PCRs."""
+    """One open TPM: make and use the attestation key, read and extend PCRs, seal and unseal secrets."""
 
     def __init__(self, esapi: ESAPI) -> None:
         self._esapi = esapi
@@ -221,6 +270,130 @@ class Tpm:
             entries.append(TPMT_HA(hashAlg=BANKS[bank], digest=TPMU_HA(**{bank: digest})))
         with _tss(f"TPM2_PCR_Extend of PCR {pcr}"):
             self._esapi.pcr_extend(ESYS_TR(ESYS_TR.PCR0 + pcr), TPML_DIGEST_VALUES(entries))
+
+    def seal(self, secret: bytes, pcrs: Sequence[int], bank: str = "sha256") -> SealedKey:
+        """SECRET sealed to this TPM's SRK, unsealable only while PCRS of BANK hold their current values.
+
+        The policy digest is computed from the values read (``policy_pcr_digest``)
+        and checked against a trial PolicyPCR on the TPM's own values; read
+        again if a PCR was extended in between. A PCR extended after that
+        check but before TPM2_Create leaves a key sealed to the older values:
+        ``unseal`` then raises ``SealedKeyLocked``.
+        """
+        if not secret:
+            raise InputError("nothing to seal: the secret is empty")
+        if len(secret) > MAX_SECRET_SIZE:
+            raise InputError(f"a sealed secret holds at most {MAX_SECRET_SIZE} bytes, not {len(secret)}")
+        wanted = _pcr_list(pcrs)
+        selection = _selection(wanted, bank)
+        digest = self._pcr_policy_digest(wanted, bank, selection)
+        template = TPM2B_PUBLIC(
+            TPMT_PUBLIC(
+                type=TPM2_ALG.KEYEDHASH,
+                nameAlg=TPM2_ALG.SHA256,
+                objectAttributes=_SEALED_ATTRIBUTES,
+                authPolicy=digest,
+            )
+        )
+        template.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret))
+        with ExitStack() as stack:
+            srk = self._srk(stack)
+            session = self._salted_session(stack, srk, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
+            with _tss("TPM2_Create of the sealed key"):
+                private, public, *_ = self._esapi.create(srk, sensitive, template, session1=session)
+        return SealedKey(
+            bank=bank, pcrs=tuple(wanted), public=public.marshal(), private=private.marshal(), policy_digest=digest
+        )
+
+    def unseal(self, sealed: SealedKey) -> bytes:
+        """The secret in SEALED, if it was sealed on this TPM and its PCRs hold the values sealed to.
+
+        ``SealedKeyLocked`` when they do not; a ``TpmError`` saying so when the
+        blob was made on another TPM (or this TPM's owner seed was cleared).
+        """
+        with _tss("reading the sealed key blobs"):
+            public, public_end = TPM2B_PUBLIC.unmarshal(sealed.public)
+            private, private_end = TPM2B_PRIVATE.unmarshal(sealed.private)
+        if (public_end, private_end) != (len(sealed.public), len(sealed.private)):
+            raise InputError("the sealed key's public or private blob has bytes after its TPM structure")
+        if bytes(public.publicArea.authPolicy) != sealed.policy_digest:
+            raise InputError("the sealed key's policy digest is not the authPolicy of its public area")
+        selection = _selection(_pcr_list(sealed.pcrs), sealed.bank)
+        pcr_text = ",".join(map(str, sealed.pcrs))
+        with ExitStack() as stack:
+            srk = self._srk(stack)
+            try:
+                handle = self._esapi.load(srk, private, public)
+            except TSS2_Exception as err:
+                if err.error == TPM2_RC.INTEGRITY:  # not wrapped by this TPM's SRK
+                    raise TpmError(
+                        "sealed on another TPM (or this TPM's owner hierarchy was cleared since, or the blob was "
+                        "altered): the sealed key does not load under this TPM's storage root key", err.rc,
+                    ) from None
+                raise TpmError(f"TPM2_Load of the sealed key failed: {err}", err.rc) from None
+            stack.callback(self._flush, handle)
+            session = self._salted_session(stack, srk, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
+            with _tss(f"TPM2_PolicyPCR on {sealed.bank} PCRs {pcr_text}"):
+                self._esapi.policy_pcr(session, b"", selection)
+            try:
+                data = self._esapi.unseal(handle, session1=session)
+            except TSS2_Exception as err:
+                if err.error == TPM2_RC.POLICY_FAIL:
+                    raise SealedKeyLocked(
+                        "the host's boot state changed since the key was sealed: "
+                        f"{sealed.bank} PCRs {pcr_text} no longer match", err.rc,
+                    ) from None
+                raise TpmError(f"TPM2_Unseal failed: {err}", err.rc) from None
+        return bytes(data)
+
+    def _pcr_policy_digest(self, pcrs: list[int], bank: str, selection: TPML_PCR_SELECTION) -> bytes:
+        """The PolicyPCR digest of PCRS' current values, computed here and confirmed by a trial session."""
+        for _ in range(_POLICY_ATTEMPTS):
+            digest = policy_pcr_digest(self.read_pcrs(pcrs, bank), bank)
+            with ExitStack() as stack:
+                with _tss("starting a trial policy session"):
+                    trial = self._esapi.start_auth_session(
+                        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                        TPM2_ALG.SHA256,
+                    )
+                stack.callback(self._flush, trial)
+                with _tss("TPM2_PolicyPCR in a trial session"):
+                    self._esapi.policy_pcr(trial, b"", selection)
+                with _tss("TPM2_PolicyGetDigest"):
+                    computed = bytes(self._esapi.policy_get_digest(trial))
+            if computed == digest:
+                return digest
+        raise TpmError(f"{bank} PCRs {pcrs} changed between each of {_POLICY_ATTEMPTS} reads and the policy after it")
+
+    def _srk(self, stack: ExitStack) -> ESYS_TR:
+        """The storage root key, derived anew from the owner hierarchy (empty auth), flushed when STACK closes."""
+        template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=_SRK_ATTRIBUTES, nameAlg="sha256")
+        template.publicArea.unique.ecc.x = bytes(32)
+        template.publicArea.unique.ecc.y = bytes(32)
+        try:
+            srk, *_ = self._esapi.create_primary(None, template, ESYS_TR.OWNER)
+        except TSS2_Exception as err:
+            if err.error in (TPM2_RC.BAD_AUTH, TPM2_RC.AUTH_FAIL):
+                raise TpmError(
+                    "the TPM's owner hierarchy has an authorization value; tvorch derives its storage root key "
+                    "with the default empty owner auth", err.rc,
+                ) from None
+            raise TpmError(f"TPM2_CreatePrimary of the storage root key failed: {err}", err.rc) from None
+        stack.callback(self._flush, srk)
+        return srk
+
+    def _salted_session(self, stack: ExitStack, srk: ESYS_TR, kind: TPM2_SE, crypt: TPMA_SESSION) -> ESYS_TR:
+        """A session salted with SRK that encrypts the first parameter (AES-128-CFB) in the CRYPT direction."""
+        aes = TPMT_SYM_DEF(
+            algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128), mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB)
+        )
+        with _tss("starting a session salted with the storage root key"):
+            session = self._esapi.start_auth_session(srk, ESYS_TR.NONE, kind, aes, TPM2_ALG.SHA256)
+        stack.callback(self._flush, session)
+        with _tss("setting the session attributes"):
+            self._esapi.trsess_set_attributes(session, crypt | TPMA_SESSION.CONTINUESESSION)
+        return session
 
     @contextmanager
     def _loaded_ak(self, ak: AkInfo) -> Iterator[ESYS_TR]:
