@@ -9,6 +9,32 @@ GUEST_DIR=${GUEST_DIR:-/var/cache/tvorch/test-guest}
 NAME=${DEMO_NAME:-tvorch-demo}
 tvorch() { "$VENV/bin/tvorch" "$@"; }
 
+# vTPM keys are sealed to the host TPM. A machine without one (a laptop, a CI
+# runner) gets a swtpm standing in for it, on 127.0.0.1:2321, with its state
+# in /var/lib/tvorch/host-tpm-standin, named in a config written only when
+# there is none. A real node has /dev/tpmrm0 and needs neither.
+CONFIG=${TVORCH_CONFIG:-/etc/tvorch/tvorch.toml}
+STANDIN=/var/lib/tvorch/host-tpm-standin
+if [ ! -e /dev/tpmrm0 ]; then
+    if [ ! -e "$CONFIG" ]; then
+        mkdir -p "$(dirname "$CONFIG")"
+        cat > "$CONFIG" <<EOF
+# Written by 'make demo' on a machine without a TPM: a swtpm on 127.0.0.1:2321
+# stands in for the host TPM (scripts/demo.sh starts it). Remove this file on a real node.
+[host]
+tcti = "swtpm:host=127.0.0.1,port=2321"
+EOF
+        echo "demo: wrote $CONFIG (a swtpm stands in for the missing host TPM)"
+    fi
+    if grep -q 'port=2321' "$CONFIG" && ! (exec 3<>/dev/tcp/127.0.0.1/2321) 2>/dev/null; then
+        mkdir -p -m 0700 "$STANDIN"
+        swtpm socket --tpm2 --server type=tcp,port=2321,bindaddr=127.0.0.1 \
+            --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 --flags not-need-init,startup-clear \
+            --tpmstate dir="$STANDIN" --pid file="$STANDIN/swtpm.pid" --daemon
+        echo "demo: started the stand-in host TPM (swtpm, state in $STANDIN)"
+    fi
+fi
+
 if tvorch show "$NAME" >/dev/null 2>&1; then
     echo "demo: replacing the previous $NAME"
     tvorch destroy --purge-vtpm "$NAME"
@@ -24,6 +50,10 @@ trap 'rm -rf "$out"' EXIT
 tvorch ca show --pem > "$out/node-ca.pem"
 tvorch manifest show "$NAME" --out "$out/manifest.json" > /dev/null
 tvorch manifest verify "$out/manifest.json" --ca "$out/node-ca.pem"
+# The vTPM: manufactured by tvorch, its EK certificate issued by the node CA, its state key sealed.
+tvorch vtpm show "$NAME"
+tvorch vtpm ek "$NAME" --pem > "$out/ek.pem"
+openssl verify -CAfile "$out/node-ca.pem" "$out/ek.pem"
 
 log=$(tvorch show --json "$NAME" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["console_log"])')
 echo "demo: waiting for the guest to report its vTPM (about 10 s under TCG) ..."
@@ -36,7 +66,7 @@ if ! grep -q '^TVORCH-GUEST: ready' "$log" 2>/dev/null; then
     exit 1
 fi
 echo "demo: what the guest saw of its vTPM:"
-grep -E '^TVORCH-GUEST: (tpm|pcr|secureboot)' "$log" | sed 's/^/  /'
+grep -E '^TVORCH-GUEST: (tpm|pcr|secureboot|nv)' "$log" | sed 's/^/  /'
 echo
 echo "demo: $NAME keeps running. Look at it with '$VENV/bin/tvorch show $NAME' or"
 echo "      'virsh console $NAME'; stop it with '$VENV/bin/tvorch stop $NAME' and"

@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,8 +68,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_swtpm(state_dir: Path) -> Iterator[str]:
-    """A swtpm on free ports N, N+1 of 127.0.0.1 with its state in STATE_DIR; yields the TCTI string."""
+def running_swtpm(state_dir: Path, extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """A swtpm on free ports N, N+1 of 127.0.0.1 with its state in STATE_DIR; yields the TCTI string.
+
+    EXTRA_ARGS go to swtpm as they are (say, ``--key pwdfile=F,mode=aes-256-cbc``)."""
     swtpm = shutil.which("swtpm")
     require(swtpm is not None, "swtpm (Debian package swtpm)")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ def running_swtpm(state_dir: Path) -> Iterator[str]:
              "--server", f"type=tcp,port={server},bindaddr=127.0.0.1",
              "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
              "--flags", "not-need-init,startup-clear",
-             "--tpmstate", f"dir={state_dir}"],
+             "--tpmstate", f"dir={state_dir}", *extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:

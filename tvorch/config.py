@@ -83,6 +83,26 @@ class Serve:
 
 
 @dataclass(frozen=True)
+class Vtpm:
+    """How each instance's vTPM state is protected at rest (README, "vTPM state and records")."""
+
+    # "host-tpm": a random key per instance encrypts the state; the key is sealed
+    # to the host TPM (host.tcti) under seal_pcrs and given to libvirt only for a
+    # start. "none": state in clear, for development nodes without a TPM.
+    key_protection: str = "host-tpm"
+    # Host PCRs the key is sealed to: firmware code, option ROMs, boot loader, Secure Boot.
+    seal_pcrs: tuple[int, ...] = (0, 2, 4, 7)
+    seal_bank: str = "sha256"
+    # RSA public key (PEM) of an operator-held escrow key; each state key is also
+    # wrapped to it (RSA-OAEP) so `tvorch vtpm rekey --escrow-key` can recover a
+    # VM after a firmware update. Empty: no escrow, and a changed boot state
+    # makes the vTPMs of existing VMs unrecoverable.
+    escrow_public_key: str = ""
+    # The user libvirt runs swtpm as (qemu.conf swtpm_user); it owns the state.
+    swtpm_user: str = "tss"
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
 
@@ -110,6 +130,7 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     host: HostAttestation = field(default_factory=HostAttestation)
     serve: Serve = field(default_factory=Serve)
+    vtpm: Vtpm = field(default_factory=Vtpm)
     firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
     # Where this config came from, and its bytes (b"" for built-in defaults).
     source: str = field(default="<defaults>", compare=False)
@@ -127,6 +148,8 @@ _CHOICES = {
     "launch.tpm_model": ("crb", "tis"),
     "policy.host_verdict": ("ignore", "require"),
     "host.bank": ("sha1", "sha256", "sha384"),
+    "vtpm.key_protection": ("host-tpm", "none"),
+    "vtpm.seal_bank": ("sha1", "sha256", "sha384"),
 }
 _LIST_CHOICES = {
     "policy.require_trusted": REFERENCE_KINDS,
@@ -143,6 +166,8 @@ _ABSOLUTE = {
     "state_dir", "emulator", "swtpm", "overlay_dir", "console_log_dir", "swtpm_state_dir",
     "host.eventlog", "host.ima_log", "host.policy",
 }
+# Paths that may also be left empty (the feature is then off).
+_ABSOLUTE_OR_EMPTY = {"policy.image_signing_ca", "vtpm.escrow_public_key"}
 
 
 def _type_name(tp: Any) -> str:
@@ -170,7 +195,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"config key '{dotted}' must be at least {_MINIMUMS[dotted]}, not {values[f.name]}")
         if dotted in _ABSOLUTE and not values[f.name].startswith("/"):
             raise ConfigError(f"config key '{dotted}' must be an absolute path, not {values[f.name]!r}")
-        if dotted == "host.pcrs" and (not values[f.name] or max(values[f.name]) > 23):
+        if dotted in _ABSOLUTE_OR_EMPTY and values[f.name] and not values[f.name].startswith("/"):
+            raise ConfigError(f"config key '{dotted}' must be an absolute path or empty, not {values[f.name]!r}")
+        if dotted in ("host.pcrs", "vtpm.seal_pcrs") and (not values[f.name] or max(values[f.name]) > 23):
             raise ConfigError(f"config key '{dotted}' must list PCR indices 0-23, not {list(values[f.name])}")
         choices = _CHOICES.get(dotted)
         if choices and values[f.name] not in choices:

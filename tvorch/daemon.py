@@ -28,7 +28,7 @@ from .config import Config, load_config
 from .core.lifecycle import LifecycleEvent, interpret
 from .errors import TvorchError
 from .logs import configure_logging, get_logger
-from .service.instances import Node
+from .service.node import Node
 
 log = get_logger(__name__)
 

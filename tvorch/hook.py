@@ -90,6 +90,7 @@ def gather(
         vtpm_now=None if running else state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
         vtpm_recorded=last.state_digest if last else None,
         host_problem=host,
+        vtpm_pending=not running and store.vtpm_pending(record.id) is not None,
     )
 
 

@@ -15,10 +15,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.components import require
+from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.files import atomic_write
 from tvorch.service import hook_install
 
@@ -103,7 +105,29 @@ def guest_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tv(libvirt_ready, hook_for, guest_dir: Path, tmp_path_factory) -> Tv:
+def host_tpm(tmp_path_factory) -> Iterator[str]:
+    """A swtpm standing in for the host TPM the vTPM keys are sealed to, for the whole session."""
+    with running_swtpm(tmp_path_factory.mktemp("host-tpm")) as tcti:
+        yield tcti
+
+
+@pytest.fixture(scope="session")
+def escrow_key(tmp_path_factory) -> Path:
+    """The operator's escrow key pair (RSA 3072): the private half is what `vtpm rekey --escrow-key` takes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    root = tmp_path_factory.mktemp("escrow")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    (root / "escrow.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (root / "escrow.pub.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return root / "escrow.pem"
+
+
+@pytest.fixture(scope="session")
+def tv(libvirt_ready, hook_for, guest_dir: Path, host_tpm: str, escrow_key: Path, tmp_path_factory) -> Tv:
     root = tmp_path_factory.mktemp("tvorch")
     tag = secrets.token_hex(3)
     env = Tv(
@@ -119,6 +143,10 @@ def tv(libvirt_ready, hook_for, guest_dir: Path, tmp_path_factory) -> Tv:
         f'console_log_dir = "{env.log_dir}"\n'
         f'libvirt_uri = "{URI}"\n'
         "stop_timeout = 60\n"
+        "[host]\n"
+        f'tcti = "{host_tpm}"\n'
+        "[vtpm]\n"
+        f'escrow_public_key = "{escrow_key.with_name("escrow.pub.pem")}"\n'
         "[firmware_profiles.snakeoil]\n"
         f'code = "{SNAKEOIL_CODE}"\n'
         f'vars_template = "{SNAKEOIL_VARS}"\n'
@@ -135,6 +163,21 @@ def tv(libvirt_ready, hook_for, guest_dir: Path, tmp_path_factory) -> Tv:
             virsh("destroy", name, check=False)
             virsh("undefine", "--nvram", "--remove-all-storage", "--tpm", name, check=False)
     shutil.rmtree(env.overlay_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tv_clear(tv: Tv) -> Tv:
+    """The same store and hook, launching with vTPM state in clear (vtpm.key_protection = "none").
+
+    For the tests of libvirt's own start paths (`virsh start`, save/restore):
+    an encrypted vTPM starts only through `tvorch start`, which lends libvirt
+    the key for the start, so those paths fail for it by design.
+    """
+    config = tv.config.with_name("tvorch-clear.toml")
+    text = tv.config.read_text()
+    assert "[vtpm]\n" in text
+    config.write_text(text.replace("[vtpm]\n", '[vtpm]\nkey_protection = "none"\n'))
+    return Tv(config=config, state_dir=tv.state_dir, overlay_dir=tv.overlay_dir, log_dir=tv.log_dir)
 
 
 @dataclass(frozen=True)

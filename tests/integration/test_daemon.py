@@ -81,7 +81,9 @@ def state_of(tv: Tv, name: str) -> str:
 
 
 @pytest.fixture
-def guest(tv: Tv, guest_dir: Path):
+def guest(tv_clear: Tv, guest_dir: Path):
+    """A guest libvirt can start by itself (`virsh start`): its vTPM state is in clear."""
+    tv = tv_clear
     name = f"{PREFIX}svc-{secrets.token_hex(2)}"
     tv.launch(guest_dir / "guest.qcow2", name, "--memory", "256")
     yield name

@@ -33,7 +33,8 @@ from .conftest import PREFIX, Tv, our_domains, require, virsh
 pytestmark = pytest.mark.integration
 
 SWTPM_STATE = Path("/var/lib/libvirt/swtpm")
-BEFORE_DEFINE = ("measured", "recorded", "overlay")
+BEFORE_DEFINE = ("measured", "recorded", "manufactured", "vtpm", "overlay")
+NO_OVERLAY = ("measured", "recorded", "manufactured", "vtpm")
 
 
 def crash(tv: Tv, step: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -78,8 +79,10 @@ def test_launch_killed_at_each_step_loses_nothing(tv: Tv, guest_dir: Path, step:
         left = stored(tv, name)
         assert (left is None) == (step == "measured")
         assert left is None or left.state is InstanceState.LAUNCHING
-        assert bool(overlays_of(tv, name)) == (step not in ("measured", "recorded"))
+        assert bool(overlays_of(tv, name)) == (step not in NO_OVERLAY)
         assert (name in our_domains()) == (step in ("defined", "started"))
+        if left is not None:  # the vTPM state is made right after the record
+            assert (SWTPM_STATE / left.uuid / "tpm2").is_dir() == (step not in ("measured", "recorded"))
 
         records = {r["name"]: r for r in tv.json("list")}  # the next command reconciles
         record = records.get(name)
@@ -130,6 +133,67 @@ def test_reconcile_leaves_a_launch_in_progress_alone(tv: Tv, guest_dir: Path):
         assert overlays_of(tv, name) == []
     finally:
         tv.destroy(name)
+
+
+@pytest.fixture(scope="module")
+def stopped_with_backup(tv: Tv, guest_dir: Path, tmp_path_factory) -> Iterator[tuple[str, dict, Path]]:
+    """An instance whose guest ran, stopped, with a backup of its vTPM."""
+    name = f"{PREFIX}restore-{secrets.token_hex(2)}"
+    record = tv.launch(guest_dir / "guest.qcow2", name)
+    tv.run("stop", "--force", name)
+    backup = tmp_path_factory.mktemp("vtpm-backup") / "vtpm.tar"
+    tv.run("vtpm", "backup", name, str(backup))
+    yield name, record, backup
+    tv.destroy(name)
+
+
+@pytest.mark.parametrize("step", ["restore-staged", "restore-exchanged"])
+def test_restore_killed_at_each_step_is_settled(tv: Tv, stopped_with_backup, step: str):
+    """State, ledger and store agree again after a kill -9 in the middle of `vtpm restore`."""
+    name, record, backup = stopped_with_backup
+    tv.run("start", name)
+    tv.run("stop", "--force", name)
+    before = tv.json("vtpm", "show", name)
+    assert before["state_matches_ledger"] and before["pending"] is None
+    backed_up = tar_state_digest(backup)
+
+    proc = crash(tv, step, "vtpm", "restore", name, str(backup))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    instance_dir = SWTPM_STATE / record["uuid"]
+    store = Store(tv.state_dir / "tvorch.db")
+    try:
+        assert store.vtpm_pending(record["id"]) is not None  # the intent is on record
+    finally:
+        store.close()
+    staged = [p.name for p in instance_dir.iterdir() if p.name.startswith("tpm2.staged-")]
+    assert len(staged) == 1
+    on_disk = tv_state_digest(instance_dir)
+    assert on_disk == (before["state_digest"] if step == "restore-staged" else backed_up)
+
+    lines = tv.json("reconcile")  # what `tvorch list`, `launch` and the daemon run too
+    assert [line for line in lines if name in line and "restore" in line], lines
+    after = tv.json("vtpm", "show", name)
+    assert after["pending"] is None and after["state_matches_ledger"] and after["ledger_intact"]
+    assert sorted(p.name for p in instance_dir.iterdir()) == ["tpm2"]
+    assert after["state_digest"] == on_disk
+    tv.run("start", name)  # the hook agrees
+    tv.run("stop", "--force", name)
+
+
+def tv_state_digest(instance_dir: Path) -> str | None:
+    from tvorch.adapters.vtpm_state import state_digest
+
+    return state_digest(instance_dir)
+
+
+def tar_state_digest(backup: Path) -> str:
+    import json
+    import tarfile
+
+    with tarfile.open(backup) as tar:
+        member = tar.extractfile("tvorch-vtpm-backup.json")
+        assert member is not None
+        return json.loads(member.read())["header"]["state_digest"]
 
 
 # -- a full disk under the store ------------------------------------------------

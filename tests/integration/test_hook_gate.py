@@ -73,8 +73,11 @@ def last_prepare(tv: Tv, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gated(tv: Tv, guest_dir: Path, tmp_path_factory) -> Gated:
-    """A guest on a private copy of the base image, booted once and stopped (vTPM ledgered)."""
+def gated(tv_clear: Tv, guest_dir: Path, tmp_path_factory) -> Gated:
+    """A guest on a private copy of the base image, booted once and stopped (vTPM ledgered).
+
+    Its vTPM state is in clear (tv_clear) so that libvirt's own start paths can reach the gate."""
+    tv = tv_clear
     images = Path(f"/var/lib/libvirt/images/{PREFIX}gate-{secrets.token_hex(3)}")
     images.mkdir(mode=0o755)
     base = images / "base.qcow2"

@@ -71,7 +71,7 @@ def test_list_and_show(tv: Tv, booted_guest: BootedGuest):
     assert listed[booted_guest.name]["state"] == "running"
     shown = tv.json("show", booted_guest.name)
     assert shown["id"] == booted_guest.record["id"]
-    assert [e["kind"] for e in shown["events"]][:4] == ["created", "manifest", "defined", "started"]
+    assert [e["kind"] for e in shown["events"]][:5] == ["created", "vtpm-manufactured", "manifest", "defined", "started"]
     text = tv.run("show", booted_guest.name).stdout
     assert f"name:       {booted_guest.name}" in text
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import libvirt
 
@@ -180,3 +181,34 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         flags |= libvirt.VIR_DOMAIN_UNDEFINE_TPM if purge_tpm else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM
         self._call(f"undefine '{name}'", lambda: dom.undefineFlags(flags))
+
+    # -- vTPM secrets ------------------------------------------------------
+
+    @contextmanager
+    def vtpm_secret(self, secret_uuid: str, usage: str, value: bytes) -> Iterator[None]:
+        """libvirt holds VALUE as an ephemeral, private `vtpm` secret only while the body runs.
+
+        libvirt hands the secret to swtpm when it starts it (``--key pwdfd=``);
+        undefined right after, it is in no file and in libvirtd's memory for
+        the seconds of a start only, and a start not made through tvorch finds
+        no secret and fails.
+        """
+        self.drop_vtpm_secret(secret_uuid)  # a crash may have left one behind
+        doc = ET.Element("secret", ephemeral="yes", private="yes")
+        ET.SubElement(doc, "uuid").text = secret_uuid
+        ET.SubElement(ET.SubElement(doc, "usage", type="vtpm"), "name").text = usage
+        secret = self._call("define the vTPM secret", lambda: self._conn.secretDefineXML(ET.tostring(doc, "unicode")))
+        try:
+            self._call("set the vTPM secret", lambda: secret.setValue(value))
+            yield
+        finally:
+            self.drop_vtpm_secret(secret_uuid)
+
+    def drop_vtpm_secret(self, secret_uuid: str) -> None:
+        try:
+            secret = self._conn.secretLookupByUUIDString(secret_uuid)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return
+            raise LibvirtError(f"libvirt lookup of secret {secret_uuid} failed: {_message(err)}") from None
+        self._call("remove the vTPM secret", secret.undefine)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from ..core.instance import InstanceEvent, InstanceRecord, InstanceState, validate_name
 from ..core.ledger import LedgerEntry, chain_entry
+from ..core.vtpm import KeyProtection, VtpmRecord
 from ..core.hostverdict import DaemonStatus, HostVerdict
 from ..core.references import ReferenceValue
 from ..errors import ConflictError, NotFoundError, StoreError
@@ -138,9 +139,35 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL
     );
     """,
+    """
+    -- Each instance's vTPM: identity, how its state key is kept, an operation in progress.
+    CREATE TABLE vtpms (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(id),
+        state_dir TEXT NOT NULL,
+        swtpm_version TEXT NOT NULL,
+        ek_fingerprint TEXT NOT NULL,
+        ek_cert BLOB NOT NULL,
+        ek_public_pem BLOB NOT NULL,
+        key_protection TEXT NOT NULL,
+        secret_uuid TEXT,
+        sealed_key BLOB,
+        seal_pcrs TEXT NOT NULL,
+        escrow_key BLOB,
+        escrow_fingerprint TEXT,
+        key_check TEXT,
+        pending TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        purged_at TEXT
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_VTPM_COLUMNS = (
+    "instance_id, state_dir, swtpm_version, ek_fingerprint, ek_cert, ek_public_pem, key_protection, secret_uuid, "
+    "sealed_key, seal_pcrs, escrow_key, escrow_fingerprint, key_check, created_at, updated_at, purged_at"
+)
 _COLUMNS = "id, name, uuid, image, overlay, console_log, state, virt_type, domain_xml, created_at, updated_at, error"
 
 
@@ -163,6 +190,10 @@ def _row_to_record(row: sqlite3.Row) -> InstanceRecord:
         updated_at=row["updated_at"],
         error=row["error"],
     )
+
+
+def _blob(value: bytes | None) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 class Store:
@@ -375,12 +406,16 @@ class Store:
 
     # -- manifests ---------------------------------------------------------
 
-    def save_manifest(self, instance_id: str, digest: str, body: bytes) -> None:
+    def save_manifest(self, instance_id: str, digest: str, body: bytes, domain_xml: str | None = None) -> None:
+        """The signed manifest and, when given, the domain XML that names it, in one transaction."""
         with self._write() as db:
             db.execute(
                 "INSERT INTO manifests (instance_id, digest, body, created_at) VALUES (?,?,?,?)",
                 (instance_id, digest, body, utc_now()),
             )
+            if domain_xml is not None:
+                db.execute("UPDATE instances SET domain_xml = ?, updated_at = ? WHERE id = ?",
+                           (domain_xml, utc_now(), instance_id))
             self._add_event(db, instance_id, "manifest", f"signed launch manifest sha256:{digest}")
 
     def manifest(self, instance_id: str) -> bytes | None:
@@ -441,19 +476,83 @@ class Store:
     def append_ledger(self, instance_id: str, event: str, state_digest: str) -> LedgerEntry:
         """Chain a new entry onto the last one, under the write lock so none is lost."""
         with self._write() as db:
-            row = db.execute(
-                "SELECT seq, entry_hash FROM vtpm_ledger WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
-                (instance_id,),
-            ).fetchone()
-            entry = chain_entry(instance_id, row[0] + 1 if row else 0, utc_now(), event, state_digest,
-                                row[1] if row else None)
-            db.execute(
-                "INSERT INTO vtpm_ledger (instance_id, seq, at, event, state_digest, prev_hash, entry_hash) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (entry.instance_id, entry.seq, entry.at, entry.event, entry.state_digest, entry.prev_hash,
-                 entry.entry_hash),
-            )
+            return self._append_ledger(db, instance_id, event, state_digest)
+
+    @staticmethod
+    def _append_ledger(db: sqlite3.Connection, instance_id: str, event: str, state_digest: str) -> LedgerEntry:
+        row = db.execute(
+            "SELECT seq, entry_hash FROM vtpm_ledger WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+            (instance_id,),
+        ).fetchone()
+        entry = chain_entry(instance_id, row[0] + 1 if row else 0, utc_now(), event, state_digest,
+                            row[1] if row else None)
+        db.execute(
+            "INSERT INTO vtpm_ledger (instance_id, seq, at, event, state_digest, prev_hash, entry_hash) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (entry.instance_id, entry.seq, entry.at, entry.event, entry.state_digest, entry.prev_hash,
+             entry.entry_hash),
+        )
         return entry
+
+    # -- vTPM records ------------------------------------------------------
+
+    def create_vtpm(self, record: VtpmRecord, state_digest: str) -> None:
+        """The record and its ledger's first entry ("manufactured"), together."""
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO vtpms ({_VTPM_COLUMNS}) VALUES ({','.join('?' * _VTPM_COLUMNS.count(','))},?)",
+                (record.instance_id, record.state_dir, record.swtpm_version, record.ek_fingerprint, record.ek_cert,
+                 record.ek_public_pem, record.key_protection.value, record.secret_uuid, record.sealed_key,
+                 json.dumps(list(record.seal_pcrs)), record.escrow_key, record.escrow_fingerprint, record.key_check,
+                 record.created_at, record.updated_at, record.purged_at),
+            )
+            self._append_ledger(db, record.instance_id, "manufactured", state_digest)
+            self._add_event(db, record.instance_id, "vtpm-manufactured", f"EK sha256:{record.ek_fingerprint}")
+
+    def vtpm(self, instance_id: str) -> VtpmRecord | None:
+        row = self._db.execute(f"SELECT {_VTPM_COLUMNS} FROM vtpms WHERE instance_id = ?", (instance_id,)).fetchone()
+        if row is None:
+            return None
+        return VtpmRecord(
+            instance_id=row["instance_id"], state_dir=row["state_dir"], swtpm_version=row["swtpm_version"],
+            ek_fingerprint=row["ek_fingerprint"], ek_cert=bytes(row["ek_cert"]),
+            ek_public_pem=bytes(row["ek_public_pem"]), key_protection=KeyProtection(row["key_protection"]),
+            secret_uuid=row["secret_uuid"], sealed_key=_blob(row["sealed_key"]),
+            seal_pcrs=tuple(json.loads(row["seal_pcrs"])), escrow_key=_blob(row["escrow_key"]),
+            escrow_fingerprint=row["escrow_fingerprint"], key_check=row["key_check"], created_at=row["created_at"],
+            updated_at=row["updated_at"], purged_at=row["purged_at"],
+        )
+
+    def reseal_vtpm(self, instance_id: str, sealed_key: bytes, seal_pcrs: tuple[int, ...], why: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE vtpms SET sealed_key = ?, seal_pcrs = ?, updated_at = ? WHERE instance_id = ?",
+                       (sealed_key, json.dumps(list(seal_pcrs)), utc_now(), instance_id))
+            self._add_event(db, instance_id, "vtpm-rekeyed", why)
+
+    def vtpm_pending(self, instance_id: str) -> dict[str, Any] | None:
+        """The vTPM operation begun and not yet recorded as done (a restore), if any."""
+        row = self._db.execute("SELECT pending FROM vtpms WHERE instance_id = ?", (instance_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def set_vtpm_pending(self, instance_id: str, pending: dict[str, Any] | None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE vtpms SET pending = ?, updated_at = ? WHERE instance_id = ?",
+                       (json.dumps(pending) if pending else None, utc_now(), instance_id))
+
+    def complete_vtpm_change(self, instance_id: str, event: str, state_digest: str, detail: str) -> LedgerEntry:
+        """Ledger the state now at rest and clear the pending operation, in one transaction."""
+        with self._write() as db:
+            entry = self._append_ledger(db, instance_id, event, state_digest)
+            db.execute("UPDATE vtpms SET pending = NULL, updated_at = ? WHERE instance_id = ?",
+                       (utc_now(), instance_id))
+            self._add_event(db, instance_id, f"vtpm-{event}", detail)
+        return entry
+
+    def purge_vtpm(self, instance_id: str) -> None:
+        """Forget the state key (both wrappings): a backup of the purged state can no longer be read."""
+        with self._write() as db:
+            db.execute("UPDATE vtpms SET sealed_key = NULL, escrow_key = NULL, pending = NULL, purged_at = ?, "
+                       "updated_at = ? WHERE instance_id = ?", (utc_now(), utc_now(), instance_id))
 
     # -- host verdicts -----------------------------------------------------
 

@@ -21,7 +21,6 @@ the caller to record.
 from __future__ import annotations
 
 import os
-import pwd
 import shlex
 import shutil
 import socket
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tvorch.adapters.files import ensure_private_dir
 from tvorch.adapters.node_keys import load_or_create
 from tvorch.adapters.swtpm_certs import NODE_STATE_DIR_KEY
+from tvorch.adapters.vtpm_state import hand_over
 from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
 from tvorch.errors import ConflictError, HostError, OperationTimeout, TvorchError
 
@@ -74,14 +74,15 @@ def manufacture(
     vmid: str,
     owner: str = "tss",
     *,
-    pwdfile: Path | None = None,
+    key: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> ManufacturedVtpm:
     """Make a fresh TPM 2 state in STATE_DIR (created 0700, must be empty) with node-CA EK certificates.
 
-    PWDFILE, when given, encrypts the state (``--pwdfile F --cipher
-    aes-256-cbc``; libvirt must then start swtpm with the same secret).
-    OWNER gets the state when running as root and the user exists.
+    KEY, when given, encrypts the state (``--pwdfile-fd N --cipher
+    aes-256-cbc``, read from a pipe so it never touches a disk; libvirt
+    must then start swtpm with the same secret). OWNER gets the state when
+    running as root and the user exists.
     """
     swtpm_setup = shutil.which("swtpm_setup")
     if swtpm_setup is None or shutil.which("swtpm") is None:
@@ -101,9 +102,7 @@ def manufacture(
             command = [swtpm_setup, "--tpm2", "--tpm-state", str(state_dir.absolute()), "--createek", "--create-ek-cert",
                        "--lock-nvram", "--pcr-banks", "sha256", "--config", str(conf), "--vmid", vmid,
                        "--write-ek-cert-files", str(certs)]
-            if pwdfile is not None:
-                command += ["--pwdfile", str(pwdfile), "--cipher", "aes-256-cbc"]
-            _run(command, timeout)
+            _run(command, timeout, key)
             found = {p.name: p.read_bytes() for p in sorted(certs.glob("ek-*.crt"))}
         if RSA_EK_FILE not in found:
             raise VtpmManufactureError(f"swtpm_setup wrote no {RSA_EK_FILE} (it wrote: {', '.join(found) or 'none'})")
@@ -113,7 +112,7 @@ def manufacture(
                 verify_ek_certificate(x509.load_der_x509_certificate(der), identity.ca_cert, now)
             except (ValueError, TvorchError) as err:
                 raise VtpmManufactureError(f"EK certificate {name} from swtpm_setup does not check: {err}") from None
-        _hand_over(state_dir, owner)
+        hand_over(state_dir, owner)
     except BaseException:
         if created:  # leave nothing half made behind, so a retry starts clean
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -149,13 +148,26 @@ def _write_configs(work: Path, node_state_dir: Path) -> Path:
     return conf
 
 
-def _run(command: list[str], timeout: float) -> None:
+def _run(command: list[str], timeout: float, key: bytes | None) -> None:
+    """Run swtpm_setup; KEY goes through a pipe (`--pwdfile-fd`), small enough for the pipe's buffer."""
+    read_fd = None
+    if key is not None:
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, key)
+        finally:
+            os.close(write_fd)
+        command = [*command, "--pwdfile-fd", str(read_fd), "--cipher", "aes-256-cbc"]
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False,
+                              pass_fds=() if read_fd is None else (read_fd,))
     except subprocess.TimeoutExpired:
         raise OperationTimeout(f"swtpm_setup did not finish in {timeout:g} s") from None
     except OSError as err:
         raise HostError(f"cannot run swtpm_setup: {err.strerror}") from None
+    finally:
+        if read_fd is not None:
+            os.close(read_fd)
     if done.returncode != 0:
         raise VtpmManufactureError(
             f"swtpm_setup failed (exit {done.returncode}): {_last_meaningful(done.stderr, done.stdout)}")
@@ -171,13 +183,11 @@ def _last_meaningful(stderr: bytes, stdout: bytes) -> str:
     return "no output"
 
 
-def _hand_over(state_dir: Path, owner: str) -> None:
-    """chown the state to OWNER when we are root and OWNER exists (libvirt runs swtpm as tss)."""
-    if os.geteuid() != 0:
-        return
+def swtpm_version(swtpm: str) -> str:
+    """"0.7.1" from `swtpm --version` ("TPM emulator version 0.7.1, Copyright ..."); "unknown" if unreadable."""
     try:
-        user = pwd.getpwnam(owner)
-    except KeyError:
-        return
-    for path in [state_dir, *state_dir.iterdir()]:
-        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        out = subprocess.run([swtpm, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    words = out.replace(",", " ").split()
+    return words[words.index("version") + 1] if "version" in words[:-1] else "unknown"

@@ -15,7 +15,7 @@ import click
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from ..service.instances import Node
+    from ..service.node import Node
 
 class Context:
     def __init__(self, config_path: str | None, debug: bool, verbose: bool) -> None:
@@ -29,7 +29,7 @@ class Context:
         if self._node is None:
             from ..config import load_config
             from ..logs import configure_logging
-            from ..service.instances import Node
+            from ..service.node import Node
 
             cfg = load_config(self.config_path)
             if not (self.debug or self.verbose):

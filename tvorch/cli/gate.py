@@ -68,24 +68,3 @@ def events(ctx: Context, name: str, as_json: bool) -> None:
     emit(as_json, rows, lambda: "\n".join(
         f"{r['at']}  {r['operation']:<16} {r['verdict']:<9} {'; '.join(r['reasons'])}" for r in rows)
         or "no hook decisions recorded")
-
-
-@cli.group()
-def vtpm() -> None:
-    """Per-instance vTPMs: their ledger, and manufacturing a state with node-issued EK certificates."""
-
-
-@vtpm.command(name="ledger")
-@click.argument("name")
-@json_option
-@pass_ctx
-def vtpm_ledger(ctx: Context, name: str, as_json: bool) -> None:
-    """The hash-chained ledger of NAME's vTPM state digests, and whether the chain holds."""
-    from ..core.ledger import broken_link
-
-    record = ctx.node.store.get_live(name)
-    entries = ctx.node.store.ledger(record.id)
-    broken = broken_link(entries)
-    emit(as_json, {"entries": [e.to_json() for e in entries], "intact": broken is None, "broken_at": broken},
-         lambda: "\n".join([f"{e.seq:>4}  {e.at}  {e.event:<10} sha256:{e.state_digest}" for e in entries]
-                           + ["chain intact" if broken is None else f"chain BROKEN at entry {broken}"]))

@@ -1,9 +1,4 @@
-"""`tvorch vtpm manufacture`: make a vTPM state by hand, for developers and operators.
-
-Launch will do this itself; the command lets one inspect what a vTPM made by
-this node looks like (its EK certificate, issued by the node CA) and try the
-state with swtpm or libvirt directly.
-"""
+"""`tvorch vtpm ...`: each instance's vTPM: its identity, records, backups, and the state key's seal."""
 
 from __future__ import annotations
 
@@ -11,8 +6,137 @@ from pathlib import Path
 
 import click
 
+from ..core.instance import validate_name
 from .common import Context, emit, json_option, pass_ctx
-from .gate import vtpm
+from .group import cli
+
+
+@cli.group()
+def vtpm() -> None:
+    """Per-instance vTPMs: EK certificate, record, ledger, backup/restore, rekey."""
+
+
+@vtpm.command(name="show")
+@click.argument("name")
+@json_option
+@pass_ctx
+def vtpm_show(ctx: Context, name: str, as_json: bool) -> None:
+    """NAME's vTPM record: state directory, EK, how its key is kept, and whether the state matches the ledger."""
+    from ..service import vtpm as service
+
+    info = service.show(ctx.node, validate_name(name))
+    last = info["ledger_last"]
+
+    def text() -> str:
+        lines = [
+            f"instance:       {info['name']} ({info['instance_id']})",
+            f"state:          {info['state_dir']}",
+            f"swtpm:          {info['swtpm_version']}",
+            f"EK fingerprint: sha256:{info['ek_fingerprint']}",
+            f"key:            {_key_line(info)}",
+            f"escrow:         {'sha256:' + info['escrow'] if info['escrow'] else 'none'}",
+            f"ledger:         {info['ledger_entries']} entries, chain {'intact' if info['ledger_intact'] else 'BROKEN'}"
+            + (f", last {last['event']} at {last['at']}" if last else ""),
+            f"on disk:        {'sha256:' + info['state_digest'] if info['state_digest'] else 'no state'} "
+            f"({'matches the ledger' if info['state_matches_ledger'] else 'DIFFERS from the ledger'})",
+        ]
+        if info["pending"]:
+            lines.append(f"pending:        {info['pending']['op']} from {info['pending']['source']} (interrupted)")
+        return "\n".join(lines)
+
+    emit(as_json, info, text)
+
+
+def _key_line(info: dict) -> str:
+    if info["purged_at"]:
+        return f"purged at {info['purged_at']}"
+    if info["key_protection"] == "none":
+        return "none: state in clear (vtpm.key_protection = none)"
+    return (f"sealed to the host TPM, PCRs {','.join(map(str, info['seal_pcrs']))}; "
+            f"libvirt secret {info['secret_uuid']} (only during a start)")
+
+
+@vtpm.command(name="ek")
+@click.argument("name")
+@click.option("--pem", is_flag=True, help="Print the EK certificate as PEM only.")
+@json_option
+@pass_ctx
+def vtpm_ek(ctx: Context, name: str, pem: bool, as_json: bool) -> None:
+    """NAME's EK certificate (issued by the node CA, `tvorch ca show`) and its key's fingerprint."""
+    from ..service import vtpm as service
+    from ..service.manifests import node_identity
+
+    cert, record = service.ek(ctx.node, validate_name(name))
+    info = service.ek_summary(cert, record, node_identity(ctx.node.cfg).ca_cert)
+    if pem:
+        click.echo(info["pem"], nl=False)
+        return
+    emit(as_json, info, lambda: "\n".join([
+        f"subject:        {info['subject']}",
+        f"issuer:         {info['issuer']}",
+        f"serial:         {info['serial']}",
+        f"valid:          {info['not_before']} .. {info['not_after']}",
+        f"EK fingerprint: sha256:{info['ek_fingerprint']}",
+        f"certificate:    sha256:{info['certificate_sha256']}",
+        f"chain:          {info['chain']}",
+    ]))
+
+
+@vtpm.command(name="ledger")
+@click.argument("name")
+@json_option
+@pass_ctx
+def vtpm_ledger(ctx: Context, name: str, as_json: bool) -> None:
+    """The hash-chained ledger of NAME's vTPM state digests (manufacture, stops, backups, restores)."""
+    from ..core.ledger import broken_link
+
+    record = ctx.node.store.get_live(validate_name(name))
+    entries = ctx.node.store.ledger(record.id)
+    broken = broken_link(entries)
+    emit(as_json, {"entries": [e.to_json() for e in entries], "intact": broken is None, "broken_at": broken},
+         lambda: "\n".join([f"{e.seq:>4}  {e.at}  {e.event:<12} sha256:{e.state_digest}" for e in entries]
+                           + ["chain intact" if broken is None else f"chain BROKEN at entry {broken}"]))
+
+
+@vtpm.command(name="backup")
+@click.argument("name")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@pass_ctx
+def vtpm_backup(ctx: Context, name: str, dest: Path, as_json: bool) -> None:
+    """Copy stopped NAME's vTPM state to DEST (a new file; the state stays encrypted), as a ledger entry."""
+    from ..service import vtpm as service
+
+    done = service.backup(ctx.node, validate_name(name), dest)
+    emit(as_json, done, f"{name}: vTPM state sha256:{done['state_digest']} backed up to {dest}")
+
+
+@vtpm.command(name="restore")
+@click.argument("name")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@pass_ctx
+def vtpm_restore(ctx: Context, name: str, src: Path, as_json: bool) -> None:
+    """Replace stopped NAME's vTPM state with a backup of that same vTPM; recorded, so not a rollback."""
+    from ..service import vtpm as service
+
+    done = service.restore(ctx.node, validate_name(name), src)
+    emit(as_json, done, f"{name}: vTPM state restored from {src} (backup of {done['backup_created_at']})")
+
+
+@vtpm.command(name="rekey")
+@click.argument("name")
+@click.option("--escrow-key", type=click.Path(dir_okay=False, path_type=Path), metavar="PEM",
+              help="The operator's escrow private key (RSA PEM): recovers a key the host TPM no longer unseals.")
+@json_option
+@pass_ctx
+def vtpm_rekey(ctx: Context, name: str, escrow_key: Path | None, as_json: bool) -> None:
+    """Seal NAME's vTPM state key again to the host TPM as it is now (vtpm.seal_pcrs)."""
+    from ..service import vtpm as service
+
+    done = service.rekey(ctx.node, validate_name(name), escrow_key)
+    emit(as_json, done, f"{name}: vTPM key {done['how']}; sealed to {done['sealed_to']['bank']} PCRs "
+                        f"{','.join(map(str, done['sealed_to']['pcrs']))}")
 
 
 @vtpm.command(name="manufacture")
@@ -22,7 +146,8 @@ from .gate import vtpm
 @json_option
 @pass_ctx
 def vtpm_manufacture(ctx: Context, directory: Path, vmid: str, owner: str, as_json: bool) -> None:
-    """Manufacture a TPM 2 state in DIR whose EK certificates the node CA issued."""
+    """Manufacture an unencrypted TPM 2 state in DIR whose EK certificates the node CA issued (for inspection;
+    `tvorch launch` manufactures each instance's own)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 

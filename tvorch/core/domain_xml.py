@@ -197,6 +197,8 @@ def _render_devices(devices: ET.Element, spec: DomainSpec) -> None:
         devices.insert(list(devices).index(disk) + 1, interface)
     _find(devices, "serial/log").set("file", _xml_value(spec.console_log, "console log path"))
     _find(devices, "tpm").set("model", spec.tpm_model.libvirt_model)
+    if spec.vtpm_secret is not None:
+        ET.SubElement(_find(devices, "tpm/backend"), "encryption", secret=_xml_value(spec.vtpm_secret, "vTPM secret"))
 
 
 def _backing_store(chain: tuple[DiskLayer, ...]) -> ET.Element:

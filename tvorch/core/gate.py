@@ -59,6 +59,7 @@ class StartEvidence:
     vtpm_now: str | None  # digest of the vTPM state on disk; None if there is none yet
     vtpm_recorded: str | None  # last ledger entry; None before the first stop
     host_problem: str | None  # None when the host verdict allows starting
+    vtpm_pending: bool = False  # a vTPM restore began and was not recorded as done
 
 
 def start_refusals(e: StartEvidence) -> tuple[str, ...]:
@@ -84,6 +85,8 @@ def start_refusals(e: StartEvidence) -> tuple[str, ...]:
         found = _short(e.vtpm_now) if e.vtpm_now else "no state"
         reasons.append(f"vTPM state differs from the last recorded stop ({found}, recorded "
                        f"{_short(e.vtpm_recorded)}): rollback or tampering")
+    if e.vtpm_pending:
+        reasons.append("a vTPM restore was interrupted and is not settled (`tvorch reconcile` settles it)")
     if e.host_problem:
         reasons.append(e.host_problem)
     return tuple(reasons)

@@ -45,6 +45,15 @@ def chain_entry(
                        _entry_hash(instance_id, seq, at, event, state_digest, prev))
 
 
+def state_digest_of(files: dict[str, bytes]) -> str:
+    """The digest of a vTPM state given as {file name: content}: sha256 over the sorted
+    (name, sha256(content)) pairs, so an older copy of any one file is another digest."""
+    outer = hashlib.sha256()
+    for name in sorted(files):
+        outer.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return outer.hexdigest()
+
+
 def broken_link(entries: list[LedgerEntry]) -> int | None:
     """The seq of the first entry whose link or hash does not hold, or None."""
     prev = GENESIS

@@ -46,6 +46,7 @@ MEASUREMENT_KINDS = frozenset(
         "cmdline",  # the kernel command line's UTF-8 bytes (no path)
         "emulator",  # the QEMU binary
         "swtpm",  # the swtpm binary
+        "vtpm-ek",  # the vTPM's RSA EK certificate (DER) tvorch manufactured; details name the EK
     }
 )
 

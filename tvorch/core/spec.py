@@ -85,3 +85,5 @@ class DomainSpec:
     backing_chain: tuple[DiskLayer, ...] = ()
     # sha256 hex of the signed launch manifest; recorded in <metadata>.
     manifest_digest: str | None = None
+    # UUID of the libvirt `vtpm` secret that encrypts the vTPM state; None: state in clear.
+    vtpm_secret: str | None = None

@@ -8,52 +8,17 @@ launch failed.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..adapters import imagefiles
-from ..adapters.hypervisor import Hypervisor
 from ..adapters.locks import instance_lock
-from ..adapters.store import Store
-from ..config import Config
 from ..core.instance import InstanceRecord, InstanceState
 from ..errors import ConflictError
 from ..logs import get_logger
+from . import vtpm
+from .node import Node
 
 log = get_logger(__name__)
-
-
-class Node:
-    """The store and the libvirt connection, opened on first use and closed once."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._store: Store | None = None
-        self._hv: Hypervisor | None = None
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = Store(self.cfg.db_path)
-        return self._store
-
-    @property
-    def hypervisor(self) -> Hypervisor:
-        if self._hv is None:
-            self._hv = Hypervisor(self.cfg.libvirt_uri)
-        return self._hv
-
-    def reset_hypervisor(self) -> None:
-        """Drop the libvirt connection (libvirtd restarted); the next use opens a new one."""
-        if self._hv is not None:
-            self._hv.close()
-            self._hv = None
-
-    def close(self) -> None:
-        if self._hv is not None:
-            self._hv.close()
-        if self._store is not None:
-            self._store.close()
 
 
 # -- lifecycle ---------------------------------------------------------------
@@ -105,7 +70,8 @@ def start(node: Node, name: str) -> tuple[InstanceRecord, bool]:
         record = _require_domain(node, name)
         if record.state is InstanceState.RUNNING:
             return record, False
-        node.hypervisor.start(name)
+        with vtpm.unlocked(node, record):
+            node.hypervisor.start(name)
         return node.store.update_instance(record.id, state=InstanceState.RUNNING,
                                           event=("started", "tvorch start")), True
 
@@ -136,9 +102,9 @@ def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> Ins
     if _owns_domain(node, record):
         hv.power_off(record.name)
         hv.undefine(record.name, purge_tpm=purge_vtpm)
-    elif purge_vtpm:
-        # The domain is gone already; its vTPM state may not be.
-        shutil.rmtree(Path(node.cfg.swtpm_state_dir) / record.uuid, ignore_errors=True)
+    if purge_vtpm:
+        # libvirt removed the state with the domain, or the domain was gone already; the key goes too.
+        vtpm.remove_state(node, record)
     imagefiles.remove_overlay(record.overlay)
     kept = "purged" if purge_vtpm else f"kept in {node.cfg.swtpm_state_dir}/{record.uuid}"
     return node.store.update_instance(

@@ -37,9 +37,11 @@ from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareIma
 from ..errors import ConflictError, HostError, InputError, TrustError, TvorchError
 from ..faults import crash_point
 from ..logs import get_logger
-from .instances import Node, remove_instance
+from .instances import remove_instance
+from .node import Node
 from .manifests import issue_manifest
 from .measure import judge, measure_launch
+from . import vtpm
 from .reconcile import reconcile
 
 log = get_logger(__name__)
@@ -165,29 +167,36 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         )
         measured = judge(cfg, node.store, measure_launch(cfg, node.store, spec, chain, req.rehash),
                          req.allow_untrusted_image)
+        # The vTPM key is made and sealed before anything is written: a host TPM that cannot seal refuses here.
+        keys = vtpm.make_keys(cfg)
+        if keys.key is not None:
+            spec = dataclasses.replace(spec, vtpm_secret=str(uuidlib.uuid4()))
         crash_point("measured")
-        manifest = issue_manifest(cfg, spec, measured)
-        signed_digest = manifest_digest(manifest)
-        spec = dataclasses.replace(spec, manifest_digest=signed_digest)
-        xml = render_domain_xml(spec)
         now = utc_now()
         record = InstanceRecord(
             id=instance_id, name=name, uuid=spec.uuid, image=chain.top.path, overlay=spec.disk_path,
-            console_log=spec.console_log, state=InstanceState.LAUNCHING, virt_type=virt_type.value, domain_xml=xml,
-            created_at=now, updated_at=now,
+            console_log=spec.console_log, state=InstanceState.LAUNCHING, virt_type=virt_type.value,
+            domain_xml="", created_at=now, updated_at=now,
         )
         if previous is not None:  # a failed launch of that name: clear what is left of it
             remove_instance(node, previous, purge_vtpm=False)
         node.store.create_instance(record)
-        node.store.save_manifest(instance_id, signed_digest, manifest)
         crash_point("recorded")
-        for m in measured.measurements:
-            if m.details.get("waived"):
-                node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")
         log.info("launching", name=name, id=instance_id, image=chain.top.path, virt_type=virt_type.value)
 
         defined = False
         try:
+            ek_measurement = vtpm.manufacture_for_launch(node, record, keys, spec.vtpm_secret)
+            crash_point("vtpm")
+            measured = dataclasses.replace(measured, measurements=(*measured.measurements, ek_measurement))
+            manifest = issue_manifest(cfg, spec, measured)
+            signed_digest = manifest_digest(manifest)
+            spec = dataclasses.replace(spec, manifest_digest=signed_digest)
+            xml = render_domain_xml(spec)
+            node.store.save_manifest(instance_id, signed_digest, manifest, domain_xml=xml)
+            for m in measured.measurements:
+                if m.details.get("waived"):
+                    node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")
             # libvirt's qemu user must traverse to the overlay; the log dir is virtlogd's (root).
             ensure_private_dir(overlay_dir, 0o711)
             ensure_private_dir(log_dir)
@@ -198,11 +207,12 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             crash_point("defined")
             defined = True
             node.store.add_event(instance_id, "defined", f"libvirt domain {name} ({spec.uuid})")
-            hv.start(name)
+            with vtpm.unlocked(node, record):
+                hv.start(name)
             crash_point("started")
         except BaseException as err:
             reason = str(err) if isinstance(err, TvorchError) else f"{type(err).__name__}: {err}"
-            _roll_back_launch(node, spec, defined)
+            _roll_back_launch(node, record, defined)
             node.store.update_instance(
                 instance_id, state=InstanceState.FAILED, error=reason, event=("launch-failed", reason)
             )
@@ -212,17 +222,18 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
         )
 
 
-def _roll_back_launch(node: Node, spec: DomainSpec, defined: bool) -> None:
-    """Leave no domain and no overlay behind a failed launch.
+def _roll_back_launch(node: Node, record: InstanceRecord, defined: bool) -> None:
+    """Leave no domain, overlay or vTPM state behind a failed launch.
 
-    The vTPM state libvirt may have created while starting never held a running
-    guest's secrets, so it goes too (the only deletion not asked for by purge).
+    The vTPM state never held a running guest's secrets, so it goes too (the
+    only deletion not asked for by purge).
     """
     hv = node.hypervisor
     if defined:
-        for step in (lambda: hv.power_off(spec.name), lambda: hv.undefine(spec.name, purge_tpm=True)):
+        for step in (lambda: hv.power_off(record.name), lambda: hv.undefine(record.name, purge_tpm=True)):
             try:
                 step()
             except TvorchError as err:
-                log.error("rollback_step_failed", name=spec.name, error=str(err))
-    imagefiles.remove_overlay(spec.disk_path)
+                log.error("rollback_step_failed", name=record.name, error=str(err))
+    vtpm.remove_state(node, record)
+    imagefiles.remove_overlay(record.overlay)

@@ -16,7 +16,7 @@ from ..core.domain_xml import render_domain_xml
 from ..core.manifest import LaunchManifest, sign_manifest, verify_manifest
 from ..core.spec import DomainSpec
 from ..errors import InputError, NotFoundError
-from .instances import Node
+from .node import Node
 from .measure import Measured
 
 

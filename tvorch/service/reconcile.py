@@ -33,7 +33,9 @@ from ..adapters.locks import try_instance_lock
 from ..core.instance import InstanceRecord, InstanceState
 from ..errors import TvorchError
 from ..logs import get_logger
-from .instances import Node, refresh
+from . import vtpm
+from .instances import refresh
+from .node import Node
 
 log = get_logger(__name__)
 
@@ -73,6 +75,8 @@ def reconcile(node: Node, holding: str | None = None) -> list[str]:
             if ours:
                 _refresh(node, record.id, done)
     _sweep_overlays(node, {d.instance_id for d in domains if d.instance_id}, done)
+    for line in vtpm.settle_all(node):
+        _note(done, line)
     known = {r.id for r in records}
     for d in domains:
         if d.instance_id and d.instance_id not in known and node.store.by_id(d.instance_id) is None:
@@ -122,6 +126,8 @@ def _settle_launch(node: Node, instance_id: str, done: list[str]) -> None:
             hv.power_off(record.name)
             hv.undefine(record.name, purge_tpm=True)
             undone.append(f"domain {record.uuid} undefined with its vTPM state")
+        if vtpm.remove_state(node, record):
+            undone.append(f"vTPM state of {record.uuid} removed")
         if os.path.lexists(record.overlay):
             imagefiles.remove_overlay(record.overlay)
             undone.append(f"overlay {record.overlay} removed")

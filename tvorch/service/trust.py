@@ -14,7 +14,7 @@ from ..adapters.store import utc_now
 from ..core.image_signature import decode_signature, verify_image_signature
 from ..core.references import REFERENCE_KINDS, ReferenceValue
 from ..errors import InputError, NotFoundError, TrustError
-from .instances import Node
+from .node import Node
 from .measure import file_measurement
 
 
