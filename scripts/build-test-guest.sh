@@ -7,12 +7,14 @@
 #   guest.qcow2         GPT disk, one FAT ESP with a unified kernel image at EFI/BOOT/BOOTX64.EFI
 #   guest-signed.qcow2  the same, UKI signed with OVMF's snakeoil key (boots under
 #                       OVMF_CODE_4M.snakeoil.fd + OVMF_VARS_4M.snakeoil.fd, Secure Boot on)
-#   vmlinuz, initrd.img kernel and gzip'd busybox initramfs for direct kernel boot
+#   vmlinuz, initrd.img kernel and gzip'd busybox initramfs for direct kernel boot; the
+#                       initramfs carries tpm2-tools (multi-call binary, its libraries)
 #   build-info.json     versions, sha256 of every output, the cache key
 #
 # The guest prints "TVORCH-GUEST: ..." lines on its console (ttyS0), see GUEST_INIT below.
 # This script installs nothing: the setup script installs linux-image-cloud-amd64
-# busybox-static cpio systemd-boot-efi sbsigntool mtools dosfstools fdisk qemu-utils ovmf.
+# busybox-static cpio systemd-boot-efi sbsigntool mtools dosfstools fdisk qemu-utils ovmf
+# tpm2-tools (which brings the libtss2-* libraries the guest's copy needs).
 set -euo pipefail
 
 OUTDIR=${1:-/var/cache/tvorch/test-guest}
@@ -36,6 +38,13 @@ SB_KEY=/usr/share/ovmf/PkKek-1-snakeoil.key
 SB_CERT=/usr/share/ovmf/PkKek-1-snakeoil.pem
 SB_KEY_PASS=snakeoil                      # documented in ovmf's README.Debian
 BUSYBOX=/bin/busybox
+TPM2=/usr/bin/tpm2                        # tpm2-tools' multi-call binary; tpm2_* link to it
+# Tools the guest's init uses, and those a guest attestation agent will use; all of the
+# package's tpm2_* links are copied (they cost a cpio entry each), these must be there.
+TPM2_TOOLS_NEEDED=(tpm2_nvread tpm2_nvdefine tpm2_nvwrite tpm2_nvreadpublic tpm2_getcap
+    tpm2_quote tpm2_createek tpm2_createak tpm2_activatecredential tpm2_pcrread)
+# tpm2-tss loads its TCTI with dlopen: ldd does not list it.
+TCTI_LIBS=(libtss2-tcti-device.so.0)
 CMDLINE="console=ttyS0 panic=-1"          # IMA stays at its default (on)
 # Fixed identities so two builds give the same disk bytes.
 DISK_GUID=54564f52-4348-4755-4553-543030303031
@@ -64,10 +73,15 @@ need_tool cpio cpio
 need_tool gzip gzip
 need_tool flock util-linux
 need_tool dpkg-query dpkg
+need_tool ldd libc-bin
+need_tool nm binutils
+need_tool as binutils
+need_tool ld binutils
 need_file "$STUB" systemd-boot-efi
 need_file "$SB_KEY" ovmf
 need_file "$SB_CERT" ovmf
 need_file "$BUSYBOX" busybox-static
+need_file "$TPM2" tpm2-tools
 # A dynamically linked busybox (package busybox) would need its libraries in the initramfs.
 if readelf -l "$BUSYBOX" | grep -q 'Requesting program interpreter'; then
     die "$BUSYBOX is not static (Debian package busybox-static); run the setup script first"
@@ -83,11 +97,83 @@ KMODDIR=/lib/modules/$KREL
 GUEST_MODULES=(kernel/drivers/input/evdev.ko kernel/drivers/acpi/button.ko kernel/fs/efivarfs/efivarfs.ko)
 for m in "${GUEST_MODULES[@]}"; do need_file "$KMODDIR/$m" "linux-image-$KREL"; done
 
+# --- tpm2-tools for the guest: binary, libraries, loader ----------------------------
+for t in "${TPM2_TOOLS_NEEDED[@]}"; do
+    [[ $(readlink "/usr/bin/$t" 2>/dev/null) == tpm2 ]] \
+        || die "/usr/bin/$t is not a link to tpm2 (Debian package tpm2-tools 5.x); this script copies only the multi-call binary"
+done
+TPM2_LINKS=()   # every tpm2_* the package links to the multi-call binary
+while read -r f; do
+    t=${f##*/}
+    # Fetches certificates over HTTPS: needs the libcurl this guest does without (below).
+    [[ $t == tpm2_getekcertificate ]] && continue
+    [[ $(readlink "$f") == tpm2 ]] && TPM2_LINKS+=("$t")
+done < <(dpkg-query -L tpm2-tools | grep '^/usr/bin/tpm2_' | sort)
+INTERP=$(readelf -l "$TPM2" | sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p')
+[[ -n $INTERP && -r $INTERP ]] || die "cannot find the program interpreter of $TPM2"
+# The libraries by the name the loader looks for (the file is copied under that name).
+declare -A GUEST_LIBS=()
+add_libs() { # ELF file: it and what ldd says it loads
+    local name arrow path rest
+    while read -r name arrow path rest; do
+        [[ $arrow == '=>' ]] || continue          # linux-vdso, the loader itself
+        [[ $path == /* ]] || die "ldd cannot resolve $name for $1"
+        GUEST_LIBS[$name]=$path
+    done < <(ldd "$1")
+}
+declare -A TPM2_LDD=()
+while read -r name arrow path rest; do
+    [[ $arrow == '=>' && $path == /* ]] && TPM2_LDD[$name]=$path
+done < <(ldd "$TPM2")
+# libcurl (for tpm2_getekcertificate's downloads) would bring gnutls, krb5, ldap, ssh2 and
+# more: about 5 MB of the gzip'd initramfs. The guest gets a stub library of that soname
+# instead (built below with binutils): its functions fail, which is all those tools see.
+CURL_SONAME=
+for name in $(readelf -d "$TPM2" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
+    [[ -n ${TPM2_LDD[$name]:-} ]] || die "ldd cannot resolve $name for $TPM2"
+    if [[ $name == libcurl* ]]; then CURL_SONAME=$name; continue; fi
+    GUEST_LIBS[$name]=${TPM2_LDD[$name]}
+    add_libs "${TPM2_LDD[$name]}"
+done
+TCTI_DIR=$(dirname "${TPM2_LDD[libtss2-tctildr.so.0]:-}")
+for l in "${TCTI_LIBS[@]}"; do
+    need_file "$TCTI_DIR/$l" "libtss2-tcti-device0"
+    GUEST_LIBS[$l]=$TCTI_DIR/$l
+    add_libs "$TCTI_DIR/$l"
+done
+LIBC=${GUEST_LIBS[libc.so.6]:-}
+[[ -n $LIBC ]] || die "cannot find libc.so.6 in ldd's answer for $TPM2"
+TRIPLET=$(basename "$(dirname "$LIBC")")     # x86_64-linux-gnu: in ld.so's default search path
+# The curl functions tpm2 binds at load (BIND_NOW), all with the same version node.
+CURL_IMPORTS=()
+CURL_VERNODE=
+if [[ -n $CURL_SONAME ]]; then
+    mapfile -t CURL_IMPORTS < <(nm -D --undefined-only "$TPM2" | awk '$2 ~ /^curl_/ {print $2}' | sort -u)
+    CURL_VERNODE=$(printf '%s\n' "${CURL_IMPORTS[@]}" | sed -n 's/^[^@]*@//p' | sort -u)
+    [[ $CURL_VERNODE =~ ^[A-Za-z0-9_.]+$ ]] || die "unexpected symbol versions of curl imports in $TPM2: ${CURL_IMPORTS[*]}"
+fi
+
 # --- cache key ----------------------------------------------------------------------
 KPKG=$(dpkg-query -S "$VMLINUZ" 2>/dev/null | cut -d: -f1) || true
 [[ -n $KPKG ]] || die "$VMLINUZ belongs to no Debian package; only packaged kernels are supported"
 # Packages whose bytes end up in the outputs (the key must change when any of them does).
 PKGS=("$KPKG" busybox-static ovmf systemd-boot-efi sbsigntool binutils mtools fdisk qemu-utils cpio gzip)
+# ... and the packages of every file copied for tpm2-tools (tpm2-tools, libtss2-*, libssl3,
+# libc6). dpkg knows a file by the path its package ships, which merged /usr may hide.
+owner_pkg() { # file -> package
+    local f c p
+    for f in "$1" "$(readlink -f "$1")"; do
+        for c in "$f" "${f#/usr}" "/usr$f"; do
+            p=$(dpkg-query -S "$c" 2>/dev/null | grep -v '^diversion' | head -n 1 | cut -d: -f1) || true
+            [[ -n $p ]] && { echo "$p"; return 0; }
+        done
+    done
+    die "$1 belongs to no Debian package"
+}
+INITRD_PKGS=()
+for f in "$TPM2" "$INTERP" "${GUEST_LIBS[@]}"; do p=$(owner_pkg "$f"); INITRD_PKGS+=("$p"); done
+mapfile -t INITRD_PKGS < <(printf '%s\n' "${INITRD_PKGS[@]}" | sort -u)
+mapfile -t PKGS < <(printf '%s\n' "${PKGS[@]}" "${INITRD_PKGS[@]}" | awk '!seen[$0]++')
 VERSIONS=$(dpkg-query -W -f '${Package}=${Version}\n' "${PKGS[@]}" 2>/dev/null) \
     || die "cannot read package versions of: ${PKGS[*]} (not all installed?)"
 pkgver() { sed -n "s/^$1=//p" <<<"$VERSIONS"; }
@@ -135,6 +221,54 @@ for m in "${GUEST_MODULES[@]}"; do
     # Copied as shipped: Debian signs them, and Secure Boot's lockdown wants the signature.
     install -m 0644 "$KMODDIR/$m" root/lib/modules/
 done
+
+# tpm2-tools: the multi-call binary, its links, its libraries (copied under the name the
+# loader asks for, so no library symlinks), the loader at the path the binary names.
+install -m 0755 "$TPM2" root/usr/bin/tpm2
+for t in "${TPM2_LINKS[@]}"; do ln -s tpm2 "root/usr/bin/$t"; done
+GLIBDIR=root/usr/lib/$TRIPLET
+mkdir -p "$GLIBDIR" "root$(dirname "$INTERP")"
+for name in "${!GUEST_LIBS[@]}"; do install -m 0644 "${GUEST_LIBS[$name]}" "$GLIBDIR/$name"; done
+install -m 0755 "$(readlink -f "$INTERP")" "root$INTERP"
+if [[ -n $CURL_SONAME ]]; then
+    # Each stub fails the way libcurl does when it cannot start: an error code from
+    # global_init/setopt/perform (2, CURLE_FAILED_INIT), NULL from init/escape/unescape.
+    stub_ret() { # symbol -> the body's return instructions
+        case $1 in
+        curl_global_init|curl_easy_setopt|curl_easy_perform) echo 'movl $2, %eax; ret' ;;
+        curl_global_cleanup|curl_easy_cleanup|curl_free) echo 'ret' ;;
+        curl_easy_init|curl_easy_escape|curl_easy_unescape) echo 'xorl %eax, %eax; ret' ;;
+        curl_easy_strerror) echo 'leaq curl_stub_msg(%rip), %rax; ret' ;;
+        *) return 1 ;;
+        esac
+    }
+    {
+        echo '.text'
+        for sym in "${CURL_IMPORTS[@]}"; do
+            sym=${sym%%@*}
+            body=$(stub_ret "$sym") || die "$TPM2 needs $sym from $CURL_SONAME, which the guest's stub lacks"
+            printf '.globl %s\n.type %s, @function\n%s: %s\n' "$sym" "$sym" "$sym" "$body"
+        done
+        printf '.section .rodata\ncurl_stub_msg: .asciz "libcurl is not in the tvorch test guest"\n'
+        printf '.section .note.GNU-stack,"",@progbits\n'
+    } > curl-stub.s
+    printf '%s {\n  global: curl_*;\n  local: *;\n};\n' "$CURL_VERNODE" > curl-stub.map
+    # No build id, no symbol table (it would name the object file): same bytes every time.
+    as -o curl-stub.o curl-stub.s
+    ld -shared -s --build-id=none -soname "$CURL_SONAME" --version-script curl-stub.map \
+        -z noexecstack -z now --hash-style=gnu -o "$GLIBDIR/$CURL_SONAME" curl-stub.o
+    chmod 0644 "$GLIBDIR/$CURL_SONAME"
+    rm -f curl-stub.s curl-stub.map curl-stub.o
+fi
+# Check here, not in the guest: every library resolves inside the initramfs, and tpm2
+# starts with them (BIND_NOW: every symbol, the stub's too, binds at start).
+for elf in root/usr/bin/tpm2 "${TCTI_LIBS[@]/#/$GLIBDIR/}"; do
+    bad=$("$INTERP" --inhibit-cache --library-path "$WORK/$GLIBDIR" --list "$WORK/$elf" \
+        | awk -v dir="$WORK/$GLIBDIR/" '/=>/ && index($3, dir) != 1')
+    [[ -z $bad ]] || die "$elf needs libraries missing from the initramfs: $bad"
+done
+"$INTERP" --inhibit-cache --library-path "$WORK/$GLIBDIR" "$WORK/root/usr/bin/tpm2" nvread --version >/dev/null \
+    || die "tpm2-tools does not start with the initramfs's libraries"
 
 # busybox acpid maps KEY_POWER from /dev/input/event* to /etc/acpi/PWRF/00000080 and runs it.
 cat > root/etc/acpi/PWRF/00000080 <<'EOF'
@@ -191,6 +325,76 @@ say "eventlog-begin"
 log=/sys/kernel/security/tpm0/binary_bios_measurements
 [ -r $log ] && base64 < $log
 say "eventlog-end"
+
+# --- TPM NV with tpm2-tools: the EK certificate, and a marker that shows whether
+# the vTPM's NV survives from one boot to the next.
+EK_CERT_INDEX=0x01c00002      # TCG: RSA 2048 EK certificate (where swtpm_setup puts it)
+NV_MARKER_INDEX=0x01000100    # owner index, 16 bytes
+# Every tool runs with a deadline, so a wedged TPM cannot keep us from "ready"; after
+# one timeout no tool waits on the TPM again. A tool's stderr is kept for tpm_err.
+tpm_timed_out=
+tpm2run() {
+    [ -z "$tpm_timed_out" ] || return 143
+    timeout 30 "$@" 2>/tmp/tpm2.err
+    set -- $?
+    case $1 in 137|143) tpm_timed_out=1 ;; esac
+    return "$1"
+}
+tpm_err() { # step status: one line saying why the last tpm2run failed
+    case $2 in 137|143) echo "$1: timed out"; return ;; esac
+    l=$(grep '^ERROR: ' /tmp/tpm2.err | grep -v '^ERROR: Unable to run' | head -n 1)
+    [ -n "$l" ] || l=$(grep . /tmp/tpm2.err | tail -n 1)
+    [ -n "$l" ] || l="exit status $2"
+    echo "$1: ${l#ERROR: }" | tr -d '\r' | head -n 1 | cut -c 1-200
+}
+hex() { od -An -v -tx1 < "$1" | tr -d ' \n'; }
+nv_marker() { # prints "stored HEX", "found HEX" or "error LINE"
+    if grep -qix -- "- $(printf '0x%x' $NV_MARKER_INDEX)" /tmp/nv-indices; then
+        tpm2run tpm2_nvreadpublic $NV_MARKER_INDEX > /tmp/nv.pub || { echo "error $(tpm_err nvreadpublic $?)"; return; }
+        if grep -qw written /tmp/nv.pub; then
+            tpm2run tpm2_nvread $NV_MARKER_INDEX -C o -s 16 -o /tmp/nv.bin || { echo "error $(tpm_err nvread $?)"; return; }
+            [ "$(wc -c < /tmp/nv.bin)" -eq 16 ] || { echo "error nvread: not 16 bytes"; return; }
+            echo "found $(hex /tmp/nv.bin)"
+            return
+        fi
+        # Defined but never written: a boot cut short between define and write.
+    else
+        tpm2run tpm2_nvdefine $NV_MARKER_INDEX -C o -s 16 -a 'ownerread|ownerwrite|authread|authwrite' >/dev/null \
+            || { echo "error $(tpm_err nvdefine $?)"; return; }
+    fi
+    head -c 16 /dev/urandom > /tmp/nv.new
+    tpm2run tpm2_nvwrite $NV_MARKER_INDEX -C o -i /tmp/nv.new || { echo "error $(tpm_err nvwrite $?)"; return; }
+    tpm2run tpm2_nvread $NV_MARKER_INDEX -C o -s 16 -o /tmp/nv.bin || { echo "error $(tpm_err nvread $?)"; return; }
+    cmp -s /tmp/nv.new /tmp/nv.bin || { echo "error nvread: read back differs from what was written"; return; }
+    echo "stored $(hex /tmp/nv.bin)"
+}
+ek_cert() { # the certificate (DER) as base64 between markers, like the event log
+    if ! grep -qix -- "- $(printf '0x%x' $EK_CERT_INDEX)" /tmp/nv-indices; then
+        say "ekcert none"
+        return
+    fi
+    tpm2run tpm2_nvread $EK_CERT_INDEX -o /tmp/ekcert.der || { say "ekcert error $(tpm_err nvread $?)"; return; }
+    [ -s /tmp/ekcert.der ] || { say "ekcert error nvread: empty"; return; }
+    say "ekcert-begin"
+    base64 < /tmp/ekcert.der
+    say "ekcert-end"
+}
+if [ -c /dev/tpmrm0 ]; then
+    export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+elif [ -c /dev/tpm0 ]; then
+    export TPM2TOOLS_TCTI=device:/dev/tpm0
+fi
+if [ -z "${TPM2TOOLS_TCTI:-}" ]; then
+    say "ekcert none"
+    say "nv error no TPM device"
+elif tpm2run tpm2_getcap handles-nv-index > /tmp/nv-indices; then
+    ek_cert
+    say "nv $(nv_marker)"
+else
+    err=$(tpm_err getcap $?)
+    say "ekcert error $err"
+    say "nv error $err"
+fi
 
 # SecureBoot variable: 4 bytes of attributes, then 1 byte (1 = enabled). Read it
 # whole: efivarfs files cannot seek, so "od -j4" fails there.
@@ -335,6 +539,11 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
     printf '  "busybox_version": "%s",\n' "$(pkgver busybox-static)"
     printf '  "ovmf_version": "%s",\n' "$(pkgver ovmf)"
     printf '  "systemd_boot_efi_version": "%s",\n' "$(pkgver systemd-boot-efi)"
+    printf '  "tpm2_tools_version": "%s",\n' "$(pkgver tpm2-tools)"
+    printf '  "initrd_packages": {'
+    sep=
+    for pkg in "${INITRD_PKGS[@]}"; do printf '%s"%s": "%s"' "$sep" "$pkg" "$(pkgver "$pkg")"; sep=', '; done
+    printf '},\n'
     printf '  "cmdline": "%s",\n' "$CMDLINE"
     printf '  "source_date_epoch": %s,\n' "$SOURCE_DATE_EPOCH"
     printf '  "uki_sha256": {"unsigned": "%s", "signed": "%s"},\n' "$(sha uki.efi)" "$(sha uki-signed.efi)"
