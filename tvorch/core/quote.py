@@ -49,7 +49,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import TPM2_ALG, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
-from tpm2_pytss.types import TPM2B_PUBLIC, TPM_OBJECT, TPML_PCR_SELECTION, TPMS_ATTEST, TPMT_SIGNATURE
+from tpm2_pytss.types import (
+    TPM2B_PUBLIC,
+    TPM_OBJECT,
+    TPML_PCR_SELECTION,
+    TPMS_ATTEST,
+    TPMT_PUBLIC,
+    TPMT_SIGNATURE,
+)
 
 from tvorch.errors import EvidenceError, TrustError
 
@@ -113,6 +120,11 @@ def pcr_composite_digest(pcr_values: Mapping[int, bytes], hash_name: str) -> byt
 def parse_attest(attest: bytes) -> TPMS_ATTEST:
     """Unmarshal a TPMS_ATTEST, refusing trailing bytes."""
     return _unmarshal(TPMS_ATTEST, attest, "quote attest")
+
+
+def parse_public(public: bytes, what: str = "public area") -> TPMT_PUBLIC:
+    """Unmarshal a TPM2B_PUBLIC (what tpm2_createak/tpm2_createek -u write), refusing trailing bytes."""
+    return _unmarshal(TPM2B_PUBLIC, public, what).publicArea
 
 
 def selected_pcrs(selection: TPML_PCR_SELECTION) -> dict[str, tuple[int, ...]]:

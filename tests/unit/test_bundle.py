@@ -1,0 +1,522 @@
+"""Evidence bundles: a complete bundle from real pieces verifies, and every way to lie is named.
+
+The pieces are real: a node CA and signing certificate (core.signing), an EK
+certificate the CA issued for a swtpm's RSA EK, a signed launch manifest that
+names it, the node's AK certification, and real swtpm quotes of the guest (its
+PCRs extended from the captured event log) and of the host
+(tests/data/attestation/README.txt). Checks are looked up by name; a change
+that keeps the bundle's signature valid is made by re-signing with the node
+key, so each inner check is seen failing on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tpm2_pytss.types import TPM2B_PUBLIC
+
+from tvorch.core.akcert import AkCertification, ek_cert_sha256, sign_ak_certification
+from tvorch.core.bundle import (
+    BundleReport,
+    GuestEvidence,
+    build_bundle,
+    replay_problems,
+    verify_bundle,
+)
+from tvorch.core.ekcert import ek_fingerprint, issue_ek_certificate
+from tvorch.core.eventlog import parse_event_log
+from tvorch.core.hostverdict import HostVerdict
+from tvorch.core.manifest import (
+    LaunchManifest,
+    Measurement,
+    canonical_json,
+    sign_manifest,
+)
+from tvorch.core.quote import HostQuote, ak_name
+from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
+from tvorch.errors import EvidenceError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+FIXTURE = json.loads((DATA / "attestation" / "evidence.json").read_text())
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+INSTANCE = ("i-0123456789ab", "vm1", "0f8fad5b-d9cb-469f-a165-70867728950e")
+OTHER_INSTANCE = ("i-ba9876543210", "vm2", "11111111-2222-3333-4444-555555555555")
+CHECKS = ["format", "node certificate", "bundle signature", "launch manifest", "vTPM EK certificate",
+          "AK certification", "guest quote", "guest event log", "baseline", "host"]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def rsa_key(tpm2b_public: bytes) -> rsa.RSAPublicKey:
+    area, _ = TPM2B_PUBLIC.unmarshal(tpm2b_public)
+    key = serialization.load_der_public_key(area.publicArea.to_der())
+    assert isinstance(key, rsa.RSAPublicKey)
+    return key
+
+
+def node_identity(hostname: str = "node1"):
+    ca_key, ca_cert = make_ca(f"tvorch node CA {hostname}", NOW)
+    key = generate_key()
+    return ca_key, ca_cert, key, issue_signing_cert(ca_key, ca_cert, key.public_key(), f"tvorch node {hostname}", NOW)
+
+
+def ek_certificate(ca_key, ca_cert, key) -> x509.Certificate:
+    return issue_ek_certificate(ca_key, ca_cert, key, "id:00001014", "swtpm", "id:20191023", None, NOW)
+
+
+@dataclass
+class Pieces:
+    """Everything build_bundle takes, made from one node identity and the fixture's quotes."""
+
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    signing_key: ec.EllipticCurvePrivateKey
+    signing_cert: x509.Certificate
+    nonce: bytes
+    guest: GuestEvidence
+    ek_cert: x509.Certificate
+    host_quote: HostQuote
+    host_verdict: HostVerdict
+    baseline: bytes | None
+
+    def manifest(self, instance=INSTANCE, ek_cert: x509.Certificate | None = None) -> bytes:
+        ek_cert = ek_cert or self.ek_cert
+        return sign_manifest(LaunchManifest(
+            instance_id=instance[0], name=instance[1], uuid=instance[2], node="node1",
+            created_at="2025-03-01T11:58:00.000+00:00",
+            measurements=(
+                Measurement(kind="image-layer", path="/var/lib/libvirt/images/guest.qcow2", digest="a" * 64,
+                            size=4096, details={"format": "qcow2", "layer": 0}),
+                Measurement(kind="vtpm-ek", digest=ek_cert_sha256(ek_cert),
+                            details={"ek_fingerprint": ek_fingerprint(ek_cert.public_key()), "encrypted": True,
+                                     "swtpm_version": "0.7.1"}),
+            ),
+            config_digest="c" * 64, policy_digest="d" * 64,
+        ), self.signing_key, self.signing_cert)
+
+    def ak_certification(self, instance=INSTANCE, ak_public: bytes | None = None,
+                         ek_cert: x509.Certificate | None = None) -> dict[str, Any]:
+        ak_public = ak_public or self.guest.ak_public
+        ek_cert = ek_cert or self.ek_cert
+        return sign_ak_certification(AkCertification(
+            instance_id=instance[0], uuid=instance[2], ek_fingerprint=ek_fingerprint(ek_cert.public_key()),
+            ek_cert_sha256=ek_cert_sha256(ek_cert), ak_public=ak_public, ak_name=ak_name(ak_public),
+            certified_at="2025-03-01T11:59:00.000+00:00",
+        ), self.signing_key)
+
+    def bundle(self, **changes: Any) -> bytes:
+        args: dict[str, Any] = {
+            "nonce": self.nonce, "instance_id": INSTANCE[0], "name": INSTANCE[1], "uuid": INSTANCE[2],
+            "hostname": "node1", "signing_key": self.signing_key, "signing_cert": self.signing_cert,
+            "ca_cert": self.ca_cert, "manifest": self.manifest(), "ek_cert": self.ek_cert,
+            "ak_certification": self.ak_certification(), "guest": self.guest, "baseline_eventlog": self.baseline,
+            "host_verdict": self.host_verdict, "host_quote": self.host_quote, "created_at": NOW,
+        }
+        args.update(changes)
+        return build_bundle(**args)
+
+    def verify(self, data: bytes, ca: x509.Certificate | None = None, nonce: bytes | None = None) -> BundleReport:
+        return verify_bundle(data, ca or self.ca_cert, self.nonce if nonce is None else nonce, NOW)
+
+    def resign(self, doc: dict[str, Any]) -> bytes:
+        """DOC signed again with the node key, as a node that lies would."""
+        body = {k: v for k, v in doc.items() if k != "signature"}
+        signature = self.signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
+        return canonical_json({**body, "signature": b64(signature)})
+
+
+def make_pieces(fixture: dict[str, Any]) -> Pieces:
+    guest = fixture["guest"]
+    ca_key, ca_cert, key, cert = node_identity()
+    ek_public = base64.b64decode(guest["ek_public"])
+    eventlog = (DATA / guest["eventlog"]).read_bytes()
+    return Pieces(
+        ca_key=ca_key, ca_cert=ca_cert, signing_key=key, signing_cert=cert,
+        nonce=bytes.fromhex(fixture["nonce"]),
+        guest=GuestEvidence(
+            bank=guest["bank"], pcrs={int(i): bytes.fromhex(v) for i, v in guest["pcrs"].items()},
+            attest=base64.b64decode(guest["attest"]), signature=base64.b64decode(guest["signature"]),
+            ak_public=base64.b64decode(guest["ak_public"]), eventlog=eventlog,
+        ),
+        ek_cert=ek_certificate(ca_key, ca_cert, rsa_key(ek_public)),
+        host_quote=HostQuote.from_json(fixture["host_quote"]),
+        host_verdict=HostVerdict(at="2025-03-01T11:55:00.000+00:00", at_epoch=NOW.timestamp() - 300, passed=True,
+                                 failures=(), policy_digest="e" * 64, quote_json="{}"),
+        baseline=(DATA / "eventlogs" / "uefi-tis.bin").read_bytes(),  # the first boot: the same events
+    )
+
+
+@pytest.fixture(scope="module")
+def pieces() -> Pieces:
+    return make_pieces(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def valid(pieces: Pieces) -> bytes:
+    return pieces.bundle()
+
+
+def failing(report: BundleReport) -> dict[str, str]:
+    return {c.name: c.detail for c in report.checks if not c.passed}
+
+
+def doc_of(data: bytes) -> dict[str, Any]:
+    return json.loads(data)
+
+
+# --- the valid bundle ---------------------------------------------------------------
+
+def test_a_complete_bundle_passes_every_check(pieces: Pieces, valid: bytes) -> None:
+    report = pieces.verify(valid)
+    assert report.passed, report.table()
+    assert [c.name for c in report.checks] == CHECKS
+    assert (report.instance_id, report.uuid, report.hostname) == (INSTANCE[0], INSTANCE[2], "node1")
+    details = {c.name: c.detail for c in report.checks}
+    assert details["guest quote"].startswith("sha256 PCRs 0,1,2,3,4,5,6,7,8,9,10,11 quoted over the nonce")
+    assert details["guest event log"] == "37 events replay to quoted PCRs 0,1,2,3,4,5,6,7,9,11"
+    assert details["baseline"] == "boot matches the baseline event by event (sha256, every PCR)"
+    assert report.to_json()["passed"] is True
+
+
+def test_the_bundle_is_canonical_json_in_the_documented_shape(pieces: Pieces, valid: bytes) -> None:
+    doc = doc_of(valid)
+    assert canonical_json(doc) == valid
+    assert list(doc) == sorted(["format", "version", "created_at", "nonce", "instance", "node", "manifest", "vtpm",
+                                "ak_certification", "guest", "baseline", "host", "signature"])
+    assert (doc["format"], doc["version"], doc["nonce"]) == ("tvorch-evidence", 1, pieces.nonce.hex())
+    assert doc["created_at"] == "2025-03-01T12:00:00.000+00:00"
+    assert doc["instance"] == {"id": INSTANCE[0], "name": INSTANCE[1], "uuid": INSTANCE[2]}
+    assert set(doc["guest"]) == {"bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima"}
+    assert doc["guest"]["ima"] is None and doc["baseline"]["verdict"]["matches"] is True
+    assert doc["host"]["verdict"] == {"passed": True, "failures": [], "at": "2025-03-01T11:55:00.000+00:00",
+                                      "policy_digest": "e" * 64}
+    assert HostQuote.from_json(doc["host"]["quote"]) == pieces.host_quote
+
+
+def test_the_table_aligns_check_result_and_detail(pieces: Pieces, valid: bytes) -> None:
+    lines = pieces.verify(valid).table().splitlines()
+    assert lines[0].split() == ["check", "result", "detail"]
+    assert len(lines) == 1 + len(CHECKS)
+    result_column = lines[0].index("result")
+    detail_column = lines[0].index("detail")
+    for line, name in zip(lines[1:], CHECKS):
+        assert line.startswith(name) and line[result_column:result_column + 4] == "PASS"
+        assert line[detail_column - 1] == " " and line[detail_column] != " "
+
+
+# --- every top-level field altered --------------------------------------------------
+
+def flip_b64(value: str, at: int = 40) -> str:
+    raw = bytearray(base64.b64decode(value))
+    raw[at % len(raw)] ^= 0x01
+    return b64(bytes(raw))
+
+
+def other_node_cert(_: Pieces) -> str:
+    _, _, _, cert = node_identity("node2")
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def other_ek_cert(p: Pieces) -> str:
+    cert = ek_certificate(p.ca_key, p.ca_cert, rsa.generate_private_key(65537, 2048).public_key())
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def changed_boot_app(p: Pieces) -> str:
+    """The baseline log with the boot application's digest changed (a different BOOTX64.EFI first boot)."""
+    raw = p.baseline or b""
+    log = parse_event_log(raw)
+    app = next(e for e in log.events if e.type_name == "EV_EFI_BOOT_SERVICES_APPLICATION")
+    digest = bytes.fromhex(app.digests["sha256"])
+    assert raw.count(digest) == 1
+    return b64(raw.replace(digest, hashlib.sha256(b"old BOOTX64.EFI").digest()))
+
+
+Mutation = Callable[[dict[str, Any], Pieces], None]
+
+# (what, change to the parsed bundle, the checks that then fail although the bundle is signed again)
+ALTERATIONS: list[tuple[str, Mutation, set[str]]] = [
+    ("created_at", lambda d, p: d.update(created_at="2025-03-02T12:00:00.000+00:00"), set()),
+    ("nonce", lambda d, p: d.update(nonce="00" * 32), {"guest quote"}),
+    ("instance", lambda d, p: d["instance"].update(uuid=OTHER_INSTANCE[2]),
+     {"launch manifest", "vTPM EK certificate", "AK certification"}),
+    ("node hostname", lambda d, p: d["node"].update(hostname="node2"), set()),
+    ("node ca_pem", lambda d, p: d["node"].update(ca_pem=other_node_cert(p)), set()),
+    ("node signing cert", lambda d, p: d["node"].update(signing_cert_pem=other_node_cert(p)),
+     {"node certificate", "bundle signature", "AK certification"}),
+    ("manifest", lambda d, p: d.update(manifest=flip_b64(d["manifest"])), {"launch manifest", "vTPM EK certificate"}),
+    ("vtpm", lambda d, p: d["vtpm"].update(ek_cert_pem=other_ek_cert(p)), {"vTPM EK certificate", "AK certification"}),
+    ("ak_certification", lambda d, p: d["ak_certification"].update(certified_at="2025-03-01T11:59:59.000+00:00"),
+     {"AK certification"}),
+    ("guest attest", lambda d, p: d["guest"].update(attest=flip_b64(d["guest"]["attest"], 50)), {"guest quote"}),
+    ("guest pcrs", lambda d, p: d["guest"]["pcrs"].update({"4": "ab" * 32}), {"guest quote", "guest event log"}),
+    ("guest ak_public", lambda d, p: d["guest"].update(ak_public=FIXTURE["host_quote"]["ak_public"]),
+     {"AK certification", "guest quote"}),
+    ("guest eventlog",
+     lambda d, p: d["guest"].update(eventlog=b64((DATA / "eventlogs" / "seabios-direct.bin").read_bytes())),
+     {"guest event log", "baseline"}),
+    ("baseline", lambda d, p: d["baseline"].update(eventlog=changed_boot_app(p)), {"baseline"}),
+    ("host verdict", lambda d, p: d["host"]["verdict"].update(passed=False, failures=["PCR 7 differs"]), {"host"}),
+    ("host quote", lambda d, p: d["host"]["quote"].update(attest=flip_b64(d["host"]["quote"]["attest"], 50)),
+     {"host"}),
+]
+
+
+@pytest.mark.parametrize(("what", "mutate", "expected"), ALTERATIONS, ids=[a[0] for a in ALTERATIONS])
+def test_every_altered_field_breaks_the_signature_and_its_own_check(
+    pieces: Pieces, valid: bytes, what: str, mutate: Mutation, expected: set[str]
+) -> None:
+    doc = doc_of(valid)
+    mutate(doc, pieces)
+    tampered = pieces.verify(canonical_json(doc))
+    assert not tampered.passed
+    assert "bundle signature" in failing(tampered)
+    resigned = pieces.verify(pieces.resign(doc))
+    assert set(failing(resigned)) == expected, resigned.table()
+    assert resigned.passed is (not expected)
+
+
+def test_a_changed_signature_fails_the_signature_check_only(pieces: Pieces, valid: bytes) -> None:
+    doc = doc_of(valid)
+    doc["signature"] = flip_b64(doc["signature"], 10)
+    assert failing(pieces.verify(canonical_json(doc))) == {
+        "bundle signature": "bundle signature does not verify with the node signing key: the bundle was changed"}
+
+
+def test_a_reindented_bundle_still_verifies(pieces: Pieces, valid: bytes) -> None:
+    assert pieces.verify(json.dumps(doc_of(valid), indent=2).encode()).passed
+
+
+# --- the specific lies --------------------------------------------------------------
+
+def test_a_wrong_nonce_fails_the_guest_quote_and_the_host(pieces: Pieces, valid: bytes) -> None:
+    report = pieces.verify(valid, nonce=hashlib.sha256(b"another nonce").digest())
+    assert set(failing(report)) == {"guest quote", "host"}
+    assert "not the nonce given" in failing(report)["guest quote"]
+    assert "nonce" in failing(report)["host"]
+
+
+def test_a_replayed_quote_under_the_new_nonce_fails_the_quote(pieces: Pieces) -> None:
+    fresh = hashlib.sha256(b"fresh nonce").digest()
+    report = pieces.verify(pieces.bundle(nonce=fresh), nonce=fresh)
+    assert set(failing(report)) == {"guest quote", "host"}
+    assert "nonce does not match" in failing(report)["guest quote"]
+
+
+def test_the_manifest_or_ak_certification_of_another_vm_fails(pieces: Pieces) -> None:
+    report = pieces.verify(pieces.bundle(manifest=pieces.manifest(OTHER_INSTANCE)))
+    assert failing(report) == {"launch manifest": f"launch manifest is of instance {OTHER_INSTANCE[0]} "
+                                                  f"({OTHER_INSTANCE[2]}), not {INSTANCE[0]} ({INSTANCE[2]})",
+                               "vTPM EK certificate": failing(report)["vTPM EK certificate"]}
+    assert "without a verified launch manifest" in failing(report)["vTPM EK certificate"]
+    report = pieces.verify(pieces.bundle(ak_certification=pieces.ak_certification(OTHER_INSTANCE)))
+    assert set(failing(report)) == {"AK certification"}
+    assert f"of instance {OTHER_INSTANCE[0]}" in failing(report)["AK certification"]
+
+
+def test_an_ak_certification_of_another_ak_or_ek_fails(pieces: Pieces) -> None:
+    host_ak = base64.b64decode(FIXTURE["host_quote"]["ak_public"])
+    report = pieces.verify(pieces.bundle(ak_certification=pieces.ak_certification(ak_public=host_ak)))
+    assert failing(report) == {
+        "AK certification": "AK certification certifies another AK than the one that signed the guest quote"}
+    other_ek = ek_certificate(pieces.ca_key, pieces.ca_cert, rsa.generate_private_key(65537, 2048).public_key())
+    report = pieces.verify(pieces.bundle(ak_certification=pieces.ak_certification(ek_cert=other_ek)))
+    assert set(failing(report)) == {"AK certification"} and "names EK" in failing(report)["AK certification"]
+
+
+def test_a_ca_that_issued_neither_the_node_cert_nor_the_ek_fails_everything_it_anchors(pieces: Pieces,
+                                                                                      valid: bytes) -> None:
+    _, stranger, _, _ = node_identity("stranger")
+    report = pieces.verify(valid, ca=stranger)
+    assert set(failing(report)) == {"node certificate", "bundle signature", "launch manifest", "vTPM EK certificate",
+                                    "AK certification"}
+    assert "not by the CA" in failing(report)["node certificate"]
+    assert failing(report)["bundle signature"].startswith("not checked: the node signing certificate")
+
+
+def test_an_ek_certificate_from_another_ca_fails(pieces: Pieces) -> None:
+    other_ca_key, other_ca, _, _ = node_identity("node2")
+    foreign = ek_certificate(other_ca_key, other_ca, pieces.ek_cert.public_key())  # same EK, other issuer
+    report = pieces.verify(pieces.bundle(ek_cert=foreign, manifest=pieces.manifest(ek_cert=foreign),
+                                         ak_certification=pieces.ak_certification(ek_cert=foreign)))
+    assert set(failing(report)) == {"vTPM EK certificate", "AK certification"}
+    assert "EK certificate was issued by" in failing(report)["vTPM EK certificate"]
+    assert failing(report)["AK certification"] == "not checked: the EK certificate does not chain to the CA"
+
+
+def test_a_guest_event_log_that_does_not_replay_names_the_pcr(pieces: Pieces) -> None:
+    raw = pieces.guest.eventlog
+    tag = next(e for e in parse_event_log(raw).events if e.pcr == 9)
+    digest = bytes.fromhex(tag.digests["sha256"])
+    assert raw.count(digest) == 1
+    forged = raw.replace(digest, hashlib.sha256(b"another command line").digest())
+    report = pieces.verify(pieces.bundle(guest=dataclasses.replace(pieces.guest, eventlog=forged)))
+    assert failing(report)["guest event log"] == "PCR 9 does not match the event log's replay"
+    assert failing(report)["baseline"].startswith("PCR9: EV_EVENT_TAG digest changed (expected cd773142…")
+
+
+def test_a_log_pcr_left_out_of_the_quote_is_named(pieces: Pieces, valid: bytes) -> None:
+    doc = doc_of(valid)
+    del doc["guest"]["pcrs"]["11"]
+    report = pieces.verify(pieces.resign(doc))
+    assert failing(report)["guest event log"] == "PCR 11 is in the event log but not quoted"
+    assert "selects sha256:0,1,2,3,4,5,6,7,8,9,10,11, not" in failing(report)["guest quote"]
+
+
+def test_replay_problems_judges_every_pcr_the_log_extends_and_only_those(pieces: Pieces) -> None:
+    guest = pieces.guest
+    assert replay_problems(guest.eventlog, "sha256", guest.pcrs) == ()
+    pcrs = {**guest.pcrs, 4: bytes(32), 10: b"\x11" * 32}  # 10: IMA's, which the log never touches
+    del pcrs[11]
+    assert replay_problems(guest.eventlog, "sha256", pcrs) == (
+        "PCR 4 does not match the event log's replay", "PCR 11 is in the event log but not quoted")
+    with pytest.raises(EvidenceError, match="event log has no sha1 bank"):
+        replay_problems(guest.eventlog, "sha1", guest.pcrs)
+
+
+def test_a_boot_that_differs_from_the_baseline_lists_each_difference(pieces: Pieces) -> None:
+    log = parse_event_log(pieces.guest.eventlog)
+    app = [e for e in log.events if e.type_name == "EV_EFI_BOOT_SERVICES_APPLICATION"][0]
+    digest = bytes.fromhex(app.digests["sha256"])
+    old = pieces.guest.eventlog.replace(digest, hashlib.sha256(b"old loader").digest())
+    bundle = pieces.bundle(baseline_eventlog=old)
+    assert doc_of(bundle)["baseline"]["verdict"]["matches"] is False  # the node says so too
+    report = pieces.verify(bundle)
+    assert failing(report) == {"baseline": f"PCR4: EV_EFI_BOOT_SERVICES_APPLICATION digest changed "
+                                           f"(expected {hashlib.sha256(b'old loader').hexdigest()[:8]}…, "
+                                           f"found {app.digests['sha256'][:8]}…)"}
+
+
+def test_the_baseline_is_recomputed_not_taken_from_the_node(pieces: Pieces, valid: bytes) -> None:
+    doc = doc_of(valid)
+    doc["baseline"]["eventlog"] = changed_boot_app(pieces)  # a node claiming a changed boot matches
+    assert doc["baseline"]["verdict"]["matches"] is True
+    assert failing(pieces.verify(pieces.resign(doc)))["baseline"].startswith(
+        "PCR4: EV_EFI_BOOT_SERVICES_APPLICATION digest changed")
+    doc = doc_of(valid)
+    doc["baseline"]["verdict"]["matches"] = False  # a verdict the logs do not bear out
+    assert failing(pieces.verify(pieces.resign(doc))) == {
+        "baseline": "the node's baseline verdict is not what its event logs say"}
+
+
+def test_the_pcrs_the_node_compared_are_shown(pieces: Pieces) -> None:
+    report = pieces.verify(pieces.bundle(baseline_pcrs=range(8)))
+    assert report.passed
+    assert {c.name: c.detail for c in report.checks}["baseline"] == (
+        "boot matches the baseline event by event (sha256, PCRs 0,1,2,3,4,5,6,7)")
+
+
+def test_without_a_baseline_the_baseline_check_says_so(pieces: Pieces) -> None:
+    report = pieces.verify(pieces.bundle(baseline_eventlog=None))
+    assert report.passed
+    assert {c.name: c.detail for c in report.checks}["baseline"] == "no baseline event log (nothing to compare with)"
+
+
+def test_a_bundle_without_host_evidence_fails_the_host_check(pieces: Pieces) -> None:
+    report = pieces.verify(pieces.bundle(host_verdict=None, host_quote=None))
+    assert failing(report) == {"host": "no host evidence"}
+    assert failing(pieces.verify(pieces.bundle(host_quote=None))) == {"host": "no host quote"}
+
+
+def test_a_failed_host_verdict_lists_its_failures(pieces: Pieces) -> None:
+    verdict = dataclasses.replace(pieces.host_verdict, passed=False,
+                                  failures=("PCR 7 differs", "/usr/bin/qemu not measured"))
+    assert failing(pieces.verify(pieces.bundle(host_verdict=verdict))) == {
+        "host": "host attestation failed at 2025-03-01T11:55:00.000+00:00: PCR 7 differs; /usr/bin/qemu not measured"}
+
+
+def test_expired_certificates_fail_at_the_verifiers_time(pieces: Pieces, valid: bytes) -> None:
+    later = verify_bundle(valid, pieces.ca_cert, pieces.nonce, NOW + timedelta(days=365 * 6))
+    assert "expired" in {c.name: c.detail for c in later.checks}["node certificate"]
+    assert not later.passed
+
+
+# --- malformed input: one failing "format" check, never an exception ------------------
+
+def swap(path: list[str], value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        target = doc
+        for key in path[:-1]:
+            target = target[key]
+        if value is KeyError:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+    return change
+
+
+MALFORMED: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("not JSON", lambda b: b[:-1], "not valid JSON"),
+    ("not UTF-8", lambda b: b"\xff" + b, "not UTF-8"),
+    ("a list", lambda b: b"[" + b + b"]", "not a JSON object"),
+    ("duplicate key", lambda b: b[:-1] + b',"nonce":"00"}', "duplicate key 'nonce'"),
+    ("a float", lambda b: b.replace(b'"version":1', b'"version":1.0'), "not an integer"),
+]
+MALFORMED_FIELDS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("format", swap(["format"], "tvorch-vtpm-backup"), "not a tvorch-evidence bundle"),
+    ("version", swap(["version"], 2), "bundle version 2 is not 1"),
+    ("boolean version", swap(["version"], True), "bundle version True is not 1"),
+    ("missing field", swap(["host"], KeyError), "missing ['host']"),
+    ("unknown field", swap(["extra"], 1), "unknown ['extra']"),
+    ("bad base64", swap(["guest", "attest"], "not base64!"), "'guest.attest' is not valid base64"),
+    ("bad hex", swap(["nonce"], "xyz"), "'nonce' is not valid hex"),
+    ("number for string", swap(["instance", "id"], 7), "'instance.id' is not a non-empty string"),
+    ("pcr index", swap(["guest", "pcrs", "24"], "00" * 32), "index '24', not a PCR 0-23"),
+    ("pcr size", swap(["guest", "pcrs", "4"], "00" * 20), "'guest.pcrs.4' is not a sha256 digest"),
+    ("unknown bank", swap(["guest", "bank"], "md5"), "unknown PCR bank 'md5'"),
+    ("verdict type", swap(["host", "verdict", "passed"], "yes"), "'host.verdict.passed' is not a boolean"),
+    ("created_at", swap(["created_at"], "2025-03-01T13:00:00+01:00"), "'created_at' is not a UTC ISO-8601 time"),
+    ("verdict time", swap(["host", "verdict", "at"], "yesterday"), "'host.verdict.at' is not a UTC ISO-8601 time"),
+    ("ak certification type", swap(["ak_certification"], []), "'ak_certification' is not a JSON object"),
+    ("ima", swap(["guest", "ima"], "%%"), "'guest.ima' is not valid base64"),
+]
+
+
+@pytest.mark.parametrize(("what", "garble", "detail"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_bytes_that_are_no_bundle_fail_the_format_check(pieces: Pieces, valid: bytes, what: str,
+                                                        garble: Callable[[bytes], bytes], detail: str) -> None:
+    report = pieces.verify(garble(valid))
+    assert not report.passed and len(report.checks) == 1
+    (check,) = report.checks
+    assert check.name == "format" and not check.passed and detail in check.detail and "\n" not in check.detail
+
+
+@pytest.mark.parametrize(("what", "change", "detail"), MALFORMED_FIELDS, ids=[m[0] for m in MALFORMED_FIELDS])
+def test_a_malformed_field_fails_the_format_check(pieces: Pieces, valid: bytes, what: str,
+                                                  change: Callable[[dict[str, Any]], None], detail: str) -> None:
+    doc = doc_of(valid)
+    change(doc)
+    report = pieces.verify(pieces.resign(doc))
+    assert [(c.name, c.passed) for c in report.checks] == [("format", False)]
+    assert detail in report.checks[0].detail, report.checks[0].detail
+    assert "format  FAIL" in report.table()
+
+
+def test_malformed_inner_evidence_fails_its_own_check_in_one_line(pieces: Pieces, valid: bytes) -> None:
+    doc = doc_of(valid)
+    doc["guest"]["attest"] = b64(b"\x00\x01")
+    doc["vtpm"]["ek_cert_pem"] = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    doc["host"]["quote"]["version"] = 9
+    doc["guest"]["eventlog"] = b64(b"\x00" * 10)
+    report = pieces.verify(pieces.resign(doc))
+    details = failing(report)
+    assert {"guest quote", "vTPM EK certificate", "host", "guest event log"} <= set(details)
+    assert "quote attest is not a valid TPMS_ATTEST" in details["guest quote"]
+    assert details["vTPM EK certificate"] == "EK certificate is not a PEM certificate"
+    assert "host quote version 9" in details["host"]
+    assert details["guest event log"].startswith("event log: event 0")
+    assert all("\n" not in d for d in details.values())

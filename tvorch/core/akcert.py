@@ -1,0 +1,226 @@
+"""Certifying a guest's attestation key (AK) against the vTPM's EK, and the node's statement of it.
+
+Pure: bytes in, dataclasses out; tpm2-pytss is used for (un)marshalling and
+its software MakeCredential, never for a TPM session.
+
+Why credential activation: a quote is only worth the key that signed it. The
+node CA issued the vTPM's EK certificate, so the EK is known; the AK is
+whatever the guest agent reports. The node encrypts a random secret to that
+EK, bound to the AK's name (``make_credential``); only the TPM holding the EK
+releases it, and only while the named key is loaded in it
+(TPM2_ActivateCredential). A guest that returns the secret has proved the AK
+lives in that vTPM. Before that, ``check_ak_public`` refuses a key whose
+attributes would let a quote be forged (not restricted, or able to leave the
+TPM), and ``ek_matches_certificate`` that the EK public key is the one the
+node certified: a credential to any other EK proves nothing.
+
+The node then records the result as a statement signed with its signing key
+(``sign_ak_certification``): a JSON object, every value a string::
+
+    {
+      "format": "tvorch-ak-certification", "version": 1,
+      "instance_id": "i-...", "uuid": "<libvirt UUID>",
+      "ek_fingerprint": "<hex sha256 of the EK's SubjectPublicKeyInfo>",
+      "ek_cert_sha256": "<hex sha256 of the EK certificate, DER>",
+      "ak_public": "<base64 of the AK's TPM2B_PUBLIC>",
+      "ak_name": "<hex of the AK's TPM name>",
+      "method": "credential-activation",
+      "certified_at": "2025-03-01T12:00:00.000+00:00",
+      "signature": "<base64 DER ECDSA-P256-SHA256 over the canonical JSON of all other fields>"
+    }
+
+"format" keeps the node key's signatures on different documents apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
+from tpm2_pytss.utils import make_credential as _tss_make_credential
+
+from tvorch.core.manifest import canonical_json
+from tvorch.core.quote import ak_key, ak_name, parse_public
+from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
+
+AK_CERT_FORMAT = "tvorch-ak-certification"
+AK_CERT_VERSION = 1
+METHOD = "credential-activation"
+
+# Each attribute and what its absence would allow.
+_AK_ATTRIBUTES = (
+    (TPMA_OBJECT.RESTRICTED, "restricted"),  # signs outside data posing as a quote
+    (TPMA_OBJECT.SIGN_ENCRYPT, "sign"),  # is no signing key at all
+    (TPMA_OBJECT.FIXEDTPM, "fixedTPM"),  # may be duplicated to another TPM
+    (TPMA_OBJECT.FIXEDPARENT, "fixedParent"),  # may be moved under another parent
+    (TPMA_OBJECT.SENSITIVEDATAORIGIN, "sensitiveDataOrigin"),  # private key imported: known outside
+)
+_EK_REQUIRED = TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
+# Digest sizes of the name algorithms a credential may bind (SHA-1 names are refused).
+_NAME_ALGORITHMS = {TPM2_ALG.SHA256: 32, TPM2_ALG.SHA384: 48, TPM2_ALG.SHA512: 64}
+_FIELDS = ("format", "version", "instance_id", "uuid", "ek_fingerprint", "ek_cert_sha256", "ak_public",
+           "ak_name", "method", "certified_at", "signature")
+
+
+def check_ak_public(ak_public: bytes) -> None:
+    """TrustError unless AK_PUBLIC is a restricted, fixedTPM, fixedParent, TPM-generated signing key."""
+    public = parse_public(ak_public, "AK public")
+    attrs = int(public.objectAttributes)
+    lacking = [name for flag, name in _AK_ATTRIBUTES if not attrs & flag]
+    if lacking:
+        raise TrustError(f"AK public key lacks {', '.join(lacking)} (attributes {public.objectAttributes})")
+    if attrs & TPMA_OBJECT.DECRYPT:
+        raise TrustError("AK public key is also a decryption key: an AK only signs")
+    if public.nameAlg not in _NAME_ALGORITHMS:
+        raise TrustError(f"AK name algorithm 0x{int(public.nameAlg):x} is not SHA-256/384/512")
+    ak_key(ak_public)  # RSA or ECC, and usable by cryptography
+
+
+def ek_matches_certificate(ek_public: bytes, cert: x509.Certificate) -> bool:
+    """Whether the EK in EK_PUBLIC (TPM2B_PUBLIC) is the key CERT certifies; EvidenceError for bad bytes."""
+    public = parse_public(ek_public, "EK public")
+    try:
+        key = serialization.load_der_public_key(public.to_der())
+        certified = cert.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise EvidenceError(f"EK public key cannot be used: {err}") from None
+    # Public keys compare by value (RSA modulus and exponent, EC curve and point).
+    return bool(type(key) is type(certified) and key == certified)
+
+
+def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[bytes, bytes]:
+    """SECRET encrypted to the EK and bound to the AK named AK_NAME, in software.
+
+    Returns the marshaled TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET that
+    TPM2_ActivateCredential takes. The caller must first check that EK_PUBLIC
+    is the certified EK (``ek_matches_certificate``).
+    """
+    public = parse_public(ek_public, "EK public")
+    if int(public.objectAttributes) & _EK_REQUIRED != _EK_REQUIRED:
+        raise TrustError(f"EK public key is not a restricted decryption key (attributes {public.objectAttributes})")
+    size = _NAME_ALGORITHMS.get(public.nameAlg)
+    if size is None:
+        raise TrustError(f"EK name algorithm 0x{int(public.nameAlg):x} is not SHA-256/384/512")
+    if not 0 < len(secret) <= size:
+        raise InputError(f"credential secret is {len(secret)} bytes; the EK takes 1 to {size}")
+    _check_name(ak_name)
+    try:
+        blob, encrypted = _tss_make_credential(TPM2B_PUBLIC(publicArea=public), secret, TPM2B_NAME(ak_name))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise EvidenceError(f"cannot make a credential for this EK: {err}") from None
+    return blob.marshal(), encrypted.marshal()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AkCertification:
+    """The node's word that this AK lives in this instance's vTPM (see the module docstring)."""
+
+    instance_id: str
+    uuid: str
+    ek_fingerprint: str  # hex, tvorch.core.ekcert.ek_fingerprint
+    ek_cert_sha256: str  # hex sha256 of the EK certificate's DER
+    ak_public: bytes  # TPM2B_PUBLIC, marshaled
+    ak_name: bytes  # TPM name of ak_public
+    method: str = METHOD
+    certified_at: str  # UTC ISO-8601
+
+    def to_fields(self) -> dict[str, Any]:
+        """The signed fields, JSON-ready."""
+        return {
+            "format": AK_CERT_FORMAT, "version": AK_CERT_VERSION,
+            "instance_id": self.instance_id, "uuid": self.uuid,
+            "ek_fingerprint": self.ek_fingerprint, "ek_cert_sha256": self.ek_cert_sha256,
+            "ak_public": base64.b64encode(self.ak_public).decode("ascii"), "ak_name": self.ak_name.hex(),
+            "method": self.method, "certified_at": self.certified_at,
+        }
+
+
+def sign_ak_certification(cert: AkCertification, key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    """CERT as its JSON object, signed with the node's signing KEY; refuses a statement that would not verify."""
+    _check_content(cert)
+    fields = cert.to_fields()
+    signature = key.sign(canonical_json(fields), ec.ECDSA(hashes.SHA256()))
+    return {**fields, "signature": base64.b64encode(signature).decode("ascii")}
+
+
+def verify_ak_certification(obj: object, signer_public_key: ec.EllipticCurvePublicKey) -> AkCertification:
+    """The statement in OBJ if SIGNER_PUBLIC_KEY signed exactly it; TrustError on any change or malformation."""
+    if not isinstance(obj, dict):
+        raise TrustError("AK certification is not a JSON object")
+    if set(obj) != set(_FIELDS):
+        missing, unknown = sorted(set(_FIELDS) - set(obj)), sorted(set(obj) - set(_FIELDS))
+        raise TrustError(f"AK certification fields wrong: missing {missing}, unknown {unknown}")
+    if obj["format"] != AK_CERT_FORMAT or obj["version"] != AK_CERT_VERSION or type(obj["version"]) is not int:
+        raise TrustError(f"AK certification is not a {AK_CERT_FORMAT} version {AK_CERT_VERSION}")
+    for name in _FIELDS[2:]:
+        if not isinstance(obj[name], str) or not obj[name]:
+            raise TrustError(f"AK certification field {name!r} is not a non-empty string")
+    signature = _b64(obj["signature"], "signature")
+    fields = {k: v for k, v in obj.items() if k != "signature"}
+    if not isinstance(signer_public_key, ec.EllipticCurvePublicKey):
+        raise TrustError("the node signing key is not an ECDSA key")
+    try:
+        signer_public_key.verify(signature, canonical_json(fields), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        raise TrustError("AK certification signature does not verify with the node signing key") from None
+    try:
+        name_bytes = bytes.fromhex(obj["ak_name"])
+    except ValueError:
+        raise TrustError("AK certification field 'ak_name' is not hex") from None
+    cert = AkCertification(
+        instance_id=obj["instance_id"], uuid=obj["uuid"], ek_fingerprint=obj["ek_fingerprint"],
+        ek_cert_sha256=obj["ek_cert_sha256"], ak_public=_b64(obj["ak_public"], "ak_public"), ak_name=name_bytes,
+        certified_at=obj["certified_at"], method=obj["method"],
+    )
+    _check_content(cert)
+    return cert
+
+
+def ek_cert_sha256(cert: x509.Certificate) -> str:
+    """Hex sha256 of the certificate's DER: what the manifest's vtpm-ek measurement holds."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _check_content(cert: AkCertification) -> None:
+    """What must hold of a statement whoever signed it; TrustError naming the first thing wrong."""
+    if cert.method != METHOD:
+        raise TrustError(f"AK certification method {cert.method!r} is not {METHOD!r}")
+    for name in ("ek_fingerprint", "ek_cert_sha256"):
+        value = getattr(cert, name)
+        if len(value) != 64 or value.strip("0123456789abcdef"):
+            raise TrustError(f"AK certification field {name!r} is not a sha256 hex digest")
+    try:
+        moment = datetime.fromisoformat(cert.certified_at)
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() != timedelta(0):
+        raise TrustError(f"AK certification time {cert.certified_at!r} is not a UTC ISO-8601 time")
+    try:
+        check_ak_public(cert.ak_public)
+        actual = ak_name(cert.ak_public)
+    except TvorchError as err:
+        raise TrustError(f"AK certification names an unusable AK: {err}") from None
+    if actual != cert.ak_name:
+        raise TrustError("AK certification's ak_name is not the name of its ak_public")
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) < 2 or _NAME_ALGORITHMS.get(int.from_bytes(name[:2], "big")) != len(name) - 2:
+        raise InputError("AK name is not a SHA-256/384/512 TPM name (2-byte algorithm id, then the digest)")
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise TrustError(f"AK certification field {what!r} is not valid base64") from None

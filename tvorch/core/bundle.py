@@ -1,0 +1,610 @@
+"""The evidence bundle: everything a tenant needs to check a VM offline with the node CA and a nonce.
+
+Why one bundle: the guest's quote is only as good as its AK, the AK as the
+EK it was certified against, the EK as the CA that issued its certificate and
+the launch manifest that names it, and the whole VM as the host it runs on.
+The bundle carries each link, the node signs the whole, and ``verify_bundle``
+checks every link with nothing but the CA certificate, the verifier's own
+nonce and a time. Like Keylime, it runs every check and reports each one
+instead of stopping at the first failure.
+
+The file is one JSON object in canonical form (``manifest.canonical_json``)::
+
+    {
+      "format": "tvorch-evidence",
+      "version": 1,
+      "created_at": "2025-03-01T12:00:00.000+00:00",      # UTC, when the node made it
+      "nonce": "<hex>",                                    # the verifier's nonce, quoted by guest and host
+      "instance": {"id": "i-...", "name": "vm1", "uuid": "<libvirt UUID>"},
+      "node": {"hostname": "compute-7",
+               "signing_cert_pem": "<PEM of the node signing certificate>",
+               "ca_pem": "<PEM of the node CA>"},           # informational: the verifier uses its own CA
+      "manifest": "<base64 of the signed launch manifest file>",
+      "vtpm": {"ek_cert_pem": "<PEM of the vTPM's RSA EK certificate>"},
+      "ak_certification": {...},                           # core.akcert's signed object
+      "guest": {"bank": "sha256",
+                "pcrs": {"0": "<hex>", ...},               # the quoted PCRs and their values
+                "attest": "<base64 TPMS_ATTEST>",
+                "signature": "<base64 TPMT_SIGNATURE>",
+                "ak_public": "<base64 TPM2B_PUBLIC of the AK>",
+                "eventlog": "<base64 of binary_bios_measurements>",
+                "ima": "<base64 of the IMA list>" | null},   # carried, not yet checked
+      "baseline": {"eventlog": "<base64 of the first boot's event log>" | null,
+                   "verdict": <core.guest_baseline BaselineVerdict.to_json()> | null},
+      "host": {"verdict": {"passed": true, "failures": [...], "at": "<UTC>", "policy_digest": "<hex>"} | null,
+               "quote": <core.quote HostQuote.to_json(), over the same nonce> | null},
+      "signature": "<base64 DER ECDSA-P256-SHA256 by the node signing key over the canonical JSON
+                    of every other field>"
+    }
+
+The node writes it canonical; a verifier also takes it re-indented (the
+signature is over the canonical form of what it parses to), but refuses
+duplicate keys, floats, and any missing, unknown or ill-typed field.
+
+Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
+
+- "format": JSON object, format "tvorch-evidence", version 1, every field
+  present and of its type and encoding. If this fails, it is the only check.
+- "node certificate": the signing certificate chains to the verifier's CA
+  (ECDSA P-256, digitalSignature, documentSigning), valid at the time given.
+- "bundle signature": the node signing key signed everything else.
+- "launch manifest": verifies with the CA and names this instance (id, uuid).
+- "vTPM EK certificate": an EK certificate the CA issued, whose sha256 (and
+  EK fingerprint) is the manifest's ``vtpm-ek`` measurement.
+- "AK certification": signed by the node key, names this instance, this EK
+  (fingerprint and certificate sha256) and the AK that signed the guest quote.
+- "guest quote": over the verifier's nonce, of exactly the PCRs given, by that AK.
+- "guest event log": replays to the quoted value of every PCR it extends (and
+  each such PCR is quoted), naming each PCR that does not.
+- "baseline": with a baseline event log, the boot matches it event by event
+  (recomputed; each difference described) and the node's verdict says the same.
+- "host": a passing host verdict, and a host quote over the same nonce.
+
+A check whose premise did not verify (say, the AK certification when the node
+certificate does not chain to the CA) fails saying "not checked: ..." rather
+than trusting it. The host's AK is vouched for only by the bundle signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tvorch.core.akcert import ek_cert_sha256, verify_ak_certification
+from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
+from tvorch.core.eventlog import parse_event_log, replay
+from tvorch.core.guest_baseline import compare
+from tvorch.core.hostverdict import HostVerdict
+from tvorch.core.manifest import (
+    LaunchManifest,
+    _no_duplicate_keys,
+    _refuse_float,
+    canonical_json,
+    manifest_digest,
+    verify_manifest,
+)
+from tvorch.core.quote import (
+    MAX_PCR,
+    HostQuote,
+    ak_fingerprint,
+    digest_size,
+    verify_quote,
+)
+from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
+from tvorch.errors import TrustError, TvorchError
+
+BUNDLE_FORMAT = "tvorch-evidence"
+BUNDLE_VERSION = 1
+
+_TOP = ("format", "version", "created_at", "nonce", "instance", "node", "manifest", "vtpm", "ak_certification",
+        "guest", "baseline", "host", "signature")
+_INSTANCE = ("id", "name", "uuid")
+_NODE = ("hostname", "signing_cert_pem", "ca_pem")
+_GUEST = ("bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima")
+_BASELINE = ("eventlog", "verdict")
+_HOST = ("verdict", "quote")
+_HOST_VERDICT = ("passed", "failures", "at", "policy_digest")
+
+
+@dataclass(frozen=True)
+class GuestEvidence:
+    """What the guest agent answered: a quote of its vTPM and its firmware event log."""
+
+    bank: str
+    pcrs: Mapping[int, bytes]
+    attest: bytes  # TPMS_ATTEST, marshaled
+    signature: bytes  # TPMT_SIGNATURE, marshaled
+    ak_public: bytes  # TPM2B_PUBLIC, marshaled
+    eventlog: bytes  # binary_bios_measurements, as read
+    ima: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class BundleReport:
+    """Every check's result; the bundle is good only if all passed."""
+
+    checks: tuple[Check, ...]
+    instance_id: str | None = None  # as the bundle names it (None when it is malformed)
+    uuid: str | None = None
+    hostname: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def table(self) -> str:
+        """Aligned columns: check, PASS/FAIL, detail."""
+        rows = [("check", "result", "detail")] + [(c.name, "PASS" if c.passed else "FAIL", c.detail)
+                                                  for c in self.checks]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {result:<6}  {detail}".rstrip() for name, result, detail in rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "instance_id": self.instance_id, "uuid": self.uuid, "hostname": self.hostname,
+                "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks]}
+
+
+# --- building -----------------------------------------------------------------------
+
+def build_bundle(
+    *,
+    nonce: bytes,
+    instance_id: str,
+    name: str,
+    uuid: str,
+    hostname: str,
+    signing_key: ec.EllipticCurvePrivateKey,
+    signing_cert: x509.Certificate,
+    ca_cert: x509.Certificate,
+    manifest: bytes,
+    ek_cert: x509.Certificate,
+    ak_certification: Mapping[str, Any],
+    guest: GuestEvidence,
+    baseline_eventlog: bytes | None,
+    host_verdict: HostVerdict | None,
+    host_quote: HostQuote | None,
+    created_at: datetime,
+    baseline_pcrs: Iterable[int] | None = None,
+) -> bytes:
+    """The bundle's canonical JSON, signed with SIGNING_KEY (see the module docstring).
+
+    The baseline verdict is computed here from BASELINE_EVENTLOG and the
+    guest's event log (on BASELINE_PCRS, default all), so it always says what
+    the logs say. HOST_QUOTE must be over NONCE.
+    """
+    if signing_cert.public_key() != signing_key.public_key():
+        raise TrustError(f"the signing key does not match certificate '{signing_cert.subject.rfc4514_string()}'")
+    if created_at.tzinfo is None:
+        raise ValueError("a timezone-aware datetime is required")
+    verdict = None
+    if baseline_eventlog is not None:
+        verdict = compare(parse_event_log(baseline_eventlog), parse_event_log(guest.eventlog), guest.bank,
+                          baseline_pcrs).to_json()
+    body: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "created_at": created_at.astimezone(timezone.utc).isoformat(timespec="milliseconds"),
+        "nonce": nonce.hex(),
+        "instance": {"id": instance_id, "name": name, "uuid": uuid},
+        "node": {"hostname": hostname, "signing_cert_pem": _pem(signing_cert), "ca_pem": _pem(ca_cert)},
+        "manifest": _b64(manifest),
+        "vtpm": {"ek_cert_pem": _pem(ek_cert)},
+        "ak_certification": dict(ak_certification),
+        "guest": {
+            "bank": guest.bank,
+            "pcrs": {str(i): guest.pcrs[i].hex() for i in sorted(guest.pcrs)},
+            "attest": _b64(guest.attest),
+            "signature": _b64(guest.signature),
+            "ak_public": _b64(guest.ak_public),
+            "eventlog": _b64(guest.eventlog),
+            "ima": None if guest.ima is None else _b64(guest.ima),
+        },
+        "baseline": {"eventlog": None if baseline_eventlog is None else _b64(baseline_eventlog), "verdict": verdict},
+        "host": {
+            "verdict": None if host_verdict is None else {
+                "passed": host_verdict.passed, "failures": list(host_verdict.failures), "at": host_verdict.at,
+                "policy_digest": host_verdict.policy_digest,
+            },
+            "quote": None if host_quote is None else host_quote.to_json(),
+        },
+    }
+    signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
+    return canonical_json({**body, "signature": _b64(signature)})
+
+
+# --- verifying ----------------------------------------------------------------------
+
+class _Malformed(ValueError):
+    """The bundle's structure is wrong: the "format" check fails with this message."""
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """The bundle decoded: structure and encodings checked, nothing yet trusted."""
+
+    body: dict[str, Any]  # every field but "signature", as parsed
+    signature: bytes
+    nonce: bytes
+    instance_id: str
+    name: str
+    uuid: str
+    hostname: str
+    signing_cert_pem: str
+    manifest: bytes
+    ek_cert_pem: str
+    ak_certification: dict[str, Any]
+    bank: str
+    pcrs: dict[int, bytes]
+    attest: bytes
+    quote_signature: bytes
+    ak_public: bytes
+    eventlog: bytes
+    baseline_eventlog: bytes | None
+    baseline_verdict: dict[str, Any] | None
+    host_verdict: dict[str, Any] | None
+    host_quote: dict[str, Any] | None
+
+
+@dataclass
+class _Context:
+    """What earlier checks established, for later ones; None where a check failed."""
+
+    bundle: _Bundle
+    ca: x509.Certificate
+    nonce: bytes
+    at: datetime
+    node_cert: x509.Certificate | None = None
+    manifest: LaunchManifest | None = None
+    ek_cert: x509.Certificate | None = None
+
+
+def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime) -> BundleReport:
+    """Run every check of the bundle in DATA against CA, NONCE and the time AT; never raises for bad DATA."""
+    if at.tzinfo is None:
+        raise ValueError("a timezone-aware datetime is required")
+    try:
+        bundle = _parse(data)
+    except (_Malformed, TvorchError) as err:
+        return BundleReport((Check("format", False, _one_line(err)),))
+    ctx = _Context(bundle, ca, nonce, at)
+    checks = [Check("format", True, f"{BUNDLE_FORMAT} version {BUNDLE_VERSION}")]
+    for name, check in _CHECKS:
+        try:
+            checks.append(Check(name, True, check(ctx)))
+        except (TvorchError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+            checks.append(Check(name, False, _one_line(err)))
+    return BundleReport(tuple(checks), bundle.instance_id, bundle.uuid, bundle.hostname)
+
+
+def _check_node_certificate(ctx: _Context) -> str:
+    cert = _certificate(ctx.bundle.signing_cert_pem, "node signing certificate")
+    verify_chain(cert, ctx.ca, ctx.at, purpose=DOCUMENT_SIGNING)
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+        raise TrustError("node signing certificate does not hold a P-256 key")
+    ctx.node_cert = cert
+    return f"'{cert.subject.rfc4514_string()}' issued by '{ctx.ca.subject.rfc4514_string()}'"
+
+
+def _check_signature(ctx: _Context) -> str:
+    public = _node_key(ctx)
+    try:
+        public.verify(ctx.bundle.signature, canonical_json(ctx.bundle.body), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise TrustError("bundle signature does not verify with the node signing key: the bundle was changed") from None
+    return "signed by the node signing key"
+
+
+def _check_manifest(ctx: _Context) -> str:
+    b = ctx.bundle
+    manifest = verify_manifest(b.manifest, ctx.ca, ctx.at)
+    _same_instance("launch manifest", manifest.instance_id, manifest.uuid, b)
+    ctx.manifest = manifest
+    return f"names {manifest.instance_id} ({manifest.uuid}); sha256 {manifest_digest(b.manifest)}"
+
+
+def _check_ek(ctx: _Context) -> str:
+    cert = _certificate(ctx.bundle.ek_cert_pem, "EK certificate")
+    verify_ek_certificate(cert, ctx.ca, ctx.at)
+    ctx.ek_cert = cert
+    if ctx.manifest is None:
+        raise TrustError("EK certificate chains to the CA, but without a verified launch manifest it is not "
+                         "known to be this instance's")
+    entries = [m for m in ctx.manifest.measurements if m.kind == "vtpm-ek"]
+    if len(entries) != 1:
+        raise TrustError(f"launch manifest has {len(entries)} vtpm-ek measurements, not 1")
+    digest = ek_cert_sha256(cert)
+    if entries[0].digest != digest:
+        raise TrustError(f"EK certificate sha256 {digest} is not the manifest's vtpm-ek {entries[0].digest}")
+    fingerprint = _ek_fingerprint(cert)
+    named = entries[0].details.get("ek_fingerprint")
+    if named is not None and named != fingerprint:
+        raise TrustError(f"EK fingerprint {fingerprint} is not the manifest's {named}")
+    return f"EK {fingerprint} chains to the CA and is the manifest's vtpm-ek"
+
+
+def _check_ak_certification(ctx: _Context) -> str:
+    b = ctx.bundle
+    public = _node_key(ctx)
+    if ctx.ek_cert is None:
+        raise TrustError("not checked: the EK certificate does not chain to the CA")
+    cert = verify_ak_certification(b.ak_certification, public)
+    _same_instance("AK certification", cert.instance_id, cert.uuid, b)
+    fingerprint = _ek_fingerprint(ctx.ek_cert)
+    if cert.ek_fingerprint != fingerprint or cert.ek_cert_sha256 != ek_cert_sha256(ctx.ek_cert):
+        raise TrustError(f"AK certification names EK {cert.ek_fingerprint}, not this bundle's EK {fingerprint}")
+    if cert.ak_public != b.ak_public:
+        raise TrustError("AK certification certifies another AK than the one that signed the guest quote")
+    return f"AK {ak_fingerprint(b.ak_public)} certified by {cert.method} at {cert.certified_at}"
+
+
+def _check_guest_quote(ctx: _Context) -> str:
+    b = ctx.bundle
+    if b.nonce != ctx.nonce:
+        raise TrustError(f"bundle was made for nonce {b.nonce.hex()}, not the nonce given")
+    info = verify_quote(b.attest, b.quote_signature, b.ak_public, ctx.nonce, b.pcrs, b.bank)
+    return f"{b.bank} PCRs {_pcr_list(info.pcr_selection)} quoted over the nonce (reset count {info.reset_count})"
+
+
+def replay_problems(eventlog: bytes, bank: str, pcrs: Mapping[int, bytes]) -> tuple[str, ...]:
+    """What keeps EVENTLOG from holding together with quoted PCRS of BANK: empty when it replays to them.
+
+    Every PCR the log extends must be quoted and equal the log's replay (PCRs
+    the log never touches, like IMA's 10, are not judged here). EvidenceError
+    for a log that does not parse.
+    """
+    replayed = replay(parse_event_log(eventlog), bank)
+    problems = [f"PCR {pcr} does not match the event log's replay"
+                for pcr in replayed if pcr in pcrs and pcrs[pcr].hex() != replayed[pcr]]
+    problems += [f"PCR {pcr} is in the event log but not quoted" for pcr in replayed if pcr not in pcrs]
+    return tuple(problems)
+
+
+def _check_eventlog(ctx: _Context) -> str:
+    b = ctx.bundle
+    problems = replay_problems(b.eventlog, b.bank, b.pcrs)
+    if problems:
+        raise TrustError("; ".join(problems))
+    log = parse_event_log(b.eventlog)
+    return f"{len(log.events)} events replay to quoted PCRs {_pcr_list(replay(log, b.bank))}"
+
+
+def _check_baseline(ctx: _Context) -> str:
+    b = ctx.bundle
+    if b.baseline_eventlog is None:
+        if b.baseline_verdict is not None:
+            raise TrustError("a baseline verdict without the baseline event log")
+        return "no baseline event log (nothing to compare with)"
+    node_verdict = b.baseline_verdict
+    if node_verdict is None:
+        raise TrustError("a baseline event log without the node's verdict")
+    pcrs = node_verdict.get("pcrs")
+    if pcrs is not None and not (isinstance(pcrs, list) and all(type(p) is int for p in pcrs)):
+        raise TrustError("the node's baseline verdict has no valid 'pcrs'")
+    verdict = compare(parse_event_log(b.baseline_eventlog), parse_event_log(b.eventlog), b.bank, pcrs)
+    if not verdict.matches:
+        raise TrustError("; ".join(d.describe() for d in verdict.differences))
+    if verdict.to_json() != node_verdict:
+        raise TrustError("the node's baseline verdict is not what its event logs say")
+    shown = "every PCR" if verdict.pcrs is None else f"PCRs {_pcr_list(verdict.pcrs)}"
+    return f"boot matches the baseline event by event ({b.bank}, {shown})"
+
+
+def _check_host(ctx: _Context) -> str:
+    b = ctx.bundle
+    if b.host_verdict is None and b.host_quote is None:
+        raise TrustError("no host evidence")
+    if b.host_verdict is None or b.host_quote is None:
+        raise TrustError(f"no host {'verdict' if b.host_verdict is None else 'quote'}")
+    verdict = b.host_verdict
+    if not verdict["passed"]:
+        failures = verdict["failures"]
+        shown = "; ".join(failures[:3]) + (" ..." if len(failures) > 3 else "")
+        raise TrustError(f"host attestation failed at {verdict['at']}: {shown or 'no failure named'}")
+    info = HostQuote.from_json(b.host_quote).verify(ctx.nonce)
+    return (f"host verdict passed at {verdict['at']} (policy {verdict['policy_digest']}); host quote of "
+            f"{info.bank} PCRs {_pcr_list(info.pcr_selection)} over the nonce verifies")
+
+
+_CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
+    ("node certificate", _check_node_certificate),
+    ("bundle signature", _check_signature),
+    ("launch manifest", _check_manifest),
+    ("vTPM EK certificate", _check_ek),
+    ("AK certification", _check_ak_certification),
+    ("guest quote", _check_guest_quote),
+    ("guest event log", _check_eventlog),
+    ("baseline", _check_baseline),
+    ("host", _check_host),
+)
+
+
+def _node_key(ctx: _Context) -> ec.EllipticCurvePublicKey:
+    if ctx.node_cert is None:
+        raise TrustError("not checked: the node signing certificate does not chain to the CA")
+    public = ctx.node_cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)  # _check_node_certificate made sure
+    return public
+
+
+def _ek_fingerprint(cert: x509.Certificate) -> str:
+    key = cert.public_key()
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise TrustError(f"EK certificate holds a {type(key).__name__}, not an RSA or ECC key")
+    return ek_fingerprint(key)
+
+
+def _same_instance(what: str, instance_id: str, uuid: str, b: _Bundle) -> None:
+    if (instance_id, uuid) != (b.instance_id, b.uuid):
+        raise TrustError(f"{what} is of instance {instance_id} ({uuid}), not {b.instance_id} ({b.uuid})")
+
+
+# --- parsing ------------------------------------------------------------------------
+
+def _parse(data: bytes) -> _Bundle:
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                         parse_float=_refuse_float, parse_constant=_refuse_float)
+    except UnicodeDecodeError:
+        raise _Malformed("bundle is not UTF-8") from None
+    except ValueError as err:
+        raise _Malformed(f"bundle is not valid JSON: {err}") from None
+    except RecursionError:
+        raise _Malformed("bundle is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise _Malformed("bundle is not a JSON object")
+    if doc.get("format") != BUNDLE_FORMAT:
+        raise _Malformed(f"not a {BUNDLE_FORMAT} bundle (format {doc.get('format')!r})")
+    if type(doc.get("version")) is not int or doc["version"] != BUNDLE_VERSION:
+        raise _Malformed(f"bundle version {doc.get('version')!r} is not {BUNDLE_VERSION}")
+    top = _object(doc, "bundle", _TOP)
+    instance = _object(top["instance"], "instance", _INSTANCE)
+    node = _object(top["node"], "node", _NODE)
+    vtpm = _object(top["vtpm"], "vtpm", ("ek_cert_pem",))
+    guest = _object(top["guest"], "guest", _GUEST)
+    baseline = _object(top["baseline"], "baseline", _BASELINE)
+    host = _object(top["host"], "host", _HOST)
+    _utc(top["created_at"], "created_at")
+    _text(node["ca_pem"], "node.ca_pem")
+    bank = _text(guest["bank"], "guest.bank")
+    digest_size(bank)  # EvidenceError for a bank tvorch does not know
+    host_verdict = _optional(host["verdict"], _host_verdict)
+    _optional(guest["ima"], lambda v: _unb64(v, "guest.ima"))  # carried, not yet checked: only its encoding
+    return _Bundle(
+        body={k: v for k, v in top.items() if k != "signature"},
+        signature=_unb64(top["signature"], "signature"),
+        nonce=_unhex(top["nonce"], "nonce"),
+        instance_id=_text(instance["id"], "instance.id"),
+        name=_text(instance["name"], "instance.name"),
+        uuid=_text(instance["uuid"], "instance.uuid"),
+        hostname=_text(node["hostname"], "node.hostname"),
+        signing_cert_pem=_text(node["signing_cert_pem"], "node.signing_cert_pem"),
+        manifest=_unb64(top["manifest"], "manifest"),
+        ek_cert_pem=_text(vtpm["ek_cert_pem"], "vtpm.ek_cert_pem"),
+        ak_certification=_object(top["ak_certification"], "ak_certification", None),
+        bank=bank,
+        pcrs=_pcrs(guest["pcrs"], bank),
+        attest=_unb64(guest["attest"], "guest.attest"),
+        quote_signature=_unb64(guest["signature"], "guest.signature"),
+        ak_public=_unb64(guest["ak_public"], "guest.ak_public"),
+        eventlog=_unb64(guest["eventlog"], "guest.eventlog"),
+        baseline_eventlog=_optional(baseline["eventlog"], lambda v: _unb64(v, "baseline.eventlog")),
+        baseline_verdict=_optional(baseline["verdict"], lambda v: _object(v, "baseline.verdict", None)),
+        host_verdict=host_verdict,
+        host_quote=_optional(host["quote"], lambda v: _object(v, "host.quote", None)),
+    )
+
+
+def _object(value: object, where: str, names: tuple[str, ...] | None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Malformed(f"bundle field '{where}' is not a JSON object")
+    if names is not None and set(value) != set(names):
+        missing, unknown = sorted(set(names) - set(value)), sorted(set(value) - set(names))
+        raise _Malformed(f"bundle field '{where}' has wrong keys: missing {missing}, unknown {unknown}")
+    return value
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Malformed(f"bundle field '{where}' is not a non-empty string")
+    return value
+
+
+def _utc(value: object, where: str) -> str:
+    text = _text(value, where)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.utcoffset() != timedelta(0):
+        raise _Malformed(f"bundle field '{where}' is not a UTC ISO-8601 time")
+    return text
+
+
+def _unb64(value: object, where: str) -> bytes:
+    try:
+        return base64.b64decode(_text(value, where), validate=True)
+    except (binascii.Error, ValueError):
+        raise _Malformed(f"bundle field '{where}' is not valid base64") from None
+
+
+def _unhex(value: object, where: str) -> bytes:
+    try:
+        return bytes.fromhex(_text(value, where))
+    except ValueError:
+        raise _Malformed(f"bundle field '{where}' is not valid hex") from None
+
+
+def _optional(value: object, read: Callable[[object], Any]) -> Any:
+    return None if value is None else read(value)
+
+
+def _pcrs(value: object, bank: str) -> dict[int, bytes]:
+    raw = _object(value, "guest.pcrs", None)
+    if not raw:
+        raise _Malformed("bundle field 'guest.pcrs' is empty")
+    size = digest_size(bank)
+    pcrs: dict[int, bytes] = {}
+    for key, digest in raw.items():
+        if not (key.isdigit() and str(int(key)) == key and int(key) <= MAX_PCR):
+            raise _Malformed(f"bundle field 'guest.pcrs' has index {key!r}, not a PCR 0-{MAX_PCR}")
+        pcrs[int(key)] = _unhex(digest, f"guest.pcrs.{key}")
+        if len(pcrs[int(key)]) != size:
+            raise _Malformed(f"bundle field 'guest.pcrs.{key}' is not a {bank} digest")
+    return pcrs
+
+
+def _host_verdict(value: object) -> dict[str, Any]:
+    verdict = _object(value, "host.verdict", _HOST_VERDICT)
+    if not isinstance(verdict["passed"], bool):
+        raise _Malformed("bundle field 'host.verdict.passed' is not a boolean")
+    failures = verdict["failures"]
+    if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
+        raise _Malformed("bundle field 'host.verdict.failures' is not a list of strings")
+    _utc(verdict["at"], "host.verdict.at")
+    _text(verdict["policy_digest"], "host.verdict.policy_digest")
+    return verdict
+
+
+def _certificate(pem: str, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem.encode("utf-8"))
+    except ValueError:
+        raise TrustError(f"{what} is not a PEM certificate") from None
+
+
+def _pcr_list(pcrs: Iterable[int]) -> str:
+    return ",".join(str(p) for p in sorted(pcrs))
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+

@@ -1,0 +1,190 @@
+"""A VM's first verified boot as its baseline, and later boots compared with it event by event.
+
+Why event by event: a PCR value says only *that* a boot differed; the event
+log says which firmware volume, Secure Boot variable, boot application or
+kernel section did. Replay (``core.eventlog.replay``) already ties each log
+to its quote; this module explains the difference between two trusted logs.
+
+Per PCR, the events of each log (EV_NO_ACTION left out: they are never
+extended) are aligned in log order on (event type, digest) with difflib;
+unmatched runs are paired position by position into "changed" (same type,
+other digest) or "type changed", and what is left over is "added" (only in
+the observed boot) or "missing" (only in the baseline). Results are grouped as
+integrity monitoring usually reports them: "early boot" is the firmware,
+PCRs 0-7; "late boot" is the boot loader and kernel onward, PCRs 8 and above.
+
+Stored form of a baseline: the raw bytes of the event log of the first
+verified boot (``binary_bios_measurements`` exactly as the guest read it;
+base64 inside JSON), re-parsed with ``parse_event_log`` for every comparison.
+Nothing derived from a parse is stored, so a verifier trusts only the bytes,
+and a better parser later reads old baselines with no migration.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tvorch.core.eventlog import EV_NO_ACTION, MAX_PCR, EventLog, TcgEvent
+from tvorch.errors import EvidenceError, InputError
+
+EARLY_BOOT = "early boot"
+LATE_BOOT = "late boot"
+GROUPS = (EARLY_BOOT, LATE_BOOT)
+LAST_EARLY_PCR = 7
+
+CHANGED = "changed"
+ADDED = "added"
+MISSING = "missing"
+TYPE_CHANGED = "type changed"
+
+_SHOWN_HEX = 8  # digest characters in a one-line description
+_VARIABLE_EVENT = "EV_EFI_VARIABLE_"  # EV_EFI_VARIABLE_DRIVER_CONFIG, _BOOT, _BOOT2, _AUTHORITY
+
+
+def group_of(pcr: int) -> str:
+    """EARLY_BOOT for the firmware's PCRs 0-7, LATE_BOOT for 8 and above."""
+    return EARLY_BOOT if pcr <= LAST_EARLY_PCR else LATE_BOOT
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One event that differs from the baseline."""
+
+    pcr: int
+    group: str  # EARLY_BOOT or LATE_BOOT
+    kind: str  # CHANGED, ADDED, MISSING or TYPE_CHANGED
+    event_type: str  # e.g. EV_EFI_BOOT_SERVICES_APPLICATION: the observed event's (the baseline's if missing)
+    index: int  # position in that PCR's events: the observed boot's (the baseline's if missing)
+    expected: str | None  # hex digest in the baseline; None if added
+    found: str | None  # hex digest observed; None if missing
+    expected_type: str | None = None  # the baseline's event type, when the kind is TYPE_CHANGED
+    variable: str | None = None  # UEFI variable name, for EV_EFI_VARIABLE_* events
+
+    def describe(self) -> str:
+        """One line, e.g. "PCR4: EV_EFI_BOOT_SERVICES_APPLICATION digest changed (expected 3d458cfe…, found …)"."""
+        what = _named(self.event_type, self.variable)
+        if self.kind == CHANGED:
+            change = "changed" if self.variable else "digest changed"
+            return f"PCR{self.pcr}: {what} {change} (expected {_short(self.expected)}, found {_short(self.found)})"
+        if self.kind == TYPE_CHANGED:
+            was = str(self.expected_type)
+            if what == self.event_type:  # the variable, if any, was the baseline's event
+                was = _named(was, self.variable)
+            return (f"PCR{self.pcr}: event {self.index} type changed from {was} to {what} "
+                    f"(expected {_short(self.expected)}, found {_short(self.found)})")
+        if self.kind == ADDED:
+            return f"PCR{self.pcr}: {what} added (found {_short(self.found)})"
+        return f"PCR{self.pcr}: {what} missing (expected {_short(self.expected)})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pcr": self.pcr, "group": self.group, "kind": self.kind, "event_type": self.event_type,
+            "expected_type": self.expected_type, "variable": self.variable, "index": self.index,
+            "expected": self.expected, "found": self.found, "description": self.describe(),
+        }
+
+
+@dataclass(frozen=True)
+class BaselineVerdict:
+    """How an observed boot compares with the baseline, for BANK and PCRS (None: every PCR either log uses)."""
+
+    bank: str
+    pcrs: tuple[int, ...] | None
+    differences: tuple[Difference, ...]
+
+    @property
+    def matches(self) -> bool:
+        return not self.differences
+
+    def by_group(self) -> dict[str, tuple[Difference, ...]]:
+        """Differences under EARLY_BOOT and LATE_BOOT (both keys always present), in PCR and log order."""
+        return {group: tuple(d for d in self.differences if d.group == group) for group in GROUPS}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bank": self.bank, "pcrs": None if self.pcrs is None else list(self.pcrs), "matches": self.matches,
+            "differences": [d.to_json() for d in self.differences],
+        }
+
+
+def compare(
+    baseline: EventLog, observed: EventLog, bank: str = "sha256", pcrs: Iterable[int] | None = None
+) -> BaselineVerdict:
+    """Every event of OBSERVED that differs from BASELINE in BANK, on PCRS (default: all the logs use)."""
+    wanted = None if pcrs is None else tuple(sorted(set(pcrs)))
+    for pcr in wanted or ():
+        if not 0 <= pcr <= MAX_PCR:
+            raise InputError(f"PCR {pcr} is out of range (0-{MAX_PCR})")
+    expected = _events_by_pcr(baseline, bank, "baseline")
+    found = _events_by_pcr(observed, bank, "observed")
+    chosen = wanted if wanted is not None else sorted(set(expected) | set(found))
+    differences: list[Difference] = []
+    for pcr in chosen:
+        differences.extend(_compare_pcr(pcr, expected.get(pcr, []), found.get(pcr, []), bank))
+    return BaselineVerdict(bank, wanted, tuple(differences))
+
+
+def _events_by_pcr(log: EventLog, bank: str, which: str) -> dict[int, list[TcgEvent]]:
+    if bank not in log.spec_algorithms:
+        raise EvidenceError(f"{which} event log has no {bank} bank (it has {', '.join(log.spec_algorithms)})")
+    by_pcr: dict[int, list[TcgEvent]] = {}
+    for event in log.events:
+        if event.event_type == EV_NO_ACTION:
+            continue
+        if bank not in event.digests:
+            raise EvidenceError(f"{which} event log: event {event.index} (PCR {event.pcr}) has no {bank} digest")
+        by_pcr.setdefault(event.pcr, []).append(event)
+    return by_pcr
+
+
+def _compare_pcr(pcr: int, expected: Sequence[TcgEvent], found: Sequence[TcgEvent], bank: str) -> list[Difference]:
+    def keys(events: Sequence[TcgEvent]) -> list[tuple[int, str]]:
+        return [(e.event_type, e.digests[bank]) for e in events]
+
+    out: list[Difference] = []
+    matcher = difflib.SequenceMatcher(None, keys(expected), keys(found), autojunk=False)
+    for op, e1, e2, f1, f2 in matcher.get_opcodes():
+        if op == "equal":
+            continue
+        paired = min(e2 - e1, f2 - f1)
+        for k in range(paired):
+            old, new = expected[e1 + k], found[f1 + k]
+            kind = CHANGED if old.event_type == new.event_type else TYPE_CHANGED
+            out.append(_difference(pcr, kind, new, f1 + k, old, new, bank))
+        for k in range(e1 + paired, e2):
+            out.append(_difference(pcr, MISSING, expected[k], k, expected[k], None, bank))
+        for k in range(f1 + paired, f2):
+            out.append(_difference(pcr, ADDED, found[k], k, None, found[k], bank))
+    return out
+
+
+def _difference(pcr: int, kind: str, event: TcgEvent, index: int, old: TcgEvent | None, new: TcgEvent | None,
+                bank: str) -> Difference:
+    return Difference(
+        pcr=pcr, group=group_of(pcr), kind=kind, event_type=event.type_name, index=index,
+        expected=None if old is None else old.digests[bank], found=None if new is None else new.digests[bank],
+        expected_type=old.type_name if kind == TYPE_CHANGED and old is not None else None,
+        variable=_variable(new, old),
+    )
+
+
+def _variable(new: TcgEvent | None, old: TcgEvent | None) -> str | None:
+    """The UEFI variable an event measured (the observed one's, else the baseline's), if the parser read it."""
+    for event in (new, old):
+        if event is not None and event.type_name.startswith(_VARIABLE_EVENT) and event.decoded:
+            name = event.decoded.get("name")
+            if isinstance(name, str) and name:
+                return name
+    return None
+
+
+def _named(type_name: str, variable: str | None) -> str:
+    """TYPE_NAME, followed by VARIABLE when the type is one that measures a UEFI variable."""
+    return f"{type_name} {variable}" if variable and type_name.startswith(_VARIABLE_EVENT) else type_name
+
+
+def _short(digest: str | None) -> str:
+    return "none" if digest is None else digest[:_SHOWN_HEX] + "…"
