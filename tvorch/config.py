@@ -103,6 +103,19 @@ class Vtpm:
 
 
 @dataclass(frozen=True)
+class GuestAttestation:
+    """The guest channel and what a guest quote covers (README, "Guest attestation")."""
+
+    # Where libvirt binds each domain's attestation channel socket (<id>.sock); 0711, root.
+    channel_dir: str = "/run/tvorch/channels"
+    bank: str = "sha256"
+    # Boot PCRs quoted: firmware and boot loader (0-9) and the UKI's (11-14); not IMA's 10.
+    pcrs: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)
+    # Seconds to wait for the guest agent to answer (a guest still booting does not).
+    agent_timeout: int = 60
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
 
@@ -131,6 +144,7 @@ class Config:
     host: HostAttestation = field(default_factory=HostAttestation)
     serve: Serve = field(default_factory=Serve)
     vtpm: Vtpm = field(default_factory=Vtpm)
+    guest: GuestAttestation = field(default_factory=GuestAttestation)
     firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
     # Where this config came from, and its bytes (b"" for built-in defaults).
     source: str = field(default="<defaults>", compare=False)
@@ -150,6 +164,7 @@ _CHOICES = {
     "host.bank": ("sha1", "sha256", "sha384"),
     "vtpm.key_protection": ("host-tpm", "none"),
     "vtpm.seal_bank": ("sha1", "sha256", "sha384"),
+    "guest.bank": ("sha1", "sha256", "sha384"),
 }
 _LIST_CHOICES = {
     "policy.require_trusted": REFERENCE_KINDS,
@@ -160,11 +175,12 @@ _MINIMUMS = {
     "hook_deadline_ms": 1, "stop_timeout": 1, "max_backing_depth": 1,
     "launch.memory_mib": 128, "launch.vcpus": 1, "launch.max_memory_mib": 128, "launch.max_vcpus": 1,
     "host.verdict_max_age": 1, "serve.heartbeat_interval": 1, "serve.reconnect_max_wait": 1,
+    "guest.agent_timeout": 1,
 }
 # Paths tvorch writes to or trusts: relative ones would depend on the caller's directory.
 _ABSOLUTE = {
     "state_dir", "emulator", "swtpm", "overlay_dir", "console_log_dir", "swtpm_state_dir",
-    "host.eventlog", "host.ima_log", "host.policy",
+    "host.eventlog", "host.ima_log", "host.policy", "guest.channel_dir",
 }
 # Paths that may also be left empty (the feature is then off).
 _ABSOLUTE_OR_EMPTY = {"policy.image_signing_ca", "vtpm.escrow_public_key"}
@@ -197,7 +213,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"config key '{dotted}' must be an absolute path, not {values[f.name]!r}")
         if dotted in _ABSOLUTE_OR_EMPTY and values[f.name] and not values[f.name].startswith("/"):
             raise ConfigError(f"config key '{dotted}' must be an absolute path or empty, not {values[f.name]!r}")
-        if dotted in ("host.pcrs", "vtpm.seal_pcrs") and (not values[f.name] or max(values[f.name]) > 23):
+        if dotted in ("host.pcrs", "vtpm.seal_pcrs", "guest.pcrs") and (not values[f.name] or max(values[f.name]) > 23):
             raise ConfigError(f"config key '{dotted}' must list PCR indices 0-23, not {list(values[f.name])}")
         choices = _CHOICES.get(dotted)
         if choices and values[f.name] not in choices:

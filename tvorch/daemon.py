@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import signal
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from .adapters.libvirt_events import LifecycleFeed
 from .adapters.sdnotify import notify, watchdog_interval
 from .adapters.store import utc_now
 from .config import Config, load_config
-from .core.lifecycle import LifecycleEvent, interpret
+from .core.lifecycle import LifecycleEvent, interpret, is_boot
 from .errors import TvorchError
 from .logs import configure_logging, get_logger
 from .service.node import Node
@@ -135,6 +136,8 @@ class Daemon:
         if record is None:
             return  # not one of ours
         state, why = interpret(event.event, event.detail)
+        if is_boot(event.event, event.detail):
+            self._watch_boot(record.name)
         try:
             if state is None or state is record.state:
                 self.node.store.add_event(record.id, "libvirt", why)
@@ -143,6 +146,27 @@ class Daemon:
                 log.info("instance_state", name=record.name, state=state.value, why=why)
         except TvorchError as err:
             log.error("record_failed", name=record.name, error=str(err))
+
+    def _watch_boot(self, name: str) -> None:
+        """Attest the new boot once its agent answers, in a thread of its own (its own store connection)."""
+        cfg = self.cfg
+
+        def watch() -> None:
+            import secrets
+
+            from .service.attest import attest_guest
+
+            node = Node(cfg)
+            try:
+                done = attest_guest(node, name, secrets.token_bytes(32))
+                log.info("guest_boot_attested", name=name, **{k: done.summary()[k] for k in ("baseline",
+                                                                                             "differences")})
+            except TvorchError as err:
+                log.warning("guest_boot_not_attested", name=name, error=str(err))
+            finally:
+                node.close()
+
+        threading.Thread(target=watch, name=f"attest-{name}", daemon=True).start()
 
     def _periodic(self, now: float) -> None:
         interval = watchdog_interval()

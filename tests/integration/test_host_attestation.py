@@ -8,75 +8,27 @@ binaries trusted launch relies on with their real digests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.tpm_fixtures import running_swtpm
+from tests.host_fixtures import EVENTLOG, Host, sha256, simulated_host
 from tvorch.adapters.tpm import open_tpm
 from tvorch.config import parse_config
-from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log, replay
-from tvorch.core.ima import boot_aggregate_entry, ima_ng_entry, to_binary
+from tvorch.core.eventlog import parse_event_log, replay
+from tvorch.core.ima import ima_ng_entry
 from tvorch.service.host import must_measure
 
 pytestmark = pytest.mark.integration
 
-EVENTLOG = Path(__file__).resolve().parent.parent / "data" / "eventlogs" / "uefi-crb.bin"
-
-
-def sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-@dataclass
-class Host:
-    root: Path
-    config: Path
-    tcti: str
-    ima_log: Path
-    entries: list
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tvorch.cli", "--config", str(self.config), *args],
-                              capture_output=True, text=True, timeout=120)
-
-    def json(self, *args: str) -> dict:
-        proc = self.run(*args, "--json")
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    def measure(self, entry) -> None:
-        """What the kernel does: append to the list, extend PCR 10."""
-        self.entries.append(entry)
-        self.ima_log.write_bytes(to_binary(self.entries))
-        with open_tpm(self.tcti) as tpm:
-            tpm.extend(10, {"sha256": sha256(entry.template_data)})
-
-
 @pytest.fixture
 def host(tmp_path: Path):
-    with running_swtpm(tmp_path / "tpm") as tcti:
-        config = tmp_path / "tvorch.toml"
-        config.write_text(
-            f'state_dir = "{tmp_path / "state"}"\n[host]\ntcti = "{tcti}"\neventlog = "{EVENTLOG}"\n'
-            f'ima_log = "{tmp_path / "ima.bin"}"\npolicy = "{tmp_path / "host-policy.json"}"\n'
-        )
-        with open_tpm(tcti) as tpm:
-            for event in parse_event_log(EVENTLOG.read_bytes()).events:
-                if event.event_type != EV_NO_ACTION:
-                    tpm.extend(event.pcr, {"sha256": bytes.fromhex(event.digests["sha256"])})
-        node = Host(tmp_path, config, tcti, tmp_path / "ima.bin", [])
-        node.measure(boot_aggregate_entry(b"\x00" * 32))
-        for path in must_measure(parse_config(config.read_bytes())):
-            node.measure(ima_ng_entry(path, sha256(Path(path).read_bytes())))
-        assert node.run("host", "init").returncode == 0
+    with simulated_host(tmp_path) as node:
         yield node
 
 

@@ -161,6 +161,34 @@ MIGRATIONS: tuple[str, ...] = (
         purged_at TEXT
     );
     """,
+    """
+    -- Guest attestation: the certified AK of each instance's vTPM (its latest; earlier ones in events).
+    CREATE TABLE guest_aks (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(id),
+        ak_public BLOB NOT NULL,
+        ak_name BLOB NOT NULL,
+        certification TEXT NOT NULL,
+        certified_at TEXT NOT NULL
+    );
+    -- The instance's boot baseline: the event log of its first verified boot, or one accepted since.
+    CREATE TABLE guest_baselines (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(id),
+        eventlog BLOB NOT NULL,
+        learned_at TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    -- One verdict per verified boot (the vTPM's reset count tells boots apart).
+    CREATE TABLE guest_boots (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        instance_id TEXT NOT NULL REFERENCES instances(id),
+        at TEXT NOT NULL,
+        reset_count INTEGER NOT NULL,
+        matches INTEGER NOT NULL,
+        verdict TEXT NOT NULL,
+        eventlog BLOB NOT NULL
+    );
+    CREATE INDEX guest_boots_by_instance ON guest_boots(instance_id, seq);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -553,6 +581,52 @@ class Store:
         with self._write() as db:
             db.execute("UPDATE vtpms SET sealed_key = NULL, escrow_key = NULL, pending = NULL, purged_at = ?, "
                        "updated_at = ? WHERE instance_id = ?", (utc_now(), utc_now(), instance_id))
+
+    # -- guest attestation ------------------------------------------------
+
+    def save_guest_ak(self, instance_id: str, ak_public: bytes, ak_name: bytes, certification: str,
+                      certified_at: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO guest_aks (instance_id, ak_public, ak_name, certification, "
+                       "certified_at) VALUES (?,?,?,?,?)", (instance_id, ak_public, ak_name, certification,
+                                                             certified_at))
+            self._add_event(db, instance_id, "ak-certified", f"AK name {ak_name.hex()} (credential activation)")
+
+    def guest_ak(self, instance_id: str) -> tuple[bytes, bytes, str, str] | None:
+        """(AK public, AK name, signed certification JSON, certified at) of the instance's certified AK."""
+        row = self._db.execute("SELECT ak_public, ak_name, certification, certified_at FROM guest_aks "
+                               "WHERE instance_id = ?", (instance_id,)).fetchone()
+        return (bytes(row[0]), bytes(row[1]), row[2], row[3]) if row else None
+
+    def set_guest_baseline(self, instance_id: str, eventlog: bytes, reason: str, event: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO guest_baselines (instance_id, eventlog, learned_at, reason) "
+                       "VALUES (?,?,?,?)", (instance_id, eventlog, utc_now(), reason))
+            self._add_event(db, instance_id, event, reason)
+
+    def guest_baseline(self, instance_id: str) -> tuple[bytes, str, str] | None:
+        """(event log, learned at, reason) of the instance's baseline."""
+        row = self._db.execute("SELECT eventlog, learned_at, reason FROM guest_baselines WHERE instance_id = ?",
+                               (instance_id,)).fetchone()
+        return (bytes(row[0]), row[1], row[2]) if row else None
+
+    def add_guest_boot(self, instance_id: str, reset_count: int, matches: bool, verdict: str,
+                       eventlog: bytes) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO guest_boots (instance_id, at, reset_count, matches, verdict, eventlog) "
+                       "VALUES (?,?,?,?,?,?)", (instance_id, utc_now(), reset_count, int(matches), verdict,
+                                                eventlog))
+
+    def guest_boots(self, instance_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT seq, at, reset_count, matches, verdict FROM guest_boots "
+                                "WHERE instance_id = ? ORDER BY seq DESC LIMIT ?", (instance_id, limit)).fetchall()
+        return [{"seq": r[0], "at": r[1], "reset_count": r[2], "matches": bool(r[3]),
+                 "verdict": json.loads(r[4])} for r in reversed(rows)]
+
+    def last_guest_boot_log(self, instance_id: str) -> bytes | None:
+        row = self._db.execute("SELECT eventlog FROM guest_boots WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+                               (instance_id,)).fetchone()
+        return bytes(row[0]) if row else None
 
     # -- host verdicts -----------------------------------------------------
 

@@ -103,6 +103,24 @@ def eventlog_show(file: str, as_json: bool) -> None:
     emit(as_json, log.to_json(), lambda: _table(log))
 
 
+@eventlog.command(name="compare")
+@click.argument("baseline")
+@click.argument("observed")
+@click.option("--bank", default="sha256", show_default=True, help="PCR bank whose digests are compared.")
+@json_option
+def eventlog_compare(baseline: str, observed: str, bank: str, as_json: bool) -> None:
+    """Compare two event logs event by event (a boot against its baseline); exit 12 if they differ."""
+    from ..core.guest_baseline import compare
+    from ..errors import TrustError
+
+    verdict = compare(read_event_log(baseline), read_event_log(observed), bank)
+    emit(as_json, verdict.to_json(), lambda: "\n".join(
+        [f"{group}: " + ("no difference" if not diffs else f"{len(diffs)} differences")
+         + "".join(f"\n  {d.describe()}" for d in diffs) for group, diffs in verdict.by_group().items()]))
+    if not verdict.matches:
+        raise TrustError(f"{observed} differs from {baseline} in {len(verdict.differences)} events")
+
+
 @eventlog.command(name="replay")
 @click.argument("file")
 @click.option("--bank", default="sha256", show_default=True, help="PCR bank to replay (sha1, sha256, ...).")

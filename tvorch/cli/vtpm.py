@@ -38,13 +38,19 @@ def vtpm_show(ctx: Context, name: str, as_json: bool) -> None:
             f"ledger:         {info['ledger_entries']} entries, chain {'intact' if info['ledger_intact'] else 'BROKEN'}"
             + (f", last {last['event']} at {last['at']}" if last else ""),
             f"on disk:        {'sha256:' + info['state_digest'] if info['state_digest'] else 'no state'} "
-            f"({'matches the ledger' if info['state_matches_ledger'] else 'DIFFERS from the ledger'})",
+            f"({_match(info['state_matches_ledger'])})",
         ]
         if info["pending"]:
             lines.append(f"pending:        {info['pending']['op']} from {info['pending']['source']} (interrupted)")
         return "\n".join(lines)
 
     emit(as_json, info, text)
+
+
+def _match(matches: bool | None) -> str:
+    if matches is None:
+        return "in use by the running VM; ledgered at its stop"
+    return "matches the ledger" if matches else "DIFFERS from the ledger: the next start will be refused"
 
 
 def _key_line(info: dict) -> str:

@@ -44,7 +44,9 @@ started, stopped, release, reconnect and restore):
    ``<serial>``); every ``<controller>`` (bus plumbing libvirt derives from
    the devices, which all stay); ``<input bus='ps2'>``; ``<audio type='none'>``;
    an ``<interface>``'s ``<mac>`` (generated at define) and, for a network
-   interface, its runtime ``<target>`` and source ``portid``/``bridge``.
+   interface, its runtime ``<target>`` and source ``portid``/``bridge``; a
+   virtio ``<channel>`` target's ``state`` (whether the guest has the port
+   open, in live XML).
 7. Serialised as ``<tag a="v" b="w">text<child>...</child>tail</tag>``,
    UTF-8: elements in document order, attributes sorted by name, text kept
    as written except that whitespace-only text (indentation) is left out,
@@ -276,6 +278,9 @@ def _normalise_devices(devices: ET.Element) -> None:
         if device.get("type") == "pty":
             device.attrib.pop("tty", None)
             _remove(device, [c for c in device if c.tag == "source" and set(c.attrib) <= {"path"}])
+        if device.tag == "channel":
+            for target in device.findall("target"):
+                target.attrib.pop("state", None)
         if device.tag == "interface":
             _remove(device, device.findall("mac"))
             if device.get("type") == "network":

@@ -29,6 +29,9 @@ from tvorch.core.spec import (
 )
 from tvorch.errors import InputError
 
+# The virtio-serial port the guest agent opens (/dev/virtio-ports/<name>); README, "Guest attestation".
+GUEST_CHANNEL_NAME = "org.tvorch.attest.0"
+
 TEMPLATE_PACKAGE = "tvorch.xml_templates"
 TEMPLATE_NAME = "domain.xml"
 
@@ -196,7 +199,13 @@ def _render_devices(devices: ET.Element, spec: DomainSpec) -> None:
         ET.SubElement(interface, "model", type="virtio")
         devices.insert(list(devices).index(disk) + 1, interface)
     _find(devices, "serial/log").set("file", _xml_value(spec.console_log, "console log path"))
-    _find(devices, "tpm").set("model", spec.tpm_model.libvirt_model)
+    tpm = _find(devices, "tpm")
+    tpm.set("model", spec.tpm_model.libvirt_model)
+    if spec.guest_channel is not None:
+        channel = ET.Element("channel", type="unix")
+        ET.SubElement(channel, "source", mode="bind", path=_xml_value(spec.guest_channel, "guest channel path"))
+        ET.SubElement(channel, "target", type="virtio", name=GUEST_CHANNEL_NAME)
+        devices.insert(list(devices).index(tpm), channel)
     if spec.vtpm_secret is not None:
         ET.SubElement(_find(devices, "tpm/backend"), "encryption", secret=_xml_value(spec.vtpm_secret, "vTPM secret"))
 

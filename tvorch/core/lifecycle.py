@@ -42,3 +42,8 @@ def interpret(event: int, detail: int) -> tuple[InstanceState | None, str]:
     if event == _SHUTDOWN:
         return None, "guest is shutting down"
     return None, f"libvirt event {event}/{detail}"
+
+
+def is_boot(event: int, detail: int) -> bool:
+    """A fresh boot of the guest (not a restore, a migration or a wakeup): its firmware measures anew."""
+    return event == _STARTED and detail == 0

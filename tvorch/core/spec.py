@@ -87,3 +87,5 @@ class DomainSpec:
     manifest_digest: str | None = None
     # UUID of the libvirt `vtpm` secret that encrypts the vTPM state; None: state in clear.
     vtpm_secret: str | None = None
+    # Host end (a unix socket libvirt binds) of the guest attestation channel; None: no channel.
+    guest_channel: str | None = None

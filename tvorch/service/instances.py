@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapters import imagefiles
+from ..adapters.files import ensure_private_dir
 from ..adapters.locks import instance_lock
 from ..core.instance import InstanceRecord, InstanceState
 from ..errors import ConflictError
@@ -70,6 +71,7 @@ def start(node: Node, name: str) -> tuple[InstanceRecord, bool]:
         record = _require_domain(node, name)
         if record.state is InstanceState.RUNNING:
             return record, False
+        ensure_private_dir(Path(node.cfg.guest.channel_dir), 0o711)  # /run is empty after a reboot
         with vtpm.unlocked(node, record):
             node.hypervisor.start(name)
         return node.store.update_instance(record.id, state=InstanceState.RUNNING,

@@ -164,6 +164,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             direct_boot=DirectBoot(kernel, initrd, req.cmdline) if kernel else None,
             firmware_images=firmware_images,
             backing_chain=tuple(DiskLayer(layer.path, layer.format.value) for layer in reversed(chain.layers)),
+            guest_channel=str(Path(cfg.guest.channel_dir) / f"{instance_id}.sock"),
         )
         measured = judge(cfg, node.store, measure_launch(cfg, node.store, spec, chain, req.rehash),
                          req.allow_untrusted_image)
@@ -200,6 +201,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             # libvirt's qemu user must traverse to the overlay; the log dir is virtlogd's (root).
             ensure_private_dir(overlay_dir, 0o711)
             ensure_private_dir(log_dir)
+            ensure_private_dir(Path(cfg.guest.channel_dir), 0o711)  # libvirt binds the channel sockets there
             imagefiles.create_overlay(chain, spec.disk_path)
             node.store.set_overlay_identity(instance_id, imagefiles.file_identity(spec.disk_path))
             crash_point("overlay")

@@ -178,16 +178,22 @@ def record_of(node: Node, name: str) -> tuple[InstanceRecord, VtpmRecord]:
 
 
 def show(node: Node, name: str) -> dict[str, Any]:
-    record, vtpm = record_of(node, name)
+    from .instances import show as show_instance  # instances builds on this module
+
+    record = show_instance(node, name)
+    _, vtpm = record_of(node, name)
     ledger = node.store.ledger(record.id)
     on_disk = vtpm_state.state_digest(instance_dir(node.cfg, record))
     last = ledger[-1] if ledger else None
+    in_use = record.state in (InstanceState.RUNNING, InstanceState.PAUSED)  # swtpm is writing it
     return {
         "name": record.name, **vtpm.to_json(),
         "ledger_entries": len(ledger), "ledger_intact": broken_link(ledger) is None,
         "ledger_last": last.to_json() if last else None,
         "state_digest": on_disk,
-        "state_matches_ledger": on_disk is not None and last is not None and on_disk == last.state_digest,
+        # None while the VM runs: the state moves on until the stop is ledgered.
+        "state_matches_ledger": None if in_use else (
+            on_disk is not None and last is not None and on_disk == last.state_digest),
         "pending": node.store.vtpm_pending(record.id),
     }
 

@@ -1,0 +1,83 @@
+"""The host end of a guest's attestation channel: a unix socket libvirt binds for the virtio-serial port.
+
+QEMU accepts one client at a time and passes bytes through; whether an agent
+reads them depends on the guest (a guest still booting does not yet). So each
+exchange is one request and a wait, up to a deadline, for the answer with the
+same id; answers to earlier requests that timed out are skipped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from ..core.agent_protocol import MAX_LINE, Response, parse_response, request_line
+from ..errors import EvidenceError, OperationTimeout, TvorchError
+
+
+class GuestAgentError(TvorchError):
+    """The guest agent answered `error`; exit code EVIDENCE."""
+
+    exit_code = EvidenceError.exit_code
+
+
+class GuestChannel:
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def __enter__(self) -> GuestChannel:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.path))
+        except OSError as err:
+            sock.close()
+            raise EvidenceError(f"cannot open the guest channel {self.path}: {err.strerror or err} "
+                                "(is the VM running?)") from None
+        self._sock = sock
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def call(self, op: str, **fields: str) -> Response:
+        """Send one request and return its answer; an `error` answer raises GuestAgentError."""
+        assert self._sock is not None, "use GuestChannel as a context manager"
+        request_id = secrets.token_hex(6)
+        self._sock.sendall(request_line(request_id, op, **fields))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            response = parse_response(self._read_line(deadline, op))
+            if response.request_id != request_id:
+                continue  # the answer to an earlier request that timed out
+            if not response.ok:
+                raise GuestAgentError(f"the guest agent refused {op}: {response.error}")
+            return response
+
+    def _read_line(self, deadline: float, op: str) -> bytes:
+        assert self._sock is not None
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OperationTimeout(f"the guest agent did not answer {op} within {self.timeout:g} s "
+                                       "(is it running in the guest?)")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                raise EvidenceError(f"the guest channel {self.path} failed: {err.strerror or err}") from None
+            if not chunk:
+                raise EvidenceError(f"the guest channel {self.path} closed (the VM stopped?)")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE:
+                raise EvidenceError(f"the guest agent's answer exceeds {MAX_LINE} bytes")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line

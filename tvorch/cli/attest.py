@@ -1,0 +1,101 @@
+"""`tvorch attest`, `tvorch verify`, `tvorch baseline ...`: guest attestation and the evidence bundle."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import TrustError
+from .common import Context, emit, json_option, pass_ctx, write_output
+from .group import cli
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--nonce", required=True, metavar="HEX", help="The verifier's fresh nonce, 8-64 bytes as hex.")
+@click.option("--out", metavar="FILE", help="Write the evidence bundle here (default: stdout).")
+@click.option("--timeout", type=click.IntRange(1, 3600), metavar="S",
+              help="Seconds to wait for the guest agent (default guest.agent_timeout).")
+@json_option
+@pass_ctx
+def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | None, as_json: bool) -> None:
+    """Quote NAME's vTPM through its guest agent and write one evidence bundle for `tvorch verify`."""
+    from ..service import attest as service
+
+    bundle, guest = service.attest(ctx.node, name, service.parse_nonce(nonce), timeout)
+    summary = guest.summary()
+    if out is None:
+        click.echo(bundle.decode())
+    else:
+        write_output(out, bundle)
+        emit(as_json, {**summary, "bundle": out}, lambda: "\n".join([
+            f"{name}: guest quote verified (vTPM reset count {summary['reset_count']}); "
+            f"boot {summary['baseline']}",
+            *(f"  {line}" for line in summary["differences"]),
+            f"evidence bundle: {out}",
+        ]))
+    if summary["baseline"] == "differs":
+        raise TrustError(f"{name}: this boot differs from its baseline: {'; '.join(summary['differences'])}")
+
+
+@cli.command()
+@click.argument("bundle", metavar="BUNDLE")
+@click.option("--ca", required=True, metavar="CA.pem", help="The node CA certificate (`tvorch ca show --pem`).")
+@click.option("--nonce", required=True, metavar="HEX", help="The nonce given to `tvorch attest`.")
+@click.option("--uuid", metavar="UUID", help="The VM the bundle must be about (its libvirt UUID).")
+@json_option
+def verify(bundle: str, ca: str, nonce: str, uuid: str | None, as_json: bool) -> None:
+    """Check every link of an evidence bundle offline; exit 0 only if all pass. Reads no config or state."""
+    from ..service.attest import parse_nonce, verify_file
+
+    report = verify_file(bundle, ca, parse_nonce(nonce), uuid)
+    emit(as_json, report.to_json(), report.table)
+    if not report.passed:
+        raise TrustError(f"evidence bundle {bundle} failed: {', '.join(c.name for c in report.failures())}")
+
+
+@cli.group()
+def baseline() -> None:
+    """An instance's boot baseline (its first verified boot's event log) and its boots against it."""
+
+
+@baseline.command(name="show")
+@click.argument("name")
+@json_option
+@pass_ctx
+def baseline_show(ctx: Context, name: str, as_json: bool) -> None:
+    """When NAME's baseline was learned or accepted, and every verified boot with its verdict."""
+    from ..service.attest import baseline_show as show
+
+    info = show(ctx.node, name)
+
+    def text() -> str:
+        b = info["baseline"]
+        lines = [f"baseline: {'none yet (learned at the first verified boot)' if b is None else ''}"
+                 f"{'' if b is None else b['learned_at'] + ', ' + b['reason']}"]
+        if b is not None:
+            lines.append("  events by PCR: " + ", ".join(f"{p}: {n}" for p, n in sorted(
+                b["events_by_pcr"].items(), key=lambda item: int(item[0]))))
+        for boot in info["boots"]:
+            verdict = boot["verdict"]
+            lines.append(f"{boot['at']}  reset {boot['reset_count']:>4}  {verdict['baseline']}")
+            lines += [f"    {_describe(d)}" for d in verdict["differences"]]
+        return "\n".join(lines)
+
+    emit(as_json, info, text)
+
+
+def _describe(difference: dict) -> str:
+    return str(difference.get("description") or difference)
+
+
+@baseline.command(name="accept")
+@click.argument("name")
+@click.option("--reason", required=True, help="Why the change is intended (recorded with the new baseline).")
+@json_option
+@pass_ctx
+def baseline_accept(ctx: Context, name: str, reason: str, as_json: bool) -> None:
+    """Make NAME's last verified boot its baseline (after an intended change), recorded as an event."""
+    from ..service.attest import baseline_accept as accept
+
+    info = accept(ctx.node, name, reason)
+    emit(as_json, info, f"{name}: baseline is now the boot verified last ({info['baseline']['reason']})")

@@ -1,0 +1,261 @@
+"""Guest attestation and evidence: certify the vTPM's AK, verify a quote, watch boots against a baseline, bundle.
+
+The chain a tenant can check: the node CA issued the vTPM's EK certificate
+(at manufacture); the AK the guest agent quotes with is certified against
+that EK by credential activation, once per AK, and the node signs that
+statement; each quote is checked with that AK, its event log replayed to the
+quoted PCRs and compared event by event with the instance's baseline (its
+first verified boot's log, or one an operator accepted since). Every verified
+boot is recorded with its verdict, so an operator sees which boots matched.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hmac
+import json
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from ..adapters.guest_channel import GuestChannel
+from ..adapters.store import utc_now
+from ..config import Config
+from ..core.agent_protocol import Response, parse_pcr_values, pcr_list
+from ..core.akcert import (
+    AkCertification,
+    check_ak_public,
+    ek_cert_sha256,
+    ek_matches_certificate,
+    make_credential,
+    sign_ak_certification,
+)
+from ..core.bundle import BundleReport, Check, GuestEvidence, build_bundle, replay_problems, verify_bundle
+from ..core.eventlog import parse_event_log
+from ..core.guest_baseline import BaselineVerdict, compare
+from ..core.instance import InstanceRecord, InstanceState, validate_name
+from ..core.quote import QuoteInfo, ak_name, verify_quote
+from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, TrustError, TvorchError
+from ..logs import get_logger
+from .manifests import node_identity
+from .node import Node
+
+log = get_logger(__name__)
+
+NONCE_MIN, NONCE_MAX = 8, 64  # bytes; TPM2_Quote's qualifyingData takes at most a digest's size (sha256: 32)
+
+
+@dataclass(frozen=True)
+class GuestAttestation:
+    """One verified quote of a guest and what tvorch concluded from it."""
+
+    record: InstanceRecord
+    evidence: GuestEvidence
+    quote: QuoteInfo
+    baseline: BaselineVerdict | None  # None when this boot became the baseline
+    learned: bool
+    ak_certification: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.record.name, "instance_id": self.record.id, "reset_count": self.quote.reset_count,
+            "pcrs": {str(i): v.hex() for i, v in sorted(self.evidence.pcrs.items())},
+            "baseline": "learned from this boot" if self.learned else (
+                "matches" if self.baseline is not None and self.baseline.matches else "differs"),
+            "differences": [] if self.baseline is None else [d.describe() for d in self.baseline.differences],
+        }
+
+
+def parse_nonce(text: str) -> bytes:
+    try:
+        nonce = bytes.fromhex(text)
+    except ValueError:
+        raise InputError(f"refused nonce {text[:80]!r}: not hex") from None
+    if not NONCE_MIN <= len(nonce) <= NONCE_MAX:
+        raise InputError(f"refused nonce: {len(nonce)} bytes; give {NONCE_MIN} to {NONCE_MAX} bytes as hex")
+    return nonce
+
+
+def channel_path(cfg: Config, record: InstanceRecord) -> Path:
+    return Path(cfg.guest.channel_dir) / f"{record.id}.sock"
+
+
+def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = None) -> GuestAttestation:
+    """Ask the guest agent for a quote over NONCE and verify it; certify its AK first when it is new."""
+    from .instances import show as show_instance  # instances builds on the vTPM service, not on this one
+
+    cfg = node.cfg
+    record = show_instance(node, validate_name(name))
+    if record.state is not InstanceState.RUNNING:
+        raise ConflictError(f"refused attestation of '{name}': it is {record.state.value}, not running")
+    vtpm = node.store.vtpm(record.id)
+    if vtpm is None:
+        raise NotFoundError(f"instance '{name}' has no vTPM record (launched before tvorch manufactured vTPMs)")
+    ek_cert = x509.load_der_x509_certificate(vtpm.ek_cert)
+    wait = float(cfg.guest.agent_timeout if timeout is None else timeout)
+    with GuestChannel(channel_path(cfg, record), wait) as channel:
+        hello = channel.call("hello")
+        certification = _certified_ak(node, record, ek_cert, vtpm.ek_fingerprint, hello, channel)
+        ak_public = hello.data("ak_public")
+        answer = channel.call("quote", nonce=nonce.hex(), pcrs=pcr_list(cfg.guest.bank, cfg.guest.pcrs))
+    bank, pcr_values = parse_pcr_values(answer.text("pcrs"))
+    if bank != cfg.guest.bank:
+        raise EvidenceError(f"the guest agent quoted the {bank} bank, not {cfg.guest.bank}")
+    evidence = GuestEvidence(bank=bank, pcrs=pcr_values, attest=answer.data("attest"),
+                             signature=answer.data("signature"), ak_public=ak_public,
+                             eventlog=answer.data("eventlog"), ima=answer.b64("ima", optional=True))
+    info = verify_quote(evidence.attest, evidence.signature, ak_public, nonce, pcr_values, bank)
+    problems = replay_problems(evidence.eventlog, bank, pcr_values)
+    if problems:
+        node.store.add_event(record.id, "guest-evidence-refused", "; ".join(problems))
+        raise TrustError(f"the guest's event log does not hold together with its quote: {'; '.join(problems)}")
+    verdict, learned = _judge_boot(node, record, evidence, info)
+    return GuestAttestation(record, evidence, info, verdict, learned, certification)
+
+
+def _certified_ak(node: Node, record: InstanceRecord, ek_cert: x509.Certificate, ek_fingerprint: str,
+                  hello: Response, channel: GuestChannel) -> dict[str, Any]:
+    """The node's signed statement for the agent's AK: the recorded one, or a new one after credential activation."""
+    ak_public, name = hello.data("ak_public"), hello.hex("ak_name")
+    stored = node.store.guest_ak(record.id)
+    if stored is not None and stored[0] == ak_public:
+        return json.loads(stored[2])
+    ek_public = hello.data("ek_public")
+    if not ek_matches_certificate(ek_public, ek_cert):
+        raise TrustError(f"the guest agent of '{record.name}' reports an EK that is not its vTPM's "
+                         "(the one whose certificate the node CA issued)")
+    check_ak_public(ak_public)
+    if ak_name(ak_public) != name:
+        raise TrustError("the guest agent's AK name does not match its AK public area")
+    secret = secrets.token_bytes(32)
+    id_object, encrypted_secret = make_credential(ek_public, name, secret)
+    answer = channel.call("activate", id_object=_b64(id_object), encrypted_secret=_b64(encrypted_secret))
+    if not hmac.compare_digest(answer.data("secret"), secret):
+        raise TrustError("the guest's vTPM did not activate the credential: its AK is not under its EK")
+    identity = node_identity(node.cfg)
+    now = utc_now()
+    statement = sign_ak_certification(AkCertification(
+        instance_id=record.id, uuid=record.uuid, ek_fingerprint=ek_fingerprint, ek_cert_sha256=ek_cert_sha256(ek_cert),
+        ak_public=ak_public, ak_name=name, certified_at=now), identity.signing_key)
+    node.store.save_guest_ak(record.id, ak_public, name, json.dumps(statement, sort_keys=True), now)
+    log.info("ak_certified", name=record.name, ak_name=name.hex())
+    return statement
+
+
+def _judge_boot(node: Node, record: InstanceRecord, evidence: GuestEvidence,
+                info: QuoteInfo) -> tuple[BaselineVerdict | None, bool]:
+    """Compare with the baseline (or learn it from this first verified boot) and record the boot once."""
+    baseline = node.store.guest_baseline(record.id)
+    learned = baseline is None
+    if learned:
+        node.store.set_guest_baseline(record.id, evidence.eventlog, "first verified boot", "baseline-learned")
+        verdict = None
+    else:
+        assert baseline is not None
+        verdict = compare(parse_event_log(baseline[0]), parse_event_log(evidence.eventlog), evidence.bank)
+    boots = node.store.guest_boots(record.id, limit=1)
+    if not boots or boots[-1]["reset_count"] != info.reset_count:
+        matches = verdict is None or verdict.matches
+        shown = {"baseline": "learned" if learned else ("matches" if matches else "differs"),
+                 "differences": [] if verdict is None else [d.to_json() for d in verdict.differences]}
+        node.store.add_guest_boot(record.id, info.reset_count, matches, json.dumps(shown), evidence.eventlog)
+        if not matches:
+            assert verdict is not None
+            node.store.add_event(record.id, "boot-differs",
+                                 "; ".join(d.describe() for d in verdict.differences)[:2000])
+            log.warning("guest_boot_differs", name=record.name,
+                        differences=[d.describe() for d in verdict.differences])
+    return verdict, learned
+
+
+# -- evidence bundle -----------------------------------------------------------
+
+
+def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) -> tuple[bytes, GuestAttestation]:
+    """One bundle for NAME over NONCE: guest quote and logs, vTPM EK and AK certification, manifest, host."""
+    from . import host
+
+    guest = attest_guest(node, name, nonce, timeout)
+    record = guest.record
+    vtpm = node.store.vtpm(record.id)
+    manifest = node.store.manifest(record.id)
+    if vtpm is None or manifest is None:
+        raise NotFoundError(f"instance '{name}' lacks its vTPM record or launch manifest")
+    try:
+        host_quote = host.quote(node.cfg, nonce)
+    except TvorchError as err:  # a node without host attestation: the bundle says so, verify fails it
+        log.warning("no_host_quote", reason=str(err))
+        host_quote = None
+    baseline = node.store.guest_baseline(record.id)
+    identity = node_identity(node.cfg)
+    bundle = build_bundle(
+        nonce=nonce, instance_id=record.id, name=record.name, uuid=record.uuid, hostname=socket.gethostname(),
+        signing_key=identity.signing_key, signing_cert=identity.signing_cert, ca_cert=identity.ca_cert,
+        manifest=manifest, ek_cert=x509.load_der_x509_certificate(vtpm.ek_cert),
+        ak_certification=guest.ak_certification, guest=guest.evidence,
+        baseline_eventlog=baseline[0] if baseline else None, host_verdict=node.store.latest_host_verdict(),
+        host_quote=host_quote, created_at=datetime.now(timezone.utc),
+    )
+    return bundle, guest
+
+
+def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None) -> BundleReport:
+    """The bundle's report; with UUID, one more check: that the bundle is about that VM."""
+    from ..adapters.files import read_bounded
+
+    try:
+        data = read_bounded(path, 256 * 1024 * 1024)
+        ca_pem = read_bounded(ca_path, 1024 * 1024)
+    except OSError as err:
+        raise InputError(f"cannot read {err.filename}: {err.strerror or err}") from None
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise InputError(f"{ca_path} is not a PEM certificate") from None
+    report = verify_bundle(data, ca, nonce, datetime.now(timezone.utc))
+    if uuid is None:
+        return report
+    about = Check("instance", report.uuid == uuid.lower(),
+                  f"the bundle is about VM {report.uuid} ({report.instance_id})"
+                  + ("" if report.uuid == uuid.lower() else f", not {uuid}"))
+    return dataclasses.replace(report, checks=(*report.checks, about))
+
+
+# -- baseline -------------------------------------------------------------------
+
+
+def baseline_show(node: Node, name: str) -> dict[str, Any]:
+    record = node.store.get_live(validate_name(name))
+    baseline = node.store.guest_baseline(record.id)
+    events: dict[str, int] = {}
+    if baseline is not None:
+        for event in parse_event_log(baseline[0]).events:
+            events[str(event.pcr)] = events.get(str(event.pcr), 0) + 1
+    return {
+        "name": record.name, "instance_id": record.id,
+        "baseline": None if baseline is None else {"learned_at": baseline[1], "reason": baseline[2],
+                                                   "events_by_pcr": events},
+        "boots": node.store.guest_boots(record.id),
+    }
+
+
+def baseline_accept(node: Node, name: str, reason: str) -> dict[str, Any]:
+    """Make the last verified boot's event log the baseline (after an intended change), recorded with REASON."""
+    record = node.store.get_live(validate_name(name))
+    last = node.store.last_guest_boot_log(record.id)
+    if last is None:
+        raise NotFoundError(f"no verified boot of '{name}' to accept: run `tvorch attest {name}` first")
+    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
+    node.store.set_guest_baseline(record.id, last, f"accepted by {who}: {reason}", "baseline-accepted")
+    return baseline_show(node, name)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
