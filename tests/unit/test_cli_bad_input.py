@@ -149,3 +149,39 @@ def test_unknown_instance(capsys, node_dirs):
     assert main(["show", "ghost"]) == ExitCode.NOT_FOUND
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("tvorch: error: ")
+
+
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["attest", "vm1", "--nonce", "xyz"], ExitCode.INVALID_INPUT, "not hex"),
+        (["attest", "vm1", "--nonce", "00ff"], ExitCode.INVALID_INPUT, "give 8 to 64 bytes"),
+        (["verify", "missing.json", "--ca", "ca.pem", "--nonce", "00" * 16], ExitCode.INVALID_INPUT, "cannot read"),
+        (["verify", "b.json", "--ca", "ca.pem", "--nonce", "zz"], ExitCode.INVALID_INPUT, "not hex"),
+        (["vtpm", "restore", "vm1", "missing.tar"], ExitCode.INVALID_INPUT, "does not exist"),
+        (["vtpm", "show", "a/b"], ExitCode.INVALID_INPUT, "letters, digits"),
+        (["baseline", "accept", "vm1"], ExitCode.USAGE, "--reason"),
+        (["eventlog", "compare", "missing-a.bin", "missing-b.bin"], ExitCode.INVALID_INPUT, "cannot read"),
+    ],
+)
+def test_attestation_and_vtpm_refusals(capsys, node_dirs, monkeypatch, args, code, words):
+    monkeypatch.chdir(node_dirs)
+    refuse(capsys, node_dirs, args, code, words)
+
+
+def test_verify_refuses_a_file_that_is_not_a_bundle(capsys, node_dirs, monkeypatch):
+    """A garbled bundle is a failed `format` check, exit 12, never a traceback."""
+    from datetime import datetime, timezone
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tvorch.core.signing import make_ca
+
+    monkeypatch.chdir(node_dirs)
+    _, ca_cert = make_ca("test CA", datetime.now(timezone.utc))
+    (node_dirs / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (node_dirs / "b.json").write_text('{"format": "something else"}')
+    assert main(["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16]) == ExitCode.TRUST_REFUSED
+    out, err = capsys.readouterr()
+    assert "format" in out and "FAIL" in out
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("tvorch: error: evidence bundle b.json failed")
