@@ -10,14 +10,17 @@ over libvirt's own start is what matters. This runs, interleaved run by run
       already cached) with the node's DEFAULT config: the installed hook
       reads that config, so an instance of any other config would be refused
       at start. Wall time until the command returns (the domain is started):
-      start-up and imports, checks, measuring (cached), signing the
-      manifest, the store, the overlay, defining, the hook's checks on
-      start, and libvirt's swtpm manufacture at first start. Then (untimed)
-      `tvorch destroy --purge-vtpm`.
+      start-up and imports, checks, measuring (cached), sealing the vTPM
+      key to the host TPM, manufacturing the vTPM (swtpm_setup, EK
+      certificates from the node CA), signing the manifest, the store, the
+      overlay, defining, unsealing the key for the start, the hook's checks
+      on start. Then (untimed) `tvorch destroy --purge-vtpm`.
   (b) `virsh create FILE` of the same domain: the XML of a tvorch-launched
       domain (`virsh dumpxml --inactive`), renamed, with a new UUID, without
-      tvorch's <metadata> (so the hook lets it pass), its disk a fresh qcow2
-      overlay made outside the timing. Wall time until it returns; then
+      tvorch's <metadata> (so the hook lets it pass) and without the vTPM's
+      <encryption> (libvirt then manufactures the vTPM itself at first start,
+      with its own local CA), its guest channel socket renamed, its disk a
+      fresh qcow2 overlay made outside the timing. Wall time until it returns; then
       `virsh destroy` (transient: gone) and its swtpm state, nvram and
       overlay are removed.
 
@@ -25,8 +28,10 @@ The `<backingStore>` pin is kept on (b): it does not get in the way, and
 without it libvirt would chown the base image on start, changing its ctime
 and so evicting its digest from tvorch's cache (every (a) would rehash).
 
-Both sides pay libvirtd's own work, swtpm_setup's manufacture of a new vTPM
-and the hook (which lets an untagged domain through at once). It prints the
+Both sides pay libvirtd's own work, one swtpm_setup manufacture of a new
+vTPM and the hook (which lets an untagged domain through at once). The node's
+default config must reach a host TPM (`make demo` sets up a stand-in on a
+machine without one). It prints the
 median and p90 of each, the ratio (a)/(b) of the medians and PASS/FAIL
 against the goal (< 1.5). --explain adds where (a)'s time goes: import time
 (`-X importtime`) of a real launch, and a cProfile of the launch in process.
@@ -141,6 +146,11 @@ def plain_xml(template: str, name: str, dom_uuid: str, overlay: Path, console: P
     source.set("file", str(overlay))
     for log in root.iterfind("./devices/*/log"):
         log.set("file", str(console))
+    for backend in root.iterfind("./devices/tpm/backend"):
+        for encryption in backend.findall("encryption"):
+            backend.remove(encryption)  # plain libvirt keeps vTPM state in clear
+    for channel in root.iterfind("./devices/channel/source"):
+        channel.set("path", str(Path(channel.get("path", "/run/tvorch/channels/x")).with_name(f"{name}.sock")))
     nvram = root.find("./os/nvram")
     if nvram is not None:  # libvirt's default path follows the new name
         root.find("os").remove(nvram)  # type: ignore[union-attr]
