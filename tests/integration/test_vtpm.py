@@ -62,6 +62,7 @@ def test_the_guest_vtpm_is_the_one_tvorch_manufactured(tv: Tv, booted_guest: Boo
     verify_ek_certificate(cert, ca, datetime.now(timezone.utc))  # raises if it does not chain
     info = tv.json("vtpm", "ek", name)
     assert info["chain"].startswith("valid")
+    assert info["platform_certificate"].startswith("valid"), info  # issued by the node CA for this EK certificate
     assert info["issuer"] == ca.subject.rfc4514_string()
 
     assert booted_guest.report.ek_cert is not None, "the guest printed no EK certificate"

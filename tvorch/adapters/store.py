@@ -189,12 +189,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX guest_boots_by_instance ON guest_boots(instance_id, seq);
     """,
+    """
+    -- The vTPM's TCG platform certificate (an attribute certificate naming its EK certificate).
+    ALTER TABLE vtpms ADD COLUMN platform_cert BLOB;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _VTPM_COLUMNS = (
     "instance_id, state_dir, swtpm_version, ek_fingerprint, ek_cert, ek_public_pem, key_protection, secret_uuid, "
-    "sealed_key, seal_pcrs, escrow_key, escrow_fingerprint, key_check, created_at, updated_at, purged_at"
+    "sealed_key, seal_pcrs, escrow_key, escrow_fingerprint, key_check, created_at, updated_at, purged_at, "
+    "platform_cert"
 )
 _COLUMNS = "id, name, uuid, image, overlay, console_log, state, virt_type, domain_xml, created_at, updated_at, error"
 
@@ -532,7 +537,7 @@ class Store:
                 (record.instance_id, record.state_dir, record.swtpm_version, record.ek_fingerprint, record.ek_cert,
                  record.ek_public_pem, record.key_protection.value, record.secret_uuid, record.sealed_key,
                  json.dumps(list(record.seal_pcrs)), record.escrow_key, record.escrow_fingerprint, record.key_check,
-                 record.created_at, record.updated_at, record.purged_at),
+                 record.created_at, record.updated_at, record.purged_at, record.platform_cert),
             )
             self._append_ledger(db, record.instance_id, "manufactured", state_digest)
             self._add_event(db, record.instance_id, "vtpm-manufactured", f"EK sha256:{record.ek_fingerprint}")
@@ -548,7 +553,7 @@ class Store:
             secret_uuid=row["secret_uuid"], sealed_key=_blob(row["sealed_key"]),
             seal_pcrs=tuple(json.loads(row["seal_pcrs"])), escrow_key=_blob(row["escrow_key"]),
             escrow_fingerprint=row["escrow_fingerprint"], key_check=row["key_check"], created_at=row["created_at"],
-            updated_at=row["updated_at"], purged_at=row["purged_at"],
+            updated_at=row["updated_at"], purged_at=row["purged_at"], platform_cert=_blob(row["platform_cert"]),
         )
 
     def reseal_vtpm(self, instance_id: str, sealed_key: bytes, seal_pcrs: tuple[int, ...], why: str) -> None:

@@ -1,11 +1,12 @@
-"""Manufacture a vTPM state: swtpm_setup with EK certificates from the node CA.
+"""Manufacture a vTPM state: swtpm_setup with EK and platform certificates from the node CA.
 
-Runs ``swtpm_setup --tpm2 --createek --create-ek-cert --lock-nvram`` with a
-private swtpm_setup.conf (in a 0700 temporary directory) whose
-``create_certs_tool`` is ``tvorch.adapters.swtpm_certs``; that tool finds the
-node state directory in the ``create_certs_tool_config`` file written beside
-it. The resulting state is what libvirt takes as is (DESIGN.md,
-"Environment facts").
+Runs ``swtpm_setup --tpm2 --createek --create-ek-cert --create-platform-cert
+--lock-nvram`` with a private swtpm_setup.conf (in a 0700 temporary
+directory) whose ``create_certs_tool`` is ``tvorch.adapters.swtpm_certs``;
+that tool finds the node state directory in the ``create_certs_tool_config``
+file written beside it, and the platform's manufacturer, model and version
+in the ``create_certs_tool_options`` file. The resulting state is what
+libvirt takes as is (DESIGN.md, "Environment facts").
 
 Why no ``--runas``: swtpm_setup drops to that user before running the certs
 tool, which would then need to read the node CA key, and that key must
@@ -14,8 +15,10 @@ runs as the caller (root in production) and the finished state is handed to
 OWNER afterwards (chown of the directory and its files).
 
 swtpm_setup keeps no copy of the certificates outside the TPM's NV, so
-``--write-ek-cert-files`` collects them and ``manufacture`` returns them for
-the caller to record.
+``--write-ek-cert-files`` collects the EK certificates, the tool leaves a
+copy of the platform certificate (which that option does not write, in
+0.7.1) in the config's ``collect_dir``, and ``manufacture`` checks them all
+against the node CA and returns them for the caller to record.
 """
 
 from __future__ import annotations
@@ -37,14 +40,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tvorch.adapters.files import ensure_private_dir
 from tvorch.adapters.node_keys import load_or_create
-from tvorch.adapters.swtpm_certs import NODE_STATE_DIR_KEY
+from tvorch.adapters.swtpm_certs import COLLECT_DIR_KEY, NODE_STATE_DIR_KEY, PLATFORM_CERT_FILE, tvorch_version
 from tvorch.adapters.vtpm_state import hand_over
 from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
+from tvorch.core.platformcert import DEFAULT_MANUFACTURER, DEFAULT_MODEL, verify_platform_certificate
 from tvorch.errors import ConflictError, HostError, OperationTimeout, TvorchError
 
 DEFAULT_TIMEOUT = 60.0
 RSA_EK_FILE = "ek-rsa2048.crt"  # the names --write-ek-cert-files uses (swtpm 0.7)
 ECC_EK_FILE = "ek-secp384r1.crt"
+COLLECT_DIR = "platform"  # in the temporary directory: where the certs tool copies the platform certificate
 # swtpm_setup's own framing lines, never the reason it failed.
 _NOISE = ("Starting vTPM manufacturing", "Ending vTPM manufacturing", "An error occurred",
           "Error getting next filename", "Invoking ", "TPM is listening")
@@ -62,6 +67,9 @@ class ManufacturedVtpm:
     ek_public_pem: bytes
     ek_fingerprint: str  # sha256 of the EK SubjectPublicKeyInfo (tvorch.core.ekcert.ek_fingerprint)
     ek_certs: dict[str, bytes] = field(default_factory=dict)  # every EK cert by file name (RSA and ECC)
+    # TCG platform certificate (an attribute certificate naming the RSA EK certificate), as written
+    # at NV index 0x01c08000; None only for a vTPM made without one.
+    platform_cert_der: bytes | None = None
 
     def ek_cert(self) -> x509.Certificate:
         """The RSA EK certificate, parsed."""
@@ -100,18 +108,27 @@ def manufacture(
             certs = work / "certs"
             certs.mkdir()
             command = [swtpm_setup, "--tpm2", "--tpm-state", str(state_dir.absolute()), "--createek", "--create-ek-cert",
-                       "--lock-nvram", "--pcr-banks", "sha256", "--config", str(conf), "--vmid", vmid,
-                       "--write-ek-cert-files", str(certs)]
+                       "--create-platform-cert", "--lock-nvram", "--pcr-banks", "sha256", "--config", str(conf),
+                       "--vmid", vmid, "--write-ek-cert-files", str(certs)]
             _run(command, timeout, key)
             found = {p.name: p.read_bytes() for p in sorted(certs.glob("ek-*.crt"))}
+            platform_file = work / COLLECT_DIR / PLATFORM_CERT_FILE
+            platform_der = platform_file.read_bytes() if platform_file.exists() else None
         if RSA_EK_FILE not in found:
             raise VtpmManufactureError(f"swtpm_setup wrote no {RSA_EK_FILE} (it wrote: {', '.join(found) or 'none'})")
+        if platform_der is None:
+            raise VtpmManufactureError("the certs tool left no copy of the platform certificate")
         now = datetime.now(timezone.utc)
         for name, der in found.items():  # the tool must have used this node's CA
             try:
                 verify_ek_certificate(x509.load_der_x509_certificate(der), identity.ca_cert, now)
             except (ValueError, TvorchError) as err:
                 raise VtpmManufactureError(f"EK certificate {name} from swtpm_setup does not check: {err}") from None
+        try:  # by this node's CA, for the RSA EK certificate just checked
+            verify_platform_certificate(platform_der, identity.ca_cert,
+                                        x509.load_der_x509_certificate(found[RSA_EK_FILE]), now)
+        except TvorchError as err:
+            raise VtpmManufactureError(f"platform certificate from swtpm_setup does not check: {err}") from None
         hand_over(state_dir, owner)
     except BaseException:
         if created:  # leave nothing half made behind, so a retry starts clean
@@ -126,18 +143,25 @@ def manufacture(
         ek_public_pem=public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
         ek_fingerprint=ek_fingerprint(public),
         ek_certs=found,
+        platform_cert_der=platform_der,
     )
 
 
 def _write_configs(work: Path, node_state_dir: Path) -> Path:
-    """swtpm_setup.conf, the certs tool's config and options, and a wrapper (the config takes a path only)."""
+    """swtpm_setup.conf, the certs tool's config and options, and a wrapper (the config takes a path only).
+
+    The options file is the platform's identity in the platform certificate (swtpm_setup passes none).
+    """
     tool = work / "tvorch-swtpm-certs"
     tool.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tvorch.adapters.swtpm_certs \"$@\"\n")
     tool.chmod(0o700)
     tool_conf = work / "swtpm-certs.conf"
-    tool_conf.write_text(f"{NODE_STATE_DIR_KEY} = {node_state_dir.resolve()}\n")
+    collect = work / COLLECT_DIR
+    collect.mkdir(exist_ok=True)
+    tool_conf.write_text(f"{NODE_STATE_DIR_KEY} = {node_state_dir.resolve()}\n{COLLECT_DIR_KEY} = {collect}\n")
     tool_opts = work / "swtpm-certs.options"
-    tool_opts.write_text("")
+    tool_opts.write_text(f"--platform-manufacturer {DEFAULT_MANUFACTURER}\n--platform-model {DEFAULT_MODEL}\n"
+                         f"--platform-version {tvorch_version()}\n")
     conf = work / "swtpm_setup.conf"
     conf.write_text(
         f"create_certs_tool = {tool}\n"

@@ -85,6 +85,7 @@ def vtpm_ek(ctx: Context, name: str, pem: bool, as_json: bool) -> None:
         f"EK fingerprint: sha256:{info['ek_fingerprint']}",
         f"certificate:    sha256:{info['certificate_sha256']}",
         f"chain:          {info['chain']}",
+        f"platform cert:  {info['platform_certificate'] or 'none recorded'}",
     ]))
 
 

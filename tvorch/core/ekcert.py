@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tvorch.core import der
 from tvorch.core.signing import key_usage
 from tvorch.errors import TrustError
 
@@ -159,36 +160,9 @@ def ek_fingerprint(public_key: EkPublicKey) -> str:
 
 def _tpm_spec_attributes(spec: TpmSpecification) -> bytes:
     """SubjectDirectoryAttributes ::= SEQUENCE OF Attribute { tcg-at-tpmSpecification, SET { TPMSpecification } }."""
-    value = _der(0x30, _der(0x0C, spec.family.encode()) + _der_int(spec.level) + _der_int(spec.revision))
-    attribute = _der(0x30, _der_oid(TPM_SPECIFICATION) + _der(0x31, value))
-    return _der(0x30, attribute)
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
-
-
-def _der_int(value: int) -> bytes:
-    if value < 0:
-        raise ValueError("negative TPM specification number")
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def _der_oid(oid: x509.ObjectIdentifier) -> bytes:
-    arcs = [int(a) for a in oid.dotted_string.split(".")]
-    body = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return _der(0x06, bytes(body))
+    value = der.sequence(der.utf8(spec.family), der.integer(spec.level), der.integer(spec.revision))
+    attribute = der.sequence(der.oid(TPM_SPECIFICATION.dotted_string), der.set_of(value))
+    return der.sequence(attribute)
 
 
 def _add_years(now: datetime, years: int) -> datetime:

@@ -64,6 +64,7 @@ class VtpmRecord:
     created_at: str
     updated_at: str
     purged_at: str | None = None
+    platform_cert: bytes | None = None  # DER, as in NV index 0x01c08000; None if recorded before tvorch kept it
 
     @property
     def encrypted(self) -> bool:

@@ -45,6 +45,7 @@ from ..core.instance import InstanceRecord, InstanceState
 from ..core.ledger import LedgerEntry, broken_link
 from ..core.ekcert import verify_ek_certificate
 from ..core.manifest import Measurement
+from ..core.platformcert import verify_platform_certificate
 from ..core.vtpm import KeyProtection, LedgerEvent, VtpmRecord, check_key, key_check_value, new_state_key
 from ..core.vtpm_backup import backup_header, sign_backup, verify_backup
 from ..core.vtpm_escrow import (
@@ -122,6 +123,7 @@ def manufacture_for_launch(node: Node, record: InstanceRecord, keys: Keys, secre
         key_protection=KeyProtection(cfg.vtpm.key_protection), secret_uuid=secret_uuid, sealed_key=keys.sealed,
         seal_pcrs=keys.seal_pcrs, escrow_key=keys.escrow, escrow_fingerprint=keys.escrow_fingerprint,
         key_check=key_check_value(keys.key) if keys.key else None, created_at=now, updated_at=now,
+        platform_cert=made.platform_cert_der,
     )
     node.store.create_vtpm(vtpm, digest)
     return Measurement(
@@ -442,12 +444,20 @@ def _read_key_file(path: str, what: str) -> bytes:
 
 
 def ek_summary(cert: x509.Certificate, vtpm: VtpmRecord, ca: x509.Certificate) -> dict[str, Any]:
-    """What `tvorch vtpm ek` shows, with whether the certificate checks against the node CA now."""
+    """What `tvorch vtpm ek` shows, with whether the certificates check against the node CA now."""
+    now = datetime.now(timezone.utc)
     try:
-        verify_ek_certificate(cert, ca, datetime.now(timezone.utc))
+        verify_ek_certificate(cert, ca, now)
         chain = "valid: issued by the node CA"
     except (TvorchError, ValueError) as err:
         chain = f"INVALID: {err}"
+    platform = None
+    if vtpm.platform_cert is not None:
+        try:
+            verify_platform_certificate(vtpm.platform_cert, ca, cert, now)
+            platform = "valid: issued by the node CA for this EK certificate"
+        except (TvorchError, ValueError) as err:
+            platform = f"INVALID: {err}"
     return {
         "subject": cert.subject.rfc4514_string() or "(empty; the TPM is named in subjectAltName)",
         "issuer": cert.issuer.rfc4514_string(),
@@ -457,5 +467,7 @@ def ek_summary(cert: x509.Certificate, vtpm: VtpmRecord, ca: x509.Certificate) -
         "ek_fingerprint": vtpm.ek_fingerprint,
         "certificate_sha256": hashlib.sha256(vtpm.ek_cert).hexdigest(),
         "chain": chain,
+        "platform_certificate": platform,
+        "platform_certificate_sha256": hashlib.sha256(vtpm.platform_cert).hexdigest() if vtpm.platform_cert else None,
         "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
     }
