@@ -83,7 +83,7 @@ from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 from tvorch.adapters.files import atomic_write, ensure_private_dir
 from tvorch.core.quote import (
     BANKS,
-    MAX_PCR,
+    pcr_indices,
     ak_fingerprint,
     ak_name,
     ak_pem,
@@ -234,7 +234,7 @@ class Tpm:
         verifier refuses values that do not hash to it), so quote again until
         the values match it.
         """
-        wanted = _pcr_list(pcrs)
+        wanted = pcr_indices(pcrs)
         selection = _selection(wanted, bank)
         with self._loaded_ak(ak) as handle:
             for _ in range(_QUOTE_ATTEMPTS):
@@ -248,7 +248,7 @@ class Tpm:
 
     def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
         """Current values of PCRS in BANK (the TPM returns at most 8 per read: read until all came)."""
-        remaining = _pcr_list(pcrs)
+        remaining = pcr_indices(pcrs)
         values: dict[int, bytes] = {}
         while remaining:
             with _tss("TPM2_PCR_Read"):
@@ -262,7 +262,7 @@ class Tpm:
 
     def extend(self, pcr: int, digest_by_bank: Mapping[str, bytes]) -> None:
         """Extend PCR with one digest per bank (what a measuring boot component does)."""
-        _pcr_list([pcr])
+        pcr_indices([pcr])
         entries = []
         for bank, digest in digest_by_bank.items():
             if len(digest) != digest_size(bank):
@@ -284,7 +284,7 @@ class Tpm:
             raise InputError("nothing to seal: the secret is empty")
         if len(secret) > MAX_SECRET_SIZE:
             raise InputError(f"a sealed secret holds at most {MAX_SECRET_SIZE} bytes, not {len(secret)}")
-        wanted = _pcr_list(pcrs)
+        wanted = pcr_indices(pcrs)
         selection = _selection(wanted, bank)
         digest = self._pcr_policy_digest(wanted, bank, selection)
         template = TPM2B_PUBLIC(
@@ -319,7 +319,7 @@ class Tpm:
             raise InputError("the sealed key's public or private blob has bytes after its TPM structure")
         if bytes(public.publicArea.authPolicy) != sealed.policy_digest:
             raise InputError("the sealed key's policy digest is not the authPolicy of its public area")
-        selection = _selection(_pcr_list(sealed.pcrs), sealed.bank)
+        selection = _selection(pcr_indices(sealed.pcrs), sealed.bank)
         pcr_text = ",".join(map(str, sealed.pcrs))
         with ExitStack() as stack:
             srk = self._srk(stack)
@@ -480,16 +480,6 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _pcr_list(pcrs: Sequence[int]) -> list[int]:
-    wanted = sorted(set(pcrs))
-    if not wanted:
-        raise InputError("no PCRs selected")
-    bad = [i for i in wanted if not 0 <= i <= MAX_PCR]
-    if bad:
-        raise InputError(f"PCR indices out of range 0-{MAX_PCR}: {bad}")
-    return wanted
 
 
 def _selection(pcrs: Sequence[int], bank: str) -> TPML_PCR_SELECTION:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -58,12 +58,23 @@ from tpm2_pytss.types import (
     TPMT_SIGNATURE,
 )
 
-from tvorch.errors import EvidenceError, TrustError
+from tvorch.errors import EvidenceError, InputError, TrustError
 
 _T = TypeVar("_T", bound=TPM_OBJECT)
 
 QUOTE_FORMAT_VERSION = 1
 MAX_PCR = 23  # PC Client TPMs have PCRs 0-23
+
+
+def pcr_indices(pcrs: Sequence[int]) -> list[int]:
+    """PCRS sorted and without repeats; InputError when empty or out of range."""
+    wanted = sorted(set(pcrs))
+    if not wanted:
+        raise InputError("no PCRs selected")
+    bad = [i for i in wanted if not 0 <= i <= MAX_PCR]
+    if bad:
+        raise InputError(f"PCR indices out of range 0-{MAX_PCR}: {bad}")
+    return wanted
 
 # PCR bank name -> TPM algorithm id; the digest size comes from hashlib.
 BANKS: dict[str, int] = {

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from tpm2_pytss.types import TPML_PCR_SELECTION
 
-from tvorch.core.quote import BANKS, MAX_PCR
+from tvorch.core.quote import BANKS, MAX_PCR, pcr_indices
 from tvorch.errors import InputError
 
 SEALED_FORMAT_VERSION = 1
@@ -129,12 +129,7 @@ class SealedKey:
 def pcr_selection_bytes(pcrs: Sequence[int], bank: str) -> bytes:
     """The marshaled TPML_PCR_SELECTION of PCRS in BANK, as TPM2_PolicyPCR and TPM2_PCR_Read send it."""
     _check_bank(bank)
-    wanted = sorted(set(pcrs))
-    if not wanted:
-        raise InputError("no PCRs selected")
-    bad = [i for i in wanted if not 0 <= i <= MAX_PCR]
-    if bad:
-        raise InputError(f"PCR indices out of range 0-{MAX_PCR}: {bad}")
+    wanted = pcr_indices(pcrs)
     return bytes(TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, wanted))}").marshal())
 
 

@@ -44,7 +44,7 @@ from ..core.instance import InstanceRecord, InstanceState, validate_name
 from ..core.quote import QuoteInfo, ak_name, verify_quote
 from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, TrustError, TvorchError
 from ..logs import get_logger
-from .manifests import node_identity
+from .manifests import node_identity, read_with_ca
 from .node import Node
 
 log = get_logger(__name__)
@@ -208,17 +208,7 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
 
 def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None) -> BundleReport:
     """The bundle's report; with UUID, one more check: that the bundle is about that VM."""
-    from ..adapters.files import read_bounded
-
-    try:
-        data = read_bounded(path, 256 * 1024 * 1024)
-        ca_pem = read_bounded(ca_path, 1024 * 1024)
-    except OSError as err:
-        raise InputError(f"cannot read {err.filename}: {err.strerror or err}") from None
-    try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
-    except ValueError:
-        raise InputError(f"{ca_path} is not a PEM certificate") from None
+    data, ca = read_with_ca(path, ca_path, 256 * 1024 * 1024)
     report = verify_bundle(data, ca, nonce, datetime.now(timezone.utc))
     if uuid is None:
         return report

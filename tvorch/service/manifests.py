@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from ..adapters.files import read_bounded
 from ..adapters.node_keys import NodeIdentity, load_or_create
 from ..adapters.store import utc_now
 from ..config import Config
@@ -48,14 +49,19 @@ def manifest_of(node: Node, name: str) -> bytes:
     return body
 
 
-def verify_file(path: str, ca_path: str) -> LaunchManifest:
+def read_with_ca(path: str, ca_path: str, limit: int) -> tuple[bytes, x509.Certificate]:
+    """A document to verify (at most LIMIT bytes) and the CA certificate (PEM) to verify it with."""
     try:
-        body = Path(path).read_bytes()
-        ca_pem = Path(ca_path).read_bytes()
+        body = read_bounded(path, limit)
+        ca_pem = read_bounded(ca_path, 1024 * 1024)
     except OSError as err:
-        raise InputError(f"cannot read {err.filename}: {err.strerror}") from None
+        raise InputError(f"cannot read {err.filename}: {err.strerror or err}") from None
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        return body, x509.load_pem_x509_certificate(ca_pem)
     except ValueError:
         raise InputError(f"{ca_path} is not a PEM certificate") from None
+
+
+def verify_file(path: str, ca_path: str) -> LaunchManifest:
+    body, ca = read_with_ca(path, ca_path, 16 * 1024 * 1024)
     return verify_manifest(body, ca, datetime.now(timezone.utc))
