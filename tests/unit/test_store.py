@@ -96,3 +96,26 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     ticks = [e.detail for e in s.events("i-000000000001") if e.kind == "tick"]
     assert len(ticks) == 200 and len(set(ticks)) == 200
     s.close()
+
+
+def test_a_second_connection_in_one_process_keeps_the_first_ones_locks(tmp_path):
+    """The daemon opens a store per thread. Opening one must not close a descriptor of the
+    database file: that drops every POSIX lock of the process on it, and another process
+    closing its connection then checkpoints and deletes the WAL the first one still writes to,
+    so its later commits are seen by nobody until it closes."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tvorch.db"
+    first = Store(path)
+    first.daemon_heartbeat(1, "t", True, "first")
+    second = Store(path)
+    second.daemon_heartbeat(2, "t", True, "second")
+    other = f"from pathlib import Path; from tvorch.adapters.store import Store; Store(Path({str(path)!r})).close()"
+    subprocess.run([sys.executable, "-c", other], check=True)
+    first.daemon_heartbeat(3, "t", True, "after another process came and went")
+    reader = subprocess.run([sys.executable, "-c", other.replace(".close()", ".daemon_status().pid)").replace(
+        "; Store(", "; print(Store(")], capture_output=True, text=True, check=True)
+    assert reader.stdout.strip() == "3"
+    first.close()
+    second.close()

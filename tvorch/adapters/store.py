@@ -234,9 +234,14 @@ class Store:
         self.path = path
         try:
             ensure_private_dir(path.parent)
-            # Create the file 0600 before SQLite does (it would honour umask).
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            # Create the file 0600 before SQLite does (it would honour umask). Never open an
+            # existing one: closing any descriptor of the file drops every POSIX lock this
+            # process holds on it, the locks of its other connections too (the daemon's
+            # threads), and another process would then take its WAL for abandoned and delete it.
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
             self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
