@@ -8,7 +8,9 @@
 #   guest-signed.qcow2  the same, UKI signed with OVMF's snakeoil key (boots under
 #                       OVMF_CODE_4M.snakeoil.fd + OVMF_VARS_4M.snakeoil.fd, Secure Boot on)
 #   vmlinuz, initrd.img kernel and gzip'd busybox initramfs for direct kernel boot; the
-#                       initramfs carries tpm2-tools (multi-call binary, its libraries)
+#                       initramfs carries tpm2-tools (multi-call binary, its libraries), the
+#                       virtio modules for virtio-serial and virtio-rng, and a busybox sh
+#                       attestation agent (tvorch-attest/1 on the port org.tvorch.attest.0)
 #   build-info.json     versions, sha256 of every output, the cache key
 #
 # The guest prints "TVORCH-GUEST: ..." lines on its console (ttyS0), see GUEST_INIT below.
@@ -96,6 +98,57 @@ KMODDIR=/lib/modules/$KREL
 # evdev+button for the ACPI power button (graceful shutdown), efivarfs for SecureBoot.
 GUEST_MODULES=(kernel/drivers/input/evdev.ko kernel/drivers/acpi/button.ko kernel/fs/efivarfs/efivarfs.ko)
 for m in "${GUEST_MODULES[@]}"; do need_file "$KMODDIR/$m" "linux-image-$KREL"; done
+
+# --- virtio modules: the attestation channel and an entropy source -----------------
+# The guest agent's channel is a virtio-serial port (virtio_console over virtio_pci), and
+# virtio-rng feeds the kernel's random pool, so the first tpm2 tool under TCG does not wait
+# for entropy. The cloud kernel builds them as modules; init loads them in the order of
+# /lib/modules/virtio.order: dependencies first, as the kernel's modules.dep says (the
+# last dependency listed loads first, as modprobe does). A module built into the kernel
+# needs nothing; a kernel without virtio-rng just gets no rng device.
+VIRTIO_MODULES=(virtio_pci virtio_console)
+VIRTIO_OPTIONAL=(virtio_rng)
+need_file "$KMODDIR/modules.dep" "linux-image-$KREL"
+need_file "$KMODDIR/modules.builtin" "linux-image-$KREL"
+# Module name -> its modules.dep line (names compared as modprobe does: - and _ alike).
+declare -A MODDEP=() MODBUILTIN=()
+while IFS= read -r line; do
+    p=${line%%:*}; b=${p##*/}; b=${b%%.ko*}; MODDEP[${b//-/_}]=$line
+done < "$KMODDIR/modules.dep"
+while IFS= read -r p; do
+    b=${p##*/}; b=${b%%.ko*}; MODBUILTIN[${b//-/_}]=1
+done < "$KMODDIR/modules.builtin"
+VIRTIO_KO=()   # paths relative to KMODDIR, in load order
+add_ko() { local p
+    for p in "${VIRTIO_KO[@]}"; do [[ $p == "$1" ]] && return 0; done
+    VIRTIO_KO+=("$1")
+}
+resolve_module() { # name required|optional
+    local name=$1 line deps i
+    [[ -n ${MODBUILTIN[$name]:-} ]] && return 0
+    line=${MODDEP[$name]:-}
+    if [[ -z $line ]]; then
+        [[ $2 == optional ]] && return 0
+        die "kernel $KREL has no module $name (not in modules.dep nor modules.builtin)"
+    fi
+    read -r -a deps <<<"${line#*:}"
+    for (( i = ${#deps[@]} - 1; i >= 0; i-- )); do add_ko "${deps[$i]}"; done
+    add_ko "${line%%:*}"
+}
+for m in "${VIRTIO_MODULES[@]}"; do resolve_module "$m" required; done
+for m in "${VIRTIO_OPTIONAL[@]}"; do resolve_module "$m" optional; done
+for p in "${VIRTIO_KO[@]}"; do
+    need_file "$KMODDIR/$p" "linux-image-$KREL"
+    # busybox insmod takes plain ELF: compressed modules are decompressed at build time
+    # (the bytes out do not depend on the decompressor's version).
+    case $p in
+    *.ko) ;;
+    *.ko.xz) need_tool xz xz-utils ;;
+    *.ko.zst) need_tool zstd zstd ;;
+    *.ko.gz) ;;
+    *) die "unexpected module file $p in $KMODDIR/modules.dep" ;;
+    esac
+done
 
 # --- tpm2-tools for the guest: binary, libraries, loader ----------------------------
 for t in "${TPM2_TOOLS_NEEDED[@]}"; do
@@ -221,6 +274,22 @@ for m in "${GUEST_MODULES[@]}"; do
     # Copied as shipped: Debian signs them, and Secure Boot's lockdown wants the signature.
     install -m 0644 "$KMODDIR/$m" root/lib/modules/
 done
+# The virtio modules, decompressed where the package ships them compressed (busybox insmod
+# takes plain ELF; Debian appends the signature before compressing, so it stays), and
+# their load order.
+: > root/lib/modules/virtio.order
+for p in "${VIRTIO_KO[@]}"; do
+    b=${p##*/}; b=${b%%.ko*}.ko
+    [[ -e root/lib/modules/$b ]] && die "two guest modules named $b"
+    case $p in
+    *.ko) cp "$KMODDIR/$p" "root/lib/modules/$b" ;;
+    *.ko.xz) xz -dc "$KMODDIR/$p" > "root/lib/modules/$b" ;;
+    *.ko.zst) zstd -qdc "$KMODDIR/$p" > "root/lib/modules/$b" ;;
+    *.ko.gz) gzip -dc "$KMODDIR/$p" > "root/lib/modules/$b" ;;
+    esac
+    chmod 0644 "root/lib/modules/$b"
+    echo "$b" >> root/lib/modules/virtio.order
+done
 
 # tpm2-tools: the multi-call binary, its links, its libraries (copied under the name the
 # loader asks for, so no library symlinks), the loader at the path the binary names.
@@ -279,6 +348,246 @@ poweroff -f
 EOF
 chmod 0755 root/etc/acpi/PWRF/00000080
 
+# The guest's attestation agent: tvorch-attest/1 (tvorch/core/agent_protocol.py) with
+# busybox sh and tpm2-tools. scripts/tvorch-guest-agent is the reference agent for real
+# guests (Python); this one answers the same requests the same way, except that its
+# name is tvorch-test-guest-agent/1. tests/unit/test_guest_agent.py runs it on the
+# host too (it finds it by the GUEST_AGENT markers).
+cat > root/usr/bin/tvorch-agent <<'GUEST_AGENT'
+#!/bin/sh
+# tvorch-agent PORT: answer tvorch-attest/1 requests on PORT (/dev/vportNpM) forever.
+#   hello                                    -> ok agent=.. ek_public=.. ak_public=.. ak_name=..
+#   activate id_object=B64 encrypted_secret=B64 -> ok secret=B64
+#   quote nonce=HEX pcrs=BANK:I,J,..         -> ok attest=.. signature=.. pcrs=BANK:I=HEX,..
+#                                               eventlog=B64|- ima=B64|-
+#   anything else, or a failure              -> error LINE (id 0 if the request's is unreadable)
+# The RSA EK is made with tpm2_createek (the key of the EK certificate at NV 0x01c00002),
+# the AK (ECC P-256, restricted signing, under the EK) on the first hello, kept at the
+# persistent handle 0x81010002. Fields an operation does not use are ignored.
+# TPM2TOOLS_TCTI from the environment (default device:/dev/tpmrm0); TVORCH_AGENT_DIR,
+# TVORCH_AGENT_EVENTLOG and TVORCH_AGENT_IMA override the work directory and the logs.
+PORT=$1
+VERSION=tvorch-attest/1
+AGENT=tvorch-test-guest-agent/1
+AK=0x81010002
+EVENTLOG=${TVORCH_AGENT_EVENTLOG:-/sys/kernel/security/tpm0/binary_bios_measurements}
+IMA=${TVORCH_AGENT_IMA:-/sys/kernel/security/ima/binary_runtime_measurements}
+TOOL_TIMEOUT=60
+W=${TVORCH_AGENT_DIR:-/tmp/tvorch-agent}
+export TPM2TOOLS_TCTI=${TPM2TOOLS_TCTI:-device:/dev/tpmrm0}
+umask 077
+[ -n "$PORT" ] || { echo "usage: tvorch-agent PORT" >&2; exit 2; }
+mkdir -p "$W" && cd "$W" || exit 1
+
+CR=$(printf '\r')
+log() { echo "tvorch-agent: $*" >&2; }
+if base64 -w 0 </dev/null >/dev/null 2>&1; then
+    b64() { base64 -w 0 < "$1"; }
+else
+    b64() { base64 < "$1" | tr -d '\n'; }
+fi
+hex() { od -An -v -tx1 < "$1" | tr -d ' \n'; }
+# A log as base64, or "-" when the guest has none (securityfs files stat as empty: read them).
+logfield() {
+    if [ -r "$1" ] && b64 "$1" > log.b64 2>/dev/null && [ -s log.b64 ]; then cat log.b64; else printf -; fi
+}
+# run STEP TOOL ARGS: the tool with a deadline, stdout in ./out; on failure ERR says why.
+run() {
+    step=$1
+    shift
+    timeout $TOOL_TIMEOUT "$@" > out 2> err 3<&- 4>&-
+    rc=$?
+    [ $rc -eq 0 ] && return 0
+    case $rc in
+    124|137|143) ERR="$step: timed out after $TOOL_TIMEOUT s" ;;
+    127) ERR="$step: $1 not found" ;;
+    *)
+        l=$(grep '^ERROR: ' err | grep -v '^ERROR: Unable to run' | head -n 1)
+        [ -n "$l" ] || l=$(grep . err | tail -n 1)
+        [ -n "$l" ] || l="exit status $rc"
+        ERR="$step: ${l#ERROR: }" ;;
+    esac
+    return 1
+}
+# Without the kernel's resource manager, what a tool leaves loaded stays in the TPM.
+flush_transient() {
+    case $TPM2TOOLS_TCTI in
+    *tpmrm*) ;;
+    *) timeout $TOOL_TIMEOUT tpm2_flushcontext -t > /dev/null 2>&1 ;;
+    esac
+}
+ek() { # [fresh]: the RSA EK's context in ek.ctx, its public area in ek.pub
+    [ "$1" != fresh ] && [ -s ek.ctx ] && return 0
+    run createek tpm2_createek -G rsa -c ek.ctx -u ek.pub || return 1
+    flush_transient    # the saved context is enough; a TPM has few object slots
+}
+is_b64() {
+    case $1 in '' | *[!A-Za-z0-9+/=]* | *=*[!=]* | *===) return 1 ;; esac
+    [ $((${#1} % 4)) -eq 0 ]
+}
+# b64tpm2b NAME VALUE: VALUE decoded onto ./cred, if it is a marshaled TPM2B.
+b64tpm2b() {
+    is_b64 "$2" || { ERR="$1 is not base64"; return 1; }
+    printf '%s' "$2" | base64 -d > blob 2> /dev/null || { ERR="$1 is not base64"; return 1; }
+    set -- "$1" $(od -An -tu1 -N2 < blob) $(wc -c < blob)
+    [ $# -eq 4 ] && [ $(($2 * 256 + $3 + 2)) -eq "$4" ] \
+        || { ERR="$1 is not a marshaled TPM2B (2-byte size, then that many bytes)"; return 1; }
+    cat blob >> cred
+}
+
+op_hello() {
+    ek fresh || return 1
+    run getcap tpm2_getcap handles-persistent || return 1
+    if grep -qix -- "- $AK" out; then
+        run readpublic tpm2_readpublic -c $AK -o ak.pub -n ak.name || return 1
+    else
+        log "no AK at $AK: making one under the EK"
+        run createak tpm2_createak -C ek.ctx -c ak.ctx -G ecc -g sha256 -s ecdsa -u ak.pub -n ak.name \
+            || return 1
+        flush_transient
+        run evictcontrol tpm2_evictcontrol -C o -c ak.ctx $AK || return 1
+    fi
+    printf 'agent=%s ek_public=%s ak_public=%s ak_name=%s' \
+        "$AGENT" "$(b64 ek.pub)" "$(b64 ak.pub)" "$(hex ak.name)" > fields
+}
+
+op_activate() {
+    [ -n "$f_id_object" ] || { ERR="activate needs id_object="; return 1; }
+    [ -n "$f_encrypted_secret" ] || { ERR="activate needs encrypted_secret="; return 1; }
+    # tpm2-tools' credential file: magic 0xBADCC0DE, version 1, TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET.
+    printf '\272\334\300\336\000\000\000\001' > cred
+    b64tpm2b id_object "$f_id_object" || return 1
+    b64tpm2b encrypted_secret "$f_encrypted_secret" || return 1
+    ek || return 1
+    # The EK's policy (TCG's policy A) is PolicySecret(endorsement hierarchy).
+    run startauthsession tpm2_startauthsession --policy-session -S session.ctx || return 1
+    ok=
+    run policysecret tpm2_policysecret -S session.ctx -c e \
+        && run activatecredential tpm2_activatecredential -c $AK -C ek.ctx -i cred -o secret \
+            -P session:session.ctx \
+        && ok=1
+    timeout $TOOL_TIMEOUT tpm2_flushcontext session.ctx > /dev/null 2>&1
+    [ -n "$ok" ] || { rm -f secret; return 1; }
+    printf 'secret=%s' "$(b64 secret)" > fields
+    rm -f secret
+}
+
+op_quote() {
+    case $f_nonce in '' | *[!0-9a-f]*) ERR="nonce is not 1 to 64 bytes of lowercase hex"; return 1 ;; esac
+    [ $((${#f_nonce} % 2)) -eq 0 ] && [ ${#f_nonce} -le 128 ] \
+        || { ERR="nonce is not 1 to 64 bytes of lowercase hex"; return 1; }
+    bank=${f_pcrs%%:*}
+    list=${f_pcrs#*:}
+    case $bank in
+    sha1) size=20 ;; sha256) size=32 ;; sha384) size=48 ;; sha512) size=64 ;;
+    *) ERR="pcrs is not <sha1|sha256|sha384|sha512>:<i,j,...>"; return 1 ;;
+    esac
+    case $list in '' | ,* | *, | *,,* | "$f_pcrs") ERR="pcrs is not <sha1|sha256|sha384|sha512>:<i,j,...>"; return 1 ;; esac
+    n=0
+    for i in $(echo "$list" | tr , ' '); do
+        case $i in [0-9] | 1[0-9] | 2[0-3]) n=$((n + 1)) ;; *) ERR="pcrs lists a PCR outside 0-23"; return 1 ;; esac
+    done
+    sorted=
+    i=0
+    while [ $i -le 23 ]; do
+        case ",$list," in *",$i,"*) sorted="$sorted $i" ;; esac
+        i=$((i + 1))
+    done
+    set -- $sorted
+    [ $# -eq $n ] || { ERR="pcrs lists a PCR twice"; return 1; }
+    sel=$(echo $sorted | tr ' ' ,)
+    # The tool reads the PCRs right after the quote (-o, raw digests in ascending order);
+    # the quote's digest is what the host trusts, and these must match it.
+    run quote tpm2_quote -c $AK -l "$bank:$sel" -q "$f_nonce" -g sha256 -m attest -s signature \
+        -o pcrs.bin -F values || return 1
+    [ "$(wc -c < pcrs.bin)" -eq $((size * $#)) ] || { ERR="quote: PCR values of the wrong size"; return 1; }
+    values=
+    for h in $(od -An -v -tx1 -w$size < pcrs.bin | tr -d ' '); do
+        values="$values,$1=$h"
+        shift
+    done
+    {
+        printf 'attest=%s signature=%s pcrs=%s:%s eventlog=' \
+            "$(b64 attest)" "$(b64 signature)" "$bank" "${values#,}"
+        logfield "$EVENTLOG"
+        printf ' ima='
+        logfield "$IMA"
+    } > fields
+}
+
+# handle LINE: sets ID and writes ./answer
+handle() {
+    ERR=
+    ID=0
+    set -f
+    set -- $1
+    set +f
+    case $2 in '' | *[!A-Za-z0-9]*) ;; *) [ ${#2} -le 32 ] && ID=$2 ;; esac
+    op=$3
+    if [ "$1" != "$VERSION" ]; then
+        ERR="unsupported protocol '$(echo "$1" | cut -c 1-40)', this agent speaks $VERSION"
+    elif [ $# -lt 3 ] || [ "$ID" != "$2" ]; then
+        ERR="request is not '$VERSION <id> <op> [key=value ...]'"
+    else
+        case $op in hello | activate | quote) ;; *) ERR="unknown operation '$(echo "$op" | cut -c 1-40)' (known: hello, activate, quote)" ;; esac
+    fi
+    if [ -z "$ERR" ]; then
+        shift 3
+        f_id_object= f_encrypted_secret= f_nonce= f_pcrs= seen=' '
+        for w; do
+            k=${w%%=*}
+            v=${w#*=}
+            case $w in *=*) ;; *) ERR="malformed field '$(echo "$w" | cut -c 1-40)'"; break ;; esac
+            case $k in '' | [!a-z]* | *[!a-z0-9_]*) ERR="malformed field '$(echo "$w" | cut -c 1-40)'"; break ;; esac
+            case $v in *[!A-Za-z0-9+/=:,._-]*) ERR="malformed field '$(echo "$w" | cut -c 1-40)'"; break ;; esac
+            case $seen in *" $k "*) ERR="field '$k' given twice"; break ;; esac
+            seen="$seen$k "
+            case $k in
+            id_object) f_id_object=$v ;;
+            encrypted_secret) f_encrypted_secret=$v ;;
+            nonce) f_nonce=$v ;;
+            pcrs) f_pcrs=$v ;;
+            esac
+        done
+    fi
+    if [ -z "$ERR" ]; then
+        rm -f fields
+        if "op_$op"; then
+            flush_transient
+            { printf '%s %s ok ' "$VERSION" "$ID"; cat fields; echo; } > answer
+            log "$ID $op: ok"
+            return
+        fi
+        flush_transient
+    fi
+    ERR=$(printf '%s' "$ERR" | tr -c ' -~' '?' | cut -c 1-400)
+    printf '%s %s error %s\n' "$VERSION" "$ID" "${ERR:-unspecified error}" > answer
+    log "$ID ${op:-?}: error: $ERR"
+}
+
+# The port reads as end of file while the host end is not connected: close it, wait, open it
+# again. A virtio port takes one opener: read and write on one descriptor.
+# ("command": a failed exec redirection must not end the shell; 4 keeps stderr, as an exec
+# redirection of stderr would last.)
+exec 4>&2
+while :; do
+    command exec 3<> "$PORT" 2> /dev/null
+    opened=$?
+    exec 2>&4
+    if [ $opened -eq 0 ]; then
+        while IFS= read -r line <&3; do
+            line=${line%"$CR"}
+            case $line in *[!\ ]*) ;; *) continue ;; esac    # a blank line has no id to answer
+            handle "$line"
+            cat answer >&3
+        done
+        exec 3<&-
+    fi
+    sleep 1
+done
+GUEST_AGENT
+chmod 0755 root/usr/bin/tvorch-agent
+
 cat > root/init <<'GUEST_INIT'
 #!/bin/sh
 # tvorch test guest, PID 1. Prints a report a host can parse from the serial log,
@@ -299,6 +608,11 @@ echo 1 > /proc/sys/kernel/printk
 say() { echo "TVORCH-GUEST: $*"; }
 
 say "boot $(uname -r)"
+
+# virtio (in dependency order): the attestation channel's virtio-serial and virtio-rng.
+# Loaded first, so the devices probe while the TPM work below runs, and the kernel's
+# random pool is filled before the first tpm2 tool asks for random bytes.
+while read -r m; do insmod /lib/modules/$m 2>/dev/null; done < /lib/modules/virtio.order
 
 # The TPM drivers are built in but may probe late: wait up to 5 s when ACPI
 # describes a TPM (MSFT0101: TPM 2.0 CRB/TIS, PNP0C31: TIS 1.2), else 1 s.
@@ -416,6 +730,42 @@ insmod /lib/modules/button.ko 2>/dev/null
 i=0
 while [ ! -e /dev/input/event0 ] && [ $i -lt 20 ]; do usleep 100000; i=$((i + 1)); done
 acpid -f -d -c /etc/acpi &
+
+# The entropy source the kernel uses ("none" without an rng device: nothing waits on it).
+read -r rng 2>/dev/null < /sys/class/misc/hw_random/rng_current || rng=none
+say "rng ${rng:-none}"
+
+# The attestation agent on the virtio-serial port named org.tvorch.attest.0: its
+# /sys/class/virtio-ports/vportNpM has that name and the device number of /dev/vportNpM
+# (devtmpfs makes the node; mknod when it did not). The host announces its ports just
+# after virtio_console binds: wait for them up to 2 s, if there is a virtio console.
+agent_port() {
+    grep -qsx 0x0003 /sys/bus/virtio/devices/*/device || return 1
+    i=0
+    while :; do
+        for n in /sys/class/virtio-ports/vport*/name; do
+            [ -r "$n" ] && read -r name < "$n" && [ "$name" = org.tvorch.attest.0 ] || continue
+            d=${n%/name}
+            d=${d##*/}
+            if [ ! -c /dev/$d ]; then
+                read -r mm < /sys/class/virtio-ports/$d/dev || return 1
+                mknod /dev/$d c ${mm%%:*} ${mm#*:} || return 1
+            fi
+            echo /dev/$d
+            return 0
+        done
+        [ $i -ge 20 ] && return 1
+        usleep 100000
+        i=$((i + 1))
+    done
+}
+if port=$(agent_port); then
+    say "agent port $port"
+    # It answers forever; should it ever exit, it starts again.
+    (while :; do tvorch-agent "$port"; sleep 1; done) </dev/null >/dev/console 2>&1 &
+else
+    say "agent none"
+fi
 
 say "ready"
 echo "$printk_level" > /proc/sys/kernel/printk
@@ -544,6 +894,10 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
     sep=
     for pkg in "${INITRD_PKGS[@]}"; do printf '%s"%s": "%s"' "$sep" "$pkg" "$(pkgver "$pkg")"; sep=', '; done
     printf '},\n'
+    printf '  "virtio_modules": ['
+    sep=
+    for p in "${VIRTIO_KO[@]}"; do printf '%s"%s"' "$sep" "$p"; sep=', '; done
+    printf '],\n'
     printf '  "cmdline": "%s",\n' "$CMDLINE"
     printf '  "source_date_epoch": %s,\n' "$SOURCE_DATE_EPOCH"
     printf '  "uki_sha256": {"unsigned": "%s", "signed": "%s"},\n' "$(sha uki.efi)" "$(sha uki-signed.efi)"

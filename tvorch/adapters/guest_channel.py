@@ -50,7 +50,10 @@ class GuestChannel:
         """Send one request and return its answer; an `error` answer raises GuestAgentError."""
         assert self._sock is not None, "use GuestChannel as a context manager"
         request_id = secrets.token_hex(6)
-        self._sock.sendall(request_line(request_id, op, **fields))
+        try:
+            self._sock.sendall(request_line(request_id, op, **fields))
+        except OSError as err:
+            raise EvidenceError(f"the guest channel {self.path} failed: {err.strerror or err}") from None
         deadline = time.monotonic() + self.timeout
         while True:
             response = parse_response(self._read_line(deadline, op))

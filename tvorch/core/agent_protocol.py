@@ -28,7 +28,13 @@ breaks), lowercase hex, decimal, or ``-`` for "none". The operations:
     ima=<b64|->``: TPMS_ATTEST and TPMT_SIGNATURE of a TPM2_Quote by the AK
     over the nonce, the PCR values read after it, the firmware event log
     (/sys/kernel/security/tpm0/binary_bios_measurements) and the IMA list
-    (binary_runtime_measurements) when the guest has them.
+    (binary_runtime_measurements) when the guest has them. The reference
+    agents take the PCR values from tpm2_quote's own read right after the quote
+    (the quote's digest decides anyway).
+
+An agent answers a request whose id it cannot read with id ``0``, ignores
+fields an operation does not use, refuses a repeated field, and skips blank
+lines.
 """
 
 from __future__ import annotations
@@ -132,7 +138,7 @@ def parse_pcr_values(value: str) -> tuple[str, dict[int, bytes]]:
     for item in rest.split(","):
         index, sep, digest = item.partition("=")
         try:
-            if not sep:
+            if not sep or int(index) in values:
                 raise ValueError
             values[int(index)] = bytes.fromhex(digest)
         except ValueError:
