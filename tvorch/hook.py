@@ -30,7 +30,7 @@ from .adapters.imagefiles import overlay_problem
 from .adapters.store import Store
 from .adapters.vtpm_state import state_digest
 from .config import Config, load_config
-from .core.canonical import AutoSelectedFirmware, config_digest, firmware_features
+from .core.canonical import autoselection_hint, config_digest
 from .core.metadata import parse_instance_metadata
 from .core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
 from .core.hostverdict import host_problem
@@ -46,15 +46,6 @@ class DeadlineExceeded(Exception):
 
 def _on_alarm(_signum: int, _frame: FrameType | None) -> None:
     raise DeadlineExceeded
-
-
-def _autoselected(record: InstanceRecord, measurements: list[dict]) -> AutoSelectedFirmware | None:
-    features = firmware_features(record.domain_xml)
-    code = next((m["path"] for m in measurements if m["kind"] == "firmware-code"), None)
-    vars_template = next((m["path"] for m in measurements if m["kind"] == "firmware-vars"), None)
-    if features is None or code is None or vars_template is None:
-        return None
-    return AutoSelectedFirmware(features, code, vars_template)
 
 
 def gather(
@@ -83,7 +74,7 @@ def gather(
     return StartEvidence(
         manifest_in_xml=meta_manifest,
         manifest_stored=hashlib.sha256(body).hexdigest(),
-        config_now=config_digest(xml, _autoselected(record, measurements)),
+        config_now=config_digest(xml, autoselection_hint(record.domain_xml, measurements)),
         config_manifest=manifest["config_digest"],
         layers=tuple(layers),
         overlay_problem=overlay_problem(record.overlay, store.overlay_identity(record.id), top),

@@ -72,9 +72,10 @@ working KVM).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
 
 from tvorch.errors import InputError
 
@@ -146,6 +147,17 @@ def canonical_domain(xml: str, autoselected: AutoSelectedFirmware | None = None)
 def config_digest(xml: str, autoselected: AutoSelectedFirmware | None = None) -> str:
     """sha256 hex of ``canonical_domain(xml, autoselected)``."""
     return hashlib.sha256(canonical_domain(xml, autoselected)).hexdigest()
+
+
+def autoselection_hint(defined_xml: str, measurements: list[dict[str, Any]]) -> AutoSelectedFirmware | None:
+    """The hint for XML libvirt re-read after a restart: the features tvorch defined (DEFINED_XML)
+    and the firmware files its launch manifest measured (its ``measurements`` as JSON)."""
+    features = firmware_features(defined_xml)
+    code = next((m["path"] for m in measurements if m["kind"] == "firmware-code"), None)
+    vars_template = next((m["path"] for m in measurements if m["kind"] == "firmware-vars"), None)
+    if features is None or code is None or vars_template is None:
+        return None
+    return AutoSelectedFirmware(features, code, vars_template)
 
 
 def firmware_features(xml: str) -> tuple[tuple[str, str], ...] | None:
