@@ -27,7 +27,7 @@ from .adapters.sdnotify import notify, watchdog_interval
 from .adapters.store import utc_now
 from .config import Config, load_config
 from .core.lifecycle import LifecycleEvent, interpret, is_boot
-from .errors import TvorchError
+from .errors import ConflictError, TvorchError
 from .logs import configure_logging, get_logger
 from .service.node import Node
 
@@ -157,10 +157,19 @@ class Daemon:
             from .service.attest import attest_guest
 
             node = Node(cfg)
+            deadline = time.monotonic() + cfg.guest.agent_timeout
             try:
-                done = attest_guest(node, name, secrets.token_bytes(32))
-                log.info("guest_boot_attested", name=name, **{k: done.summary()[k] for k in ("baseline",
-                                                                                             "differences")})
+                while True:
+                    try:
+                        done = attest_guest(node, name, secrets.token_bytes(32))
+                        break
+                    except ConflictError:  # the launch that started it has not recorded it yet
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(1)
+                summary = done.summary()
+                log.info("guest_boot_attested", name=name, baseline=summary["baseline"],
+                         differences=summary["differences"])
             except TvorchError as err:
                 log.warning("guest_boot_not_attested", name=name, error=str(err))
             finally:

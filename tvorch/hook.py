@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -101,6 +102,26 @@ def _record_stop(cfg: Config, store: Store, record: InstanceRecord, phase: Phase
     return f"vTPM state sha256:{digest}"
 
 
+_UUID = re.compile(r"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
+
+
+def _stripped(cfg: Config, name: str, uuid: re.Match[str] | None, op: str) -> tuple[int, str | None]:
+    """A domain without tvorch metadata that is one of tvorch's instances (its UUID): its metadata was
+    removed, which would otherwise take it past every check. Refused; any other domain passes."""
+    if uuid is None or not cfg.db_path.exists():
+        return ALLOW, None
+    store = Store(cfg.db_path)
+    try:
+        record = store.by_uuid(uuid.group(1).lower())
+        if record is None:
+            return ALLOW, None
+        reason = f"its tvorch metadata was removed (instance {record.id}); configuration changed since launch"
+        store.add_hook_event(record.id, name, op, "refused", (reason,))
+        return REFUSE, f"tvorch: refused to start {name}: {reason}"
+    finally:
+        store.close()
+
+
 _START_OPERATIONS = ("prepare begin", "start begin", "restore begin", "migrate begin", "started begin")
 
 
@@ -111,11 +132,13 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
     if phase is Phase.IGNORED:
         return ALLOW, None
     meta = parse_instance_metadata(xml) if xml.strip() else None
+    op = f"{operation} {sub_operation}"
     if meta is None:
         if phase is Phase.START and cfg.policy.require_tvorch_domains:
             return REFUSE, f"tvorch: refused to start {name}: not launched by tvorch (policy.require_tvorch_domains)"
+        if phase is Phase.START:
+            return _stripped(cfg, name, _UUID.search(xml), op)
         return ALLOW, None
-    op = f"{operation} {sub_operation}"
     store = Store(cfg.db_path)
     try:
         record = store.by_id(meta.instance_id)

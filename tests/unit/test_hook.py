@@ -278,6 +278,19 @@ def test_unknown_instance_is_refused_on_prepare_and_warned_on_reconnect(
     assert "i-canon-efi" in events[1][3]
 
 
+def test_known_instance_with_its_metadata_removed_is_refused(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
+    """Without the metadata the instance would skip every check (and `tvorch start` would lend it its key)."""
+    root = ET.fromstring(node.xml)
+    metadata = root.find("metadata")
+    assert metadata is not None
+    root.remove(metadata)
+    stripped = ET.tostring(root, encoding="unicode")
+    status, line = decide(node, "prepare", "begin", capfd, xml=stripped)
+    assert status == 1 and line is not None and "metadata was removed" in line and INSTANCE in line
+    assert [(e["operation"], e["verdict"]) for e in node.events()] == [("prepare begin", "refused")]
+    assert decide(node, "release", "end", capfd, xml=stripped) == (0, None)  # only starts are refused
+
+
 def test_known_instance_under_another_domain_name_is_refused(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
     """A copy of a tvorch domain defined under a new name must not pass as the original."""
     status, line = decide(node, "prepare", "begin", capfd, name="tvtest-impostor")

@@ -270,3 +270,50 @@ def test_an_interrupted_restore_refuses_the_start():
 
     reasons = start_refusals(dataclasses.replace(clean(), vtpm_pending=True))
     assert reasons == ("a vTPM restore was interrupted and is not settled (`tvorch reconcile` settles it)",)
+
+
+def test_state_with_a_link_or_a_directory_is_refused(tmp_path):
+    """swtpm's user owns the directory: root must not follow a link planted there into the ledger or a backup."""
+    from tvorch.adapters.vtpm_state import UnsafeState
+
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(b"root only")
+    directory = _state(tmp_path, FILES)
+    (directory / "tpm2" / "zz").symlink_to(secret)
+    with pytest.raises(UnsafeState, match="not a regular file"):
+        vtpm_state.state_digest(directory)
+    (directory / "tpm2" / "zz").unlink()
+    (directory / "tpm2" / "sub").mkdir()
+    with pytest.raises(UnsafeState, match="not a regular file"):
+        vtpm_state.read_state(directory)
+
+
+def test_create_new_never_replaces_a_file(tmp_path):
+    from tvorch.adapters.files import create_new
+
+    target = tmp_path / "backup.tar"
+    create_new(target, b"first")
+    assert target.read_bytes() == b"first" and oct(target.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(FileExistsError):
+        create_new(target, b"second")
+    assert target.read_bytes() == b"first"
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError):
+        create_new(tmp_path / "link", b"x")
+    assert not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.tar", "link"]  # no temporary left
+
+
+def test_a_pcr_extended_without_an_event_is_named():
+    from pathlib import Path as P
+
+    from tvorch.core.bundle import replay_problems
+    from tvorch.core.eventlog import parse_event_log, replay
+
+    raw = (P(__file__).resolve().parent.parent / "data" / "eventlogs" / "uefi-crb.bin").read_bytes()
+    pcrs = {i: bytes.fromhex(v) for i, v in replay(parse_event_log(raw), "sha256").items()}
+    pcrs[13] = b"\0" * 32  # quoted, untouched: its reset value
+    pcrs[10] = b"\x01" * 32  # IMA's: judged against its own list, not here
+    assert replay_problems(raw, "sha256", pcrs) == ()
+    pcrs[13] = b"\x01" * 32
+    assert replay_problems(raw, "sha256", pcrs) == ("PCR 13 was extended but the event log has no event for it",)

@@ -51,6 +51,35 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
+def create_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file that must not exist yet, whole or not at all: FileExistsError if PATH exists.
+
+    The bytes go to a fresh temporary name (O_EXCL) and are synced, then
+    hard-linked to PATH, which fails rather than replace anything there.
+    """
+    import tempfile  # here: the hook imports this module and never creates files
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.link(tmp, path, follow_symlinks=False)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def read_bounded(path: str, limit: int) -> bytes:
     """The bytes of PATH, a regular file of at most LIMIT bytes.
 

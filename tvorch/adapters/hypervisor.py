@@ -204,6 +204,10 @@ class Hypervisor:
         finally:
             self.drop_vtpm_secret(secret_uuid)
 
+    def secret_uuids(self) -> set[str]:
+        """The UUIDs of every secret libvirtd holds (one call)."""
+        return set(self._call("list secrets", self._conn.listSecrets))
+
     def drop_vtpm_secret(self, secret_uuid: str) -> None:
         try:
             secret = self._conn.secretLookupByUUIDString(secret_uuid)

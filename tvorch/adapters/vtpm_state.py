@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import stat
 from pathlib import Path
 
 from ..core.ledger import state_digest_of
+from ..errors import TrustError
 
 TPM2_DIR = "tpm2"
 STAGED_PREFIX = "tpm2.staged-"
@@ -34,18 +36,35 @@ def tpm2_dir(instance_dir: Path) -> Path:
     return instance_dir / TPM2_DIR
 
 
+class UnsafeState(TrustError):
+    """The state directory holds something swtpm never writes (a link, a directory, a device)."""
+
+
 def read_state(instance_dir: Path) -> dict[str, bytes] | None:
-    """The state files {name: content}; None when there is no state."""
+    """The state files {name: content}; None when there is no state.
+
+    swtpm runs as the swtpm user, who owns this directory: everything in it
+    is read without following links (root reading a planted link would carry
+    another file into the ledger, a backup, a restore), and anything but a
+    regular file is refused.
+    """
     try:
-        paths = sorted(p for p in tpm2_dir(instance_dir).iterdir() if p.is_file() and p.name not in _IGNORED)
+        entries = sorted(os.scandir(tpm2_dir(instance_dir)), key=lambda e: e.name)
     except FileNotFoundError:
         return None
     files = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            files[path.name] = f.read(_MAX_STATE_FILE + 1)
-        if len(files[path.name]) > _MAX_STATE_FILE:
-            raise OSError(f"{path} is larger than a vTPM state file can be")
+    for entry in entries:
+        if entry.name in _IGNORED:
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise UnsafeState(f"{entry.path} is not a regular file; a vTPM state holds only files")
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UnsafeState(f"{entry.path} is not a regular file; a vTPM state holds only files")
+            files[entry.name] = f.read(_MAX_STATE_FILE + 1)
+        if len(files[entry.name]) > _MAX_STATE_FILE:
+            raise UnsafeState(f"{entry.path} is larger than a vTPM state file can be")
     return files or None
 
 

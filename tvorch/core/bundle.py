@@ -369,15 +369,27 @@ def _check_guest_quote(ctx: _Context) -> str:
 def replay_problems(eventlog: bytes, bank: str, pcrs: Mapping[int, bytes]) -> tuple[str, ...]:
     """What keeps EVENTLOG from holding together with quoted PCRS of BANK: empty when it replays to them.
 
-    Every PCR the log extends must be quoted and equal the log's replay (PCRs
-    the log never touches, like IMA's 10, are not judged here). EvidenceError
-    for a log that does not parse.
+    Every PCR the log extends must be quoted and equal the log's replay; a
+    quoted PCR the log never extends must still hold its reset value (else
+    something was measured that the log does not show), except IMA's PCR 10,
+    whose list is carried apart. EvidenceError for a log that does not parse.
     """
     replayed = replay(parse_event_log(eventlog), bank)
     problems = [f"PCR {pcr} does not match the event log's replay"
                 for pcr in replayed if pcr in pcrs and pcrs[pcr].hex() != replayed[pcr]]
     problems += [f"PCR {pcr} is in the event log but not quoted" for pcr in replayed if pcr not in pcrs]
+    problems += [f"PCR {pcr} was extended but the event log has no event for it"
+                 for pcr, value in sorted(pcrs.items())
+                 if pcr not in replayed and pcr != IMA_PCR and value != _reset_value(pcr, len(value))]
     return tuple(problems)
+
+
+IMA_PCR = 10
+
+
+def _reset_value(pcr: int, size: int) -> bytes:
+    """A PCR's value after TPM2_Startup(CLEAR): all ones for the DRTM PCRs 17-22, zeros otherwise."""
+    return (b"\xff" if 17 <= pcr <= 22 else b"\x00") * size
 
 
 def _check_eventlog(ctx: _Context) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,12 +90,15 @@ def channel_path(cfg: Config, record: InstanceRecord) -> Path:
 
 def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = None) -> GuestAttestation:
     """Ask the guest agent for a quote over NONCE and verify it; certify its AK first when it is new."""
-    from .instances import show as show_instance  # instances builds on the vTPM service, not on this one
-
     cfg = node.cfg
-    record = show_instance(node, validate_name(name))
-    if record.state is not InstanceState.RUNNING:
-        raise ConflictError(f"refused attestation of '{name}': it is {record.state.value}, not running")
+    record = node.store.get_live(validate_name(name))
+    # libvirt's word, not written back: this may run beside a start or stop that holds the name's lock.
+    hv = node.hypervisor
+    live = hv.state(name) if hv.domain_uuid(name) == record.uuid else None
+    if record.state is InstanceState.LAUNCHING or live is not InstanceState.RUNNING:
+        shown = record.state.value if record.state is InstanceState.LAUNCHING else (
+            live.value if live else "not defined in libvirt")
+        raise ConflictError(f"refused attestation of '{name}': it is {shown}, not running")
     vtpm = node.store.vtpm(record.id)
     if vtpm is None:
         raise NotFoundError(f"instance '{name}' has no vTPM record (launched before tvorch manufactured vTPMs)")
@@ -106,8 +110,9 @@ def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = No
         ak_public = hello.data("ak_public")
         answer = channel.call("quote", nonce=nonce.hex(), pcrs=pcr_list(cfg.guest.bank, cfg.guest.pcrs))
     bank, pcr_values = parse_pcr_values(answer.text("pcrs"))
-    if bank != cfg.guest.bank:
-        raise EvidenceError(f"the guest agent quoted the {bank} bank, not {cfg.guest.bank}")
+    if bank != cfg.guest.bank or sorted(pcr_values) != sorted(set(cfg.guest.pcrs)):
+        raise EvidenceError(f"the guest agent quoted {pcr_list(bank, tuple(pcr_values))}, not the "
+                            f"{pcr_list(cfg.guest.bank, tuple(cfg.guest.pcrs))} asked for")
     evidence = GuestEvidence(bank=bank, pcrs=pcr_values, attest=answer.data("attest"),
                              signature=answer.data("signature"), ak_public=ak_public,
                              eventlog=answer.data("eventlog"), ima=answer.b64("ima", optional=True))
@@ -195,12 +200,16 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         host_quote = None
     baseline = node.store.guest_baseline(record.id)
     identity = node_identity(node.cfg)
+    verdict = node.store.latest_host_verdict()
+    if verdict is not None and time.time() - verdict.at_epoch > node.cfg.host.verdict_max_age:
+        log.warning("stale_host_verdict", at=verdict.at, max_age=node.cfg.host.verdict_max_age)
+        verdict = None  # the bundle says there is none fresh; verify fails its host check
     bundle = build_bundle(
         nonce=nonce, instance_id=record.id, name=record.name, uuid=record.uuid, hostname=socket.gethostname(),
         signing_key=identity.signing_key, signing_cert=identity.signing_cert, ca_cert=identity.ca_cert,
         manifest=manifest, ek_cert=x509.load_der_x509_certificate(vtpm.ek_cert),
         ak_certification=guest.ak_certification, guest=guest.evidence,
-        baseline_eventlog=baseline[0] if baseline else None, host_verdict=node.store.latest_host_verdict(),
+        baseline_eventlog=baseline[0] if baseline else None, host_verdict=verdict,
         host_quote=host_quote, created_at=datetime.now(timezone.utc),
     )
     return bundle, guest

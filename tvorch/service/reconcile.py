@@ -75,7 +75,7 @@ def reconcile(node: Node, holding: str | None = None) -> list[str]:
             if ours:
                 _refresh(node, record.id, done)
     _sweep_overlays(node, {d.instance_id for d in domains if d.instance_id}, done)
-    for line in vtpm.settle_all(node):
+    for line in vtpm.settle_all(node, holding) + vtpm.drop_stale_secrets(node, holding):
         _note(done, line)
     known = {r.id for r in records}
     for d in domains:

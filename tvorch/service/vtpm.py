@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..adapters import vtpm_state
-from ..adapters.files import atomic_write, read_bounded
-from ..adapters.locks import instance_lock
+from ..adapters.files import create_new, read_bounded
+from ..adapters.locks import instance_lock, try_instance_lock
 from ..adapters.store import utc_now
 from ..adapters.vtpm_manufacture import manufacture, swtpm_version
 from ..config import Config
@@ -45,6 +45,7 @@ from ..core.instance import InstanceRecord, InstanceState
 from ..core.ledger import LedgerEntry, broken_link
 from ..core.ekcert import verify_ek_certificate
 from ..core.manifest import Measurement
+from ..core.metadata import parse_instance_metadata
 from ..core.platformcert import verify_platform_certificate
 from ..core.vtpm import KeyProtection, LedgerEvent, VtpmRecord, check_key, key_check_value, new_state_key
 from ..core.vtpm_backup import backup_header, sign_backup, verify_backup
@@ -55,7 +56,7 @@ from ..core.vtpm_escrow import (
     load_escrow_public_key,
     public_key_fingerprint,
 )
-from ..errors import ConflictError, InputError, NotFoundError, TpmError, TrustError, TvorchError
+from ..errors import ConflictError, HostError, InputError, NotFoundError, TpmError, TrustError, TvorchError
 from ..faults import crash_point
 from ..logs import get_logger
 from .manifests import node_identity
@@ -150,15 +151,21 @@ def remove_state(node: Node, record: InstanceRecord) -> bool:
 def unlocked(node: Node, record: InstanceRecord) -> Iterator[None]:
     """Around a start: finish an interrupted restore, unseal the key, lend it to libvirt for the start."""
     vtpm = node.store.vtpm(record.id)
-    if vtpm is None or not vtpm.encrypted:
-        yield  # launched before tvorch kept vTPM records, or state in clear
+    if vtpm is None:
+        yield  # launched before tvorch kept vTPM records
         return
     settle(node, record)
+    if not vtpm.encrypted:
+        yield  # state in clear: libvirt needs nothing from tvorch
+        return
     if vtpm.sealed_key is None or vtpm.secret_uuid is None:
         raise ConflictError(f"the vTPM of '{record.name}' was purged; it cannot start again")
+    _require_own_domain(node, record)
+    from ..adapters.tpm import SealedKeyLocked
+
     try:
         key = check_key(_unseal(node.cfg, vtpm.sealed_key), vtpm.key_check, "the host TPM")
-    except TpmError as err:
+    except SealedKeyLocked as err:
         node.store.add_event(record.id, "vtpm-unseal-refused", str(err))
         raise TrustError(
             f"start of '{record.name}' refused: its vTPM key does not unseal: {err}; if the host's firmware or "
@@ -166,6 +173,33 @@ def unlocked(node: Node, record: InstanceRecord) -> Iterator[None]:
         ) from None
     with node.hypervisor.vtpm_secret(vtpm.secret_uuid, f"tvorch-vtpm-{record.id}", key):
         yield
+
+
+def _require_own_domain(node: Node, record: InstanceRecord) -> None:
+    """The key is lent only to the domain tvorch defined: libvirt's definition must still name this
+    instance and its manifest (a domain stripped of its metadata would pass the hook unchecked)."""
+    meta = parse_instance_metadata(node.hypervisor.domain_xml(record.name, inactive=True))
+    body = node.store.manifest(record.id)
+    if meta is None or meta.instance_id != record.id or body is None \
+            or meta.manifest_digest != hashlib.sha256(body).hexdigest():
+        node.store.add_event(record.id, "vtpm-key-withheld", "libvirt's definition no longer names this instance")
+        raise TrustError(f"start of '{record.name}' refused: libvirt's definition of it no longer carries its "
+                         "tvorch metadata and manifest; the vTPM key is not lent to it")
+
+
+def drop_stale_secrets(node: Node, holding: str | None = None) -> list[str]:
+    """Remove vTPM secrets a start killed half-way left in libvirtd (the key would stay lent)."""
+    lent = node.hypervisor.secret_uuids()
+    done = []
+    for record in node.store.list_instances():
+        vtpm = node.store.vtpm(record.id) if lent else None
+        if vtpm is None or vtpm.secret_uuid not in lent or record.name == holding:
+            continue
+        with try_instance_lock(Path(node.cfg.state_dir), record.name) as got:
+            if got:  # no start of it at work: nothing should hold its key
+                node.hypervisor.drop_vtpm_secret(vtpm.secret_uuid)
+                done.append(f"{record.name}: removed its vTPM secret left in libvirt by an interrupted start")
+    return done
 
 
 # -- records ------------------------------------------------------------------
@@ -241,16 +275,24 @@ def settle(node: Node, record: InstanceRecord) -> str | None:
     return line
 
 
-def settle_all(node: Node) -> list[str]:
-    """Settle every instance with an operation pending or a staged directory left (reconciliation)."""
+def settle_all(node: Node, holding: str | None = None) -> list[str]:
+    """Settle every instance with an operation pending or a staged directory left (reconciliation).
+
+    HOLDING names an instance whose lock the caller holds; any other instance
+    whose lock is busy (a start, a stop, a restore at work) is left for the
+    next reconciliation rather than waited for.
+    """
     done = []
     for record in node.store.list_instances():
         if record.state in (InstanceState.FAILED, InstanceState.LAUNCHING):
             continue
         if node.store.vtpm_pending(record.id) is None and not _has_staged(node.cfg, record):
             continue
-        with instance_lock(Path(node.cfg.state_dir), record.name):
+        if record.name == holding:
             line = settle(node, record)
+        else:
+            with try_instance_lock(Path(node.cfg.state_dir), record.name) as got:
+                line = settle(node, record) if got else None
         if line:
             done.append(line)
     return done
@@ -277,8 +319,9 @@ def _stopped(node: Node, name: str, what: str) -> InstanceRecord:
 
 def backup(node: Node, name: str, dest: Path) -> dict[str, Any]:
     """Write the stopped instance's vTPM state, with a header signed by the node key, to DEST (a new file)."""
+    exists = ConflictError(f"refused backup to {dest}: it exists; a backup never overwrites a file")
     if dest.exists() or dest.is_symlink():
-        raise ConflictError(f"refused backup to {dest}: it exists; a backup never overwrites a file")
+        raise exists
     if not dest.parent.is_dir():
         raise InputError(f"refused backup to {dest}: {dest.parent} is not a directory")
     with instance_lock(Path(node.cfg.state_dir), name):
@@ -299,7 +342,12 @@ def backup(node: Node, name: str, dest: Path) -> dict[str, Any]:
             _add_member(tar, HEADER_MEMBER, sign_backup(header, identity.signing_key))
             for file_name, content in sorted(files.items()):
                 _add_member(tar, STATE_PREFIX + file_name, content)
-        atomic_write(dest, buf.getvalue())
+        try:
+            create_new(dest, buf.getvalue())
+        except FileExistsError:
+            raise exists from None
+        except OSError as err:
+            raise InputError(f"refused backup to {dest}: {err.strerror or err}") from None
         node.store.complete_vtpm_change(record.id, LedgerEvent.BACKUP.value, header.state_digest, f"to {dest}")
     return {"name": name, "backup": str(dest), "state_digest": header.state_digest, "files": sorted(files)}
 
@@ -327,7 +375,11 @@ def restore(node: Node, name: str, src: Path) -> dict[str, Any]:
         before = vtpm_state.state_digest(directory)
         if before is None:
             raise NotFoundError(f"instance '{name}' has no vTPM state on disk to replace")
-        staged = vtpm_state.stage_state(directory, files, node.cfg.vtpm.swtpm_user, secrets.token_hex(4))
+        try:
+            staged = vtpm_state.stage_state(directory, files, node.cfg.vtpm.swtpm_user, secrets.token_hex(4))
+        except OSError as err:
+            vtpm_state.sweep_staged(directory)
+            raise HostError(f"cannot stage the restored vTPM state in {directory}: {err.strerror or err}") from None
         node.store.set_vtpm_pending(record.id, {"op": "restore", "from": before, "to": header.state_digest,
                                                 "source": str(src)})
         crash_point("restore-staged")
