@@ -272,20 +272,19 @@ def test_an_interrupted_restore_refuses_the_start():
     assert reasons == ("a vTPM restore was interrupted and is not settled (`tvorch reconcile` settles it)",)
 
 
-def test_state_with_a_link_or_a_directory_is_refused(tmp_path):
+def test_state_is_never_read_through_a_link(tmp_path):
     """swtpm's user owns the directory: root must not follow a link planted there into the ledger or a backup."""
-    from tvorch.adapters.vtpm_state import UnsafeState
-
     secret = tmp_path / "secret.key"
     secret.write_bytes(b"root only")
     directory = _state(tmp_path, FILES)
     (directory / "tpm2" / "zz").symlink_to(secret)
-    with pytest.raises(UnsafeState, match="not a regular file"):
-        vtpm_state.state_digest(directory)
-    (directory / "tpm2" / "zz").unlink()
-    (directory / "tpm2" / "sub").mkdir()
-    with pytest.raises(UnsafeState, match="not a regular file"):
-        vtpm_state.read_state(directory)
+    assert vtpm_state.read_state(directory) == FILES  # the link is not state
+    # A state file swapped for a link to an older copy is missing from the digest: not the ledger's.
+    old = tmp_path / "old-permall"
+    old.write_bytes(FILES["tpm2-00.permall"])
+    (directory / "tpm2" / "tpm2-00.permall").unlink()
+    (directory / "tpm2" / "tpm2-00.permall").symlink_to(old)
+    assert vtpm_state.state_digest(directory) != state_digest_of(FILES)
 
 
 def test_create_new_never_replaces_a_file(tmp_path):

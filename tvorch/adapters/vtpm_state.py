@@ -43,10 +43,11 @@ class UnsafeState(TrustError):
 def read_state(instance_dir: Path) -> dict[str, bytes] | None:
     """The state files {name: content}; None when there is no state.
 
-    swtpm runs as the swtpm user, who owns this directory: everything in it
-    is read without following links (root reading a planted link would carry
-    another file into the ledger, a backup, a restore), and anything but a
-    regular file is refused.
+    swtpm runs as the swtpm user, who owns this directory, and writes only
+    regular files there: only those are read, never through a link (root
+    following a planted link would carry another file into the ledger, a
+    backup, a restore). Anything else is left out, so a state file replaced
+    by a link is missing from the digest, which then differs from the ledger.
     """
     try:
         entries = sorted(os.scandir(tpm2_dir(instance_dir)), key=lambda e: e.name)
@@ -57,7 +58,7 @@ def read_state(instance_dir: Path) -> dict[str, bytes] | None:
         if entry.name in _IGNORED:
             continue
         if not entry.is_file(follow_symlinks=False):
-            raise UnsafeState(f"{entry.path} is not a regular file; a vTPM state holds only files")
+            continue
         fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
