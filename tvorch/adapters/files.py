@@ -28,27 +28,37 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
         raise ConfigError(f"cannot create directory {path}: {err.strerror}") from None
 
 
+def write_synced(fd: int, data: bytes, mode: int = 0o600) -> None:
+    """All of DATA to FD, with MODE whatever the umask, and fsync."""
+    os.fchmod(fd, mode)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename, link or unlink in directory PATH durable."""
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write, fsync, rename, fsync the directory: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_synced(fd, data, mode)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def create_new(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -61,11 +71,7 @@ def create_new(path: Path, data: bytes, mode: int = 0o600) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_synced(fd, data, mode)
         os.close(fd)
         fd = -1
         os.link(tmp, path, follow_symlinks=False)
@@ -73,11 +79,7 @@ def create_new(path: Path, data: bytes, mode: int = 0o600) -> None:
         if fd >= 0:
             os.close(fd)
         os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def read_bounded(path: str, limit: int) -> bytes:

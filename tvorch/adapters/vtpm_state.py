@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from ..core.ledger import state_digest_of
+from .files import fsync_dir, write_synced
 from ..errors import TrustError
 
 TPM2_DIR = "tpm2"
@@ -80,17 +81,14 @@ def stage_state(instance_dir: Path, files: dict[str, bytes], owner: str, tag: st
     staged = instance_dir / f"{STAGED_PREFIX}{tag}"
     os.mkdir(staged, 0o700)
     for name, content in files.items():
-        fd = os.open(staged / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(staged / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_synced(fd, content)
         finally:
             os.close(fd)
     hand_over(staged, owner)
-    _fsync_dir(staged)
-    _fsync_dir(instance_dir)
+    fsync_dir(staged)
+    fsync_dir(instance_dir)
     return staged
 
 
@@ -105,7 +103,7 @@ def exchange(instance_dir: Path, staged: Path) -> None:
                       _RENAME_EXCHANGE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"renameat2(RENAME_EXCHANGE) of {staged}: {os.strerror(err)}")
-    _fsync_dir(instance_dir)
+    fsync_dir(instance_dir)
 
 
 def sweep_staged(instance_dir: Path) -> list[Path]:
@@ -129,11 +127,3 @@ def hand_over(path: Path, owner: str) -> None:
         return
     for item in [path, *path.iterdir()]:
         os.chown(item, user.pw_uid, user.pw_gid, follow_symlinks=False)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
