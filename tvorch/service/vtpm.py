@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..adapters import vtpm_state
-from ..adapters.files import create_new, read_bounded
+from ..adapters.files import create_new, ensure_private_dir, read_bounded
 from ..adapters.locks import instance_lock, try_instance_lock
 from ..adapters.store import utc_now
 from ..adapters.vtpm_manufacture import manufacture, swtpm_version
@@ -109,7 +109,10 @@ def manufacture_for_launch(node: Node, record: InstanceRecord, keys: Keys, secre
     """Make the instance's vTPM where libvirt will look for it, record it, and return its manifest entry."""
     cfg = node.cfg
     directory = instance_dir(cfg, record)
-    directory.mkdir(mode=0o711, exist_ok=True)  # as libvirt makes it: swtpm (tss) must traverse it
+    # libvirt makes <swtpm_state_dir> (0711, root) only the first time it runs a vTPM
+    # itself; a new node has none. swtpm (tss) must traverse both levels.
+    ensure_private_dir(directory.parent, 0o711)
+    ensure_private_dir(directory, 0o711)
     os.chmod(directory, 0o711)
     made = manufacture(vtpm_state.tpm2_dir(directory), Path(cfg.state_dir), record.id, cfg.vtpm.swtpm_user,
                        key=keys.key)
