@@ -27,7 +27,7 @@ EOF
         echo "demo: wrote $CONFIG (a swtpm stands in for the missing host TPM)"
     fi
     if grep -q 'port=2321' "$CONFIG" && ! (exec 3<>/dev/tcp/127.0.0.1/2321) 2>/dev/null; then
-        mkdir -p -m 0700 "$STANDIN"
+        install -d -m 0700 "$(dirname "$STANDIN")" "$STANDIN"   # tvorch's state_dir: 0700, as tvorch makes it
         swtpm socket --tpm2 --server type=tcp,port=2321,bindaddr=127.0.0.1 \
             --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 --flags not-need-init,startup-clear \
             --tpmstate dir="$STANDIN" --pid file="$STANDIN/swtpm.pid" --daemon

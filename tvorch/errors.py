@@ -7,6 +7,8 @@ the user sees; anything else is a bug and shows a traceback only under
 
 from __future__ import annotations
 
+import linecache
+import re
 from enum import IntEnum
 
 
@@ -26,6 +28,8 @@ class ExitCode(IntEnum):
     TRUST_REFUSED = 12  # a measurement, signature or manifest did not verify or is not trusted
     EVIDENCE = 13  # an event log, IMA log or quote is malformed
     TPM = 14  # the TPM refused or failed a command (the TPM response code is kept)
+    FILE = 15  # a file or directory could not be created, read or written (path and operation named)
+    UNHEALTHY = 16  # `tvorch status`: the daemon is not running, its heartbeat is stale, or libvirt is lost
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
@@ -95,3 +99,32 @@ class TpmError(TvorchError):
     def __init__(self, message: str, rc: int | None = None) -> None:
         super().__init__(message if rc is None else f"{message} (TPM rc 0x{rc:x})")
         self.rc = rc
+
+
+# The call on the failing source line says what was tried; the first match wins.
+_OPERATIONS = (
+    (re.compile(r"\b(mkdir|makedirs)\("), "create directory"),
+    (re.compile(r"\b(replace|rename)\("), "rename"),
+    (re.compile(r"\b(unlink|rmdir|rmtree|remove)\("), "remove"),
+    (re.compile(r"\b(chmod|fchmod)\("), "change the mode of"),
+    (re.compile(r"\b(chown|fchown)\("), "change the owner of"),
+    (re.compile(r"\b(link|symlink)\("), "link"),
+    (re.compile(r"\b(copy\w*|copyfile)\("), "copy"),
+    (re.compile(r"\b(write\w*|fsync)\("), "write"),
+    (re.compile(r"\b(read\w*)\("), "read"),
+    (re.compile(r"\b(open|mkstemp)\("), "open"),
+    (re.compile(r"\b(stat|lstat|exists|is_dir|is_file)\("), "look up"),
+)
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line naming the path and the operation that failed, from the error and where it was raised."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ""
+    operation = next((op for pattern, op in _OPERATIONS if pattern.search(line)), "use")
+    path = err.filename if err.filename is not None else "a file"
+    target = f" -> {err.filename2}" if err.filename2 is not None else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"cannot {operation} {path}{target}: {reason}"

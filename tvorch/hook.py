@@ -36,7 +36,7 @@ from .core.metadata import parse_instance_metadata
 from .core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
 from .core.hostverdict import host_problem
 from .core.instance import InstanceRecord
-from .errors import StoreError, TvorchError
+from .errors import StoreError, TvorchError, describe_os_error
 
 ALLOW, REFUSE = 0, 1
 
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             ": refusing the start" if fail else "")
     except TvorchError as err:
         status, line = fail, f"tvorch: hook error: {err}"
+    except OSError as err:
+        status, line = fail, f"tvorch: hook error: {describe_os_error(err)}"
     except Exception as err:  # a bug must not let an unchecked start through
         status, line = fail, f"tvorch: hook internal error: {type(err).__name__}: {err}"
     finally:

@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from ..errors import ExitCode, TvorchError
+from ..errors import ExitCode, TvorchError, describe_os_error
 from . import attest, evidence, gate, host, ima, instances, node, trust, vtpm  # noqa: F401  (they register their commands)
 from .group import cli
 
@@ -37,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         # One line instead of click's usage block.
         click.echo(f"tvorch: error: {' '.join(err.format_message().split())}", err=True)
         return int(ExitCode.USAGE)
+    except OSError as err:  # a file or directory tvorch could not use: say which, and what was tried
+        if debug:
+            traceback.print_exc()
+        click.echo(f"tvorch: error: {describe_os_error(err)}", err=True)
+        return int(ExitCode.FILE)
     except Exception as err:  # a bug: say so in one line unless debugging
         if debug:
             traceback.print_exc()
         click.echo(f"tvorch: internal error: {type(err).__name__}: {err} (run with --debug for details)", err=True)
         return int(ExitCode.FAILURE)
     return int(ExitCode.OK)
+
