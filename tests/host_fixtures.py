@@ -22,7 +22,7 @@ from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import open_tpm
 from tvorch.config import parse_config
 from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log
-from tvorch.core.ima import boot_aggregate_entry, ima_ng_entry, to_binary
+from tvorch.core.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
 from tvorch.service.host import must_measure
 
 EVENTLOG = Path(__file__).resolve().parent / "data" / "eventlogs" / "uefi-crb.bin"
@@ -64,11 +64,12 @@ def host_settings(root: Path, tcti: str) -> str:
 
 
 @contextmanager
-def simulated_host(root: Path, config_text: str | None = None) -> Iterator[Host]:
+def simulated_host(root: Path, config_text: str | None = None, boot_aggregate: bytes | None = None) -> Iterator[Host]:
     """A host whose TPM measured EVENTLOG and an IMA list, with its AK made (`tvorch host init`).
 
     CONFIG_TEXT: a config holding the line `tcti = "<anything>"` in its [host]
     table, which is replaced by this host's settings; default, a config of its own.
+    BOOT_AGGREGATE: the IMA list's first digest; default, the kernel's (of PCRs 0-9).
     """
     with running_swtpm(root / "tpm") as tcti:
         config = root / "tvorch.toml"
@@ -82,8 +83,10 @@ def simulated_host(root: Path, config_text: str | None = None) -> Iterator[Host]
             for event in parse_event_log(EVENTLOG.read_bytes()).events:
                 if event.event_type != EV_NO_ACTION:
                     tpm.extend(event.pcr, {"sha256": bytes.fromhex(event.digests["sha256"])})
+            boot_pcrs = tpm.read_pcrs(boot_aggregate_pcrs("sha256"))
         node = Host(root, config, tcti, root / "ima.bin", [])
-        node.measure(boot_aggregate_entry(b"\x00" * 32))
+        # What the kernel measures first: the digest of the boot PCRs as IMA starts.
+        node.measure(boot_aggregate_entry(boot_aggregate or boot_aggregate_digest(boot_pcrs, "sha256")))
         for path in must_measure(parse_config(config.read_bytes())):
             node.measure(ima_ng_entry(path, sha256(Path(path).read_bytes())))
         proc = node.run("host", "init")

@@ -43,6 +43,7 @@ from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import open_tpm
 from tvorch.core.akcert import check_ak_public, make_credential
 from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log
+from tvorch.core.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
 from tvorch.core.quote import HostQuote, ak_name, verify_quote
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,10 @@ HOST_LOG = DATA / "eventlogs" / "uefi-tis.bin"
 FIXTURE = DATA / "attestation" / "evidence.json"
 NONCE = hashlib.sha256(b"tenant nonce").digest()
 GUEST_PCRS = list(range(12))  # every PCR the log touches (0-7, 9, 11) and untouched 8 and 10
-HOST_PCRS = list(range(8))
+HOST_PCRS = list(range(11))  # the boot PCRs, 8-9 (IMA's boot_aggregate covers 0-9) and IMA's 10
+# What the host's IMA measured after boot_aggregate (the host's PCR 10 is extended with each, as the kernel does).
+HOST_IMA_FILES = (("/usr/bin/qemu-system-x86_64", b"qemu"), ("/usr/bin/swtpm", b"swtpm"),
+                  ("/usr/sbin/libvirtd", b"libvirtd"))
 AK_ATTRIBUTES = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
                  | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
 
@@ -154,9 +158,14 @@ def make_evidence(base: Path, nonce: bytes = NONCE) -> Evidence:
         for event in parse_event_log(HOST_LOG.read_bytes()).events:
             if event.event_type != EV_NO_ACTION and event.pcr in HOST_PCRS:
                 tpm.extend(event.pcr, {"sha256": bytes.fromhex(event.digests["sha256"])})
+        ima = [boot_aggregate_entry(boot_aggregate_digest(tpm.read_pcrs(boot_aggregate_pcrs("sha256")), "sha256"))]
+        ima += [ima_ng_entry(path, hashlib.sha256(data).digest()) for path, data in HOST_IMA_FILES]
+        for entry in ima:
+            tpm.extend(10, {"sha256": hashlib.sha256(entry.template_data).digest()})
         raw = tpm.quote(ak, nonce, HOST_PCRS)
     host = HostQuote(nonce=nonce, bank="sha256", pcrs=raw.pcr_values, attest=raw.attest, signature=raw.signature,
-                     ak_public=ak.public, ak_pem=ak.pem.decode("ascii"), eventlog=HOST_LOG.read_bytes(), ima_log=None)
+                     ak_public=ak.public, ak_pem=ak.pem.decode("ascii"), eventlog=HOST_LOG.read_bytes(),
+                     ima_log=to_binary(ima))
     return Evidence(ek_public, ak_public, attest, signature, pcrs, host, activated)
 
 

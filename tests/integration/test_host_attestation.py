@@ -48,7 +48,8 @@ def test_quote_file_verifies_and_carries_the_logs(host: Host):
     host.json("host", "quote", "--nonce", "00112233445566778899aabbccddeeff", "--out", str(out))
     doc = json.loads(out.read_text())
     assert doc["nonce"] == "00112233445566778899aabbccddeeff"
-    assert sorted(map(int, doc["pcrs"])) == [0, 1, 2, 3, 4, 5, 6, 7, 10]
+    # host.pcrs (0-7 and 10), and 8-9 because IMA's boot_aggregate covers them.
+    assert sorted(map(int, doc["pcrs"])) == list(range(11))
     assert doc["eventlog"] and doc["ima_log"]
     expected = replay(parse_event_log(EVENTLOG.read_bytes()), "sha256", range(8))
     assert {int(i): v for i, v in doc["pcrs"].items() if int(i) < 8} == expected
@@ -78,6 +79,21 @@ def test_changed_boot_and_unknown_program_are_all_listed(host: Host):
     assert "PCR 4: event log replays" in text  # the log no longer explains the PCR
     assert "/opt/evil/miner" in text
     assert host.json("host", "status")["passed"] is False
+
+
+def test_a_boot_aggregate_that_is_not_the_quoted_boot_pcrs_fails(host: Host, tmp_path: Path):
+    """An IMA list whose first entry does not hash the quoted PCRs 0-9 is not this boot's (issue #12)."""
+    policy = host.root / "host-policy.json"
+    assert host.run("host", "baseline", "--out", str(policy)).returncode == 0
+    with simulated_host(tmp_path / "other", boot_aggregate=sha256(b"another boot")) as other:
+        proc = other.run("host", "baseline", "--out", str(other.root / "host-policy.json"))
+        assert proc.returncode == 12 and "boot_aggregate" in proc.stderr, proc.stderr
+        # Same boot PCRs and files as HOST: HOST's reviewed policy fits it but for boot_aggregate.
+        (other.root / "host-policy.json").write_bytes(policy.read_bytes())
+        assert other.run("host", "attest").returncode == 12
+        failures = other.json("host", "status")["failures"]
+        assert len(failures) == 1 and failures[0].startswith(
+            f"IMA: boot_aggregate {sha256(b'another boot').hex()[:16]}... is not the digest of the quoted PCRs 0-9")
 
 
 def test_garbled_logs_are_failures_not_crashes(host: Host):

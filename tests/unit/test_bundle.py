@@ -38,6 +38,7 @@ from tvorch.core.bundle import (
 from tvorch.core.ekcert import ek_fingerprint, issue_ek_certificate
 from tvorch.core.eventlog import parse_event_log
 from tvorch.core.hostverdict import HostVerdict
+from tvorch.core.ima import boot_aggregate_entry, parse_ima_list, replay_ima, to_binary
 from tvorch.core.manifest import (
     LaunchManifest,
     Measurement,
@@ -46,15 +47,16 @@ from tvorch.core.manifest import (
 )
 from tvorch.core.quote import HostQuote, ak_name
 from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
-from tvorch.errors import EvidenceError
+from tvorch.errors import EvidenceError, InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FIXTURE = json.loads((DATA / "attestation" / "evidence.json").read_text())
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 INSTANCE = ("i-0123456789ab", "vm1", "0f8fad5b-d9cb-469f-a165-70867728950e")
 OTHER_INSTANCE = ("i-ba9876543210", "vm2", "11111111-2222-3333-4444-555555555555")
-CHECKS = ["format", "node certificate", "bundle signature", "launch manifest", "vTPM EK certificate",
+CHECKS = ["format", "node certificate", "bundle signature", "bundle age", "launch manifest", "vTPM EK certificate",
           "AK certification", "guest quote", "guest event log", "baseline", "host"]
+MAX_HOST_AGE = 900  # host.verdict_max_age's default, what `tvorch verify` uses unless told
 
 
 def b64(data: bytes) -> str:
@@ -129,8 +131,10 @@ class Pieces:
         args.update(changes)
         return build_bundle(**args)
 
-    def verify(self, data: bytes, ca: x509.Certificate | None = None, nonce: bytes | None = None) -> BundleReport:
-        return verify_bundle(data, ca or self.ca_cert, self.nonce if nonce is None else nonce, NOW)
+    def verify(self, data: bytes, ca: x509.Certificate | None = None, nonce: bytes | None = None,
+               at: datetime = NOW, **options: Any) -> BundleReport:
+        options.setdefault("max_host_age", MAX_HOST_AGE)
+        return verify_bundle(data, ca or self.ca_cert, self.nonce if nonce is None else nonce, at, **options)
 
     def resign(self, doc: dict[str, Any]) -> bytes:
         """DOC signed again with the node key, as a node that lies would."""
@@ -154,8 +158,10 @@ def make_pieces(fixture: dict[str, Any]) -> Pieces:
         ),
         ek_cert=ek_certificate(ca_key, ca_cert, rsa_key(ek_public)),
         host_quote=HostQuote.from_json(fixture["host_quote"]),
+        # Judged on a quote of the same host state (the daemon's, over a nonce of its own).
         host_verdict=HostVerdict(at="2025-03-01T11:55:00.000+00:00", at_epoch=NOW.timestamp() - 300, passed=True,
-                                 failures=(), policy_digest="e" * 64, quote_json="{}"),
+                                 failures=(), policy_digest="e" * 64,
+                                 quote_json=json.dumps({**fixture["host_quote"], "nonce": "ab" * 32})),
         baseline=(DATA / "eventlogs" / "uefi-tis.bin").read_bytes(),  # the first boot: the same events
     )
 
@@ -171,7 +177,7 @@ def valid(pieces: Pieces) -> bytes:
 
 
 def failing(report: BundleReport) -> dict[str, str]:
-    return {c.name: c.detail for c in report.checks if not c.passed}
+    return {c.name: c.detail for c in report.failures()}
 
 
 def doc_of(data: bytes) -> dict[str, Any]:
@@ -197,13 +203,14 @@ def test_the_bundle_is_canonical_json_in_the_documented_shape(pieces: Pieces, va
     assert canonical_json(doc) == valid
     assert list(doc) == sorted(["format", "version", "created_at", "nonce", "instance", "node", "manifest", "vtpm",
                                 "ak_certification", "guest", "baseline", "host", "signature"])
-    assert (doc["format"], doc["version"], doc["nonce"]) == ("tvorch-evidence", 1, pieces.nonce.hex())
+    assert (doc["format"], doc["version"], doc["nonce"]) == ("tvorch-evidence", 2, pieces.nonce.hex())
     assert doc["created_at"] == "2025-03-01T12:00:00.000+00:00"
     assert doc["instance"] == {"id": INSTANCE[0], "name": INSTANCE[1], "uuid": INSTANCE[2]}
     assert set(doc["guest"]) == {"bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima"}
     assert doc["guest"]["ima"] is None and doc["baseline"]["verdict"]["matches"] is True
     assert doc["host"]["verdict"] == {"passed": True, "failures": [], "at": "2025-03-01T11:55:00.000+00:00",
-                                      "policy_digest": "e" * 64}
+                                      "policy_digest": "e" * 64, "bank": "sha256",
+                                      "pcrs": FIXTURE["host_quote"]["pcrs"]}
     assert HostQuote.from_json(doc["host"]["quote"]) == pieces.host_quote
 
 
@@ -250,7 +257,9 @@ Mutation = Callable[[dict[str, Any], Pieces], None]
 
 # (what, change to the parsed bundle, the checks that then fail although the bundle is signed again)
 ALTERATIONS: list[tuple[str, Mutation, set[str]]] = [
-    ("created_at", lambda d, p: d.update(created_at="2025-03-02T12:00:00.000+00:00"), set()),
+    ("created_at", lambda d, p: d.update(created_at="2025-03-01T11:58:00.000+00:00"), set()),
+    ("created_at in the future", lambda d, p: d.update(created_at="2025-03-02T12:00:00.000+00:00"),
+     {"bundle age", "host"}),
     ("nonce", lambda d, p: d.update(nonce="00" * 32), {"guest quote"}),
     ("instance", lambda d, p: d["instance"].update(uuid=OTHER_INSTANCE[2]),
      {"launch manifest", "vTPM EK certificate", "AK certification"}),
@@ -440,7 +449,7 @@ def test_a_failed_host_verdict_lists_its_failures(pieces: Pieces) -> None:
 
 
 def test_expired_certificates_fail_at_the_verifiers_time(pieces: Pieces, valid: bytes) -> None:
-    later = verify_bundle(valid, pieces.ca_cert, pieces.nonce, NOW + timedelta(days=365 * 6))
+    later = pieces.verify(valid, at=NOW + timedelta(days=365 * 6))
     assert "expired" in {c.name: c.detail for c in later.checks}["node certificate"]
     assert not later.passed
 
@@ -468,15 +477,16 @@ MALFORMED: list[tuple[str, Callable[[bytes], bytes], str]] = [
 ]
 MALFORMED_FIELDS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("format", swap(["format"], "tvorch-vtpm-backup"), "not a tvorch-evidence bundle"),
-    ("version", swap(["version"], 2), "bundle version 2 is not 1"),
-    ("boolean version", swap(["version"], True), "bundle version True is not 1"),
+    ("version", swap(["version"], 1), "bundle version 1 is not 2"),
+    ("boolean version", swap(["version"], True), "bundle version True is not 2"),
     ("missing field", swap(["host"], KeyError), "missing ['host']"),
     ("unknown field", swap(["extra"], 1), "unknown ['extra']"),
     ("bad base64", swap(["guest", "attest"], "not base64!"), "'guest.attest' is not valid base64"),
     ("bad hex", swap(["nonce"], "xyz"), "'nonce' is not valid hex"),
     ("number for string", swap(["instance", "id"], 7), "'instance.id' is not a non-empty string"),
-    ("pcr index", swap(["guest", "pcrs", "24"], "00" * 32), "index '24', not a PCR 0-23"),
-    ("pcr size", swap(["guest", "pcrs", "4"], "00" * 20), "'guest.pcrs.4' is not a sha256 digest"),
+    ("pcr index", swap(["guest", "pcrs", "24"], "00" * 32), "'guest.pcrs': PCR index '24' is not a number 0-23"),
+    ("pcr size", swap(["guest", "pcrs", "4"], "00" * 20), "'guest.pcrs': PCR 4 is not a sha256 digest"),
+    ("pcr hex", swap(["guest", "pcrs", "4"], "zz" * 32), "'guest.pcrs': PCR 4 is not a sha256 digest"),
     ("unknown bank", swap(["guest", "bank"], "md5"), "unknown PCR bank 'md5'"),
     ("verdict type", swap(["host", "verdict", "passed"], "yes"), "'host.verdict.passed' is not a boolean"),
     ("created_at", swap(["created_at"], "2025-03-01T13:00:00+01:00"), "'created_at' is not a UTC ISO-8601 time"),
@@ -520,3 +530,145 @@ def test_malformed_inner_evidence_fails_its_own_check_in_one_line(pieces: Pieces
     assert "host quote version 9" in details["host"]
     assert details["guest event log"].startswith("event log: event 0")
     assert all("\n" not in d for d in details.values())
+
+
+# --- skipped checks (`tvorch verify --skip-check NAME`) ------------------------------
+
+def test_a_skipped_check_is_shown_as_skipped_never_as_passed(pieces: Pieces) -> None:
+    data = pieces.bundle(host_verdict=None, host_quote=None)  # a node without measured boot
+    assert not pieces.verify(data).passed
+    report = pieces.verify(data, skip=["host"])
+    assert report.passed and report.failures() == ()
+    host = {c.name: c for c in report.checks}["host"]
+    assert (host.result, host.passed, host.skipped) == ("skipped", False, True)
+    assert host.detail == "not counted (skipped by the verifier); it fails: no host evidence"
+    assert "host                 SKIPPED  not counted" in report.table()
+    doc = report.to_json()
+    assert doc["passed"] is True and doc["skipped"] == ["host"]
+    assert {"name": "host", "result": "skipped", "passed": False, "detail": host.detail} in doc["checks"]
+    # A skipped check that would pass is still not shown as passed.
+    host = {c.name: c for c in pieces.verify(pieces.bundle(), skip=["host"]).checks}["host"]
+    assert (host.result, host.passed) == ("skipped", False) and "it passes: host verdict passed" in host.detail
+
+
+def test_skipping_one_check_does_not_excuse_another(pieces: Pieces) -> None:
+    data = pieces.bundle(host_verdict=None, host_quote=None)
+    report = pieces.verify(data, nonce=hashlib.sha256(b"another nonce").digest(), skip=["host"])
+    assert not report.passed and set(failing(report)) == {"guest quote"}
+
+
+def test_an_unknown_check_name_is_refused_naming_the_valid_ones(pieces: Pieces, valid: bytes) -> None:
+    with pytest.raises(InputError) as err:
+        pieces.verify(valid, skip=["host", "hots"])
+    message = str(err.value)
+    assert message.startswith("no check named 'hots': the checks are 'node certificate', 'bundle signature'")
+    assert all(f"'{name}'" in message for name in CHECKS[1:]) and "'format'" not in message
+    with pytest.raises(InputError):
+        pieces.verify(b"not even JSON", skip=["format"])  # refused before the bundle is read
+
+
+# --- the bundle's age and the host verdict's ------------------------------------------
+
+def test_the_bundle_age_is_shown_and_bounded_by_max_age(pieces: Pieces, valid: bytes) -> None:
+    later = NOW + timedelta(hours=2)
+    report = pieces.verify(valid, at=later)  # any age without a maximum, but shown
+    assert report.passed and report.created_at == "2025-03-01T12:00:00.000+00:00"
+    assert {c.name: c.detail for c in report.checks}["bundle age"] == (
+        "made at 2025-03-01T12:00:00.000+00:00, 7200 s before the verifier's time (no maximum age given)")
+    assert report.to_json()["created_at"] == "2025-03-01T12:00:00.000+00:00"
+    assert failing(pieces.verify(valid, at=later, max_age=3600)) == {"bundle age": (
+        "made at 2025-03-01T12:00:00.000+00:00, 7200 s before the verifier's time: older than the maximum age "
+        "of 3600 s")}
+    assert pieces.verify(valid, at=later, max_age=7200).passed
+
+
+def test_a_bundle_made_after_the_verifiers_time_fails_its_age(pieces: Pieces) -> None:
+    ahead = pieces.bundle(created_at=NOW + timedelta(seconds=200))
+    assert pieces.verify(ahead, max_age=10).passed  # two clocks differ a little
+    ahead = pieces.bundle(created_at=NOW + timedelta(hours=1))
+    report = pieces.verify(ahead, max_host_age=7200)
+    assert failing(report) == {"bundle age": "made at 2025-03-01T13:00:00.000+00:00, 3600 s after the verifier's "
+                                             "time (more than the 300 s two clocks may differ by)"}
+
+
+def test_the_host_verdict_age_is_bounded(pieces: Pieces, valid: bytes) -> None:
+    # The fixture's verdict is 300 s older than the bundle.
+    assert failing(pieces.verify(valid, max_host_age=299)) == {"host": (
+        "the host verdict (2025-03-01T11:55:00.000+00:00) is 300 s older than the bundle, more than the maximum "
+        "host verdict age of 300 s".replace("of 300 s", "of 299 s"))}
+    assert pieces.verify(valid, max_host_age=300).passed
+    later = dataclasses.replace(pieces.host_verdict, at="2025-03-01T12:00:01.000+00:00")
+    assert failing(pieces.verify(pieces.bundle(host_verdict=later))) == {"host": (
+        "the host verdict (2025-03-01T12:00:01.000+00:00) is dated after the bundle "
+        "(2025-03-01T12:00:00.000+00:00)")}
+
+
+# --- the host verdict is bound to the host quote's PCR values ------------------------
+
+def verdict_over(pieces: Pieces, **pcrs: str) -> HostVerdict:
+    """The fixture's passing verdict, but judged on a quote whose PCRs (by number) had other values."""
+    judged = {**FIXTURE["host_quote"], "pcrs": {**FIXTURE["host_quote"]["pcrs"], **{k[1:]: v for k, v in pcrs.items()}}}
+    return dataclasses.replace(pieces.host_verdict, quote_json=json.dumps(judged))
+
+
+def test_a_verdict_made_over_other_pcr_values_is_refused(pieces: Pieces) -> None:
+    """A passing verdict from before a boot change, bundled with a fresh quote of the changed host."""
+    report = pieces.verify(pieces.bundle(host_verdict=verdict_over(pieces, p4="ab" * 32)))
+    quoted = FIXTURE["host_quote"]["pcrs"]["4"]
+    assert failing(report) == {"host": "the host verdict was made over other PCR values than the host quote's: "
+                                       f"PCR 4 (verdict abababababababab..., quote {quoted[:16]}...)"}
+
+
+def test_a_verdict_over_other_pcrs_or_another_bank_is_refused(pieces: Pieces) -> None:
+    judged = json.loads(pieces.host_verdict.quote_json)
+    del judged["pcrs"]["8"], judged["pcrs"]["9"]
+    verdict = dataclasses.replace(pieces.host_verdict, quote_json=json.dumps(judged))
+    assert failing(pieces.verify(pieces.bundle(host_verdict=verdict))) == {"host": (
+        "the host verdict was judged on PCRs 0,1,2,3,4,5,6,7,10, the host quote covers 0,1,2,3,4,5,6,7,8,9,10")}
+    doc = doc_of(pieces.bundle())
+    doc["host"]["verdict"].update(bank="sha1", pcrs={"0": "00" * 20})
+    assert failing(pieces.verify(pieces.resign(doc))) == {
+        "host": "the host verdict was judged on the sha1 bank, the host quote is of sha256"}
+
+
+def test_a_verdict_on_an_earlier_ima_list_of_the_same_boot_passes(pieces: Pieces) -> None:
+    """IMA's PCR 10 grows after the verdict: the fresh quote's list must pass through the verdict's value."""
+    entries = parse_ima_list(pieces.host_quote.ima_log or b"")
+    earlier = replay_ima(entries[:2]).hex()
+    report = pieces.verify(pieces.bundle(host_verdict=verdict_over(pieces, p10=earlier)))
+    assert report.passed, report.table()
+    report = pieces.verify(pieces.bundle(host_verdict=verdict_over(pieces, p10="cd" * 32)))
+    assert failing(report) == {
+        "host": "the host verdict was made over a PCR 10 the host quote's IMA list never reached"}
+
+
+def test_the_host_ima_list_must_replay_and_start_with_the_quoted_boot_aggregate(pieces: Pieces) -> None:
+    detail = {c.name: c.detail for c in pieces.verify(pieces.bundle()).checks}["host"]
+    assert detail.endswith("; 4 IMA measurements replay to PCR 10, boot_aggregate is the quoted PCRs 0-9")
+    entries = list(parse_ima_list(pieces.host_quote.ima_log or b""))
+    forged = dataclasses.replace(pieces.host_quote, ima_log=to_binary([boot_aggregate_entry(bytes(32)), *entries[1:]]))
+    assert failing(pieces.verify(pieces.bundle(host_quote=forged))) == {
+        "host": "the host's IMA list does not replay to the quoted PCR 10"}
+
+
+# --- PCR keys that are no PCR: one line, "malformed" (exit 13), never an exception ---------------
+
+@pytest.mark.parametrize("key", ["²", "٣", "1" * 5000, "07", " 7", "-1", "24", ""])
+def test_a_pcr_key_that_is_no_pcr_is_malformed(pieces: Pieces, valid: bytes, key: str) -> None:
+    doc = doc_of(valid)
+    doc["guest"]["pcrs"][key] = "00" * 32
+    report = pieces.verify(pieces.resign(doc))
+    assert [(c.name, c.passed) for c in report.checks] == [("format", False)] and report.malformed
+    assert "'guest.pcrs': PCR index" in report.checks[0].detail and len(report.checks[0].detail) < 200
+    doc = doc_of(valid)
+    doc["host"]["verdict"]["pcrs"][key] = "00" * 32
+    assert "'host.verdict.pcrs': PCR index" in pieces.verify(pieces.resign(doc)).checks[0].detail
+    doc = doc_of(valid)
+    doc["host"]["quote"]["pcrs"][key] = "00" * 32
+    report = pieces.verify(pieces.resign(doc))
+    assert set(failing(report)) == {"host"} and report.malformed
+    assert "host quote: PCR index" in failing(report)["host"] and len(failing(report)["host"]) < 200
+
+
+def test_a_failed_check_on_good_evidence_is_not_malformed(pieces: Pieces, valid: bytes) -> None:
+    assert not pieces.verify(valid, nonce=hashlib.sha256(b"another nonce").digest()).malformed

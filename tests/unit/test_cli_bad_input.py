@@ -4,6 +4,7 @@ The config points libvirt at a socket that does not exist, so a refusal that
 happened only after reaching libvirt would show up as exit code 7 instead.
 """
 
+import json
 import subprocess
 
 import pytest
@@ -158,6 +159,16 @@ def test_unknown_instance(capsys, node_dirs):
         (["attest", "vm1", "--nonce", "00ff"], ExitCode.INVALID_INPUT, "give 8 to 64 bytes"),
         (["verify", "missing.json", "--ca", "ca.pem", "--nonce", "00" * 16], ExitCode.INVALID_INPUT, "cannot read"),
         (["verify", "b.json", "--ca", "ca.pem", "--nonce", "zz"], ExitCode.INVALID_INPUT, "not hex"),
+        (["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16, "--skip-check", "hots"],
+         ExitCode.INVALID_INPUT, "no check named 'hots': the checks are 'node certificate', 'bundle signature'"),
+        (["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16, "--max-age", "5x"], ExitCode.USAGE,
+         "not a duration"),
+        (["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16, "--max-host-age", "0"], ExitCode.USAGE,
+         "not a duration"),
+        (["verify", ".", "--ca", "ca.pem", "--nonce", "00" * 16], ExitCode.INVALID_INPUT,
+         "cannot read .: a directory, not a regular file"),
+        (["verify", "/dev/null", "--ca", "ca.pem", "--nonce", "00" * 16], ExitCode.INVALID_INPUT,
+         "cannot read /dev/null: not a regular file"),
         (["vtpm", "restore", "vm1", "missing.tar"], ExitCode.INVALID_INPUT, "does not exist"),
         (["vtpm", "show", "a/b"], ExitCode.INVALID_INPUT, "letters, digits"),
         (["baseline", "accept", "vm1"], ExitCode.USAGE, "--reason"),
@@ -170,7 +181,7 @@ def test_attestation_and_vtpm_refusals(capsys, node_dirs, monkeypatch, args, cod
 
 
 def test_verify_refuses_a_file_that_is_not_a_bundle(capsys, node_dirs, monkeypatch):
-    """A garbled bundle is a failed `format` check, exit 12, never a traceback."""
+    """A garbled bundle is a failed `format` check, exit 13 (malformed evidence), never a traceback."""
     from datetime import datetime, timezone
 
     from cryptography.hazmat.primitives import serialization
@@ -181,7 +192,18 @@ def test_verify_refuses_a_file_that_is_not_a_bundle(capsys, node_dirs, monkeypat
     _, ca_cert = make_ca("test CA", datetime.now(timezone.utc))
     (node_dirs / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     (node_dirs / "b.json").write_text('{"format": "something else"}')
-    assert main(["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16]) == ExitCode.TRUST_REFUSED
+    assert main(["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16]) == ExitCode.EVIDENCE
     out, err = capsys.readouterr()
     assert "format" in out and "FAIL" in out
     assert err.strip().splitlines() == [err.strip()] and err.startswith("tvorch: error: evidence bundle b.json failed")
+    # A PCR key int() refuses (issue #13: it was an "internal error"): the same one line, the same code.
+    from tests.unit.test_bundle import FIXTURE, make_pieces
+
+    valid = make_pieces(FIXTURE).bundle()
+    for key in ("²", "1" * 5000):
+        bundle = json.loads(valid)
+        bundle["guest"]["pcrs"][key] = "00" * 32
+        (node_dirs / "b.json").write_text(json.dumps(bundle))
+        assert main(["verify", "b.json", "--ca", "ca.pem", "--nonce", "00" * 16]) == ExitCode.EVIDENCE
+        out, err = capsys.readouterr()
+        assert err.strip().splitlines() == [err.strip()] and "malformed evidence" in err

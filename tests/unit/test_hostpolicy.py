@@ -74,6 +74,8 @@ def test_policy_file_round_trip_and_is_stable():
     (lambda d: d.pop("ima"), "top level"),
     (lambda d: d.update(version=2), "version"),
     (lambda d: d["pcrs"].update({"24": A}), "pcrs.24"),
+    (lambda d: d["pcrs"].update({"²": A}), "pcrs.²"),  # str.isdigit, but int() refuses it
+    (lambda d: d["pcrs"].update({"1" * 5000: A}), "pcrs." + "1" * 24),  # more digits than int() takes
     (lambda d: d["pcrs"].update({"1": "XYZ"}), "pcrs.1"),
     (lambda d: d["ima"]["allowlist"].update({"/x": "abc"}), "ima.allowlist./x"),
     (lambda d: d["ima"].update(required="/usr/bin/swtpm"), "ima.required"),

@@ -27,6 +27,8 @@ from tvorch.core.ima import (
     bad_template_hashes,
     boot_aggregate_digest,
     boot_aggregate_entry,
+    boot_aggregate_pcrs,
+    boot_aggregate_problem,
     check_allowlist,
     exclude_matcher,
     find_boot_aggregate,
@@ -319,6 +321,25 @@ def test_boot_aggregate_helpers():
         boot_aggregate_digest({i: bytes(32) for i in range(8)}, "sha256")
     agg = boot_aggregate_entry(boot_aggregate_digest(pcrs, "sha256"))
     assert (agg.path, agg.file_digest_algo) == ("boot_aggregate", "sha256")
+
+
+def test_boot_aggregate_is_checked_against_the_quoted_boot_pcrs():
+    """The kernel's rule (ima_calc_boot_aggregate_tfm): PCRs 0-9 in sha256 (and other banks), 0-7 in sha1."""
+    assert boot_aggregate_pcrs("sha256") == tuple(range(10)) and boot_aggregate_pcrs("sha1") == tuple(range(8))
+    pcrs = {i: sha256(bytes([i])) for i in range(11)}
+    good = [boot_aggregate_entry(sha256(b"".join(pcrs[i] for i in range(10)))), ima_ng_entry("/bin/sh", sha256(b"sh"))]
+    assert boot_aggregate_problem(good, "sha256", pcrs) is None
+    # PCRs 8-9 are part of it: a kernel or command line that changed them changes it.
+    assert boot_aggregate_problem(good, "sha256", {**pcrs, 9: sha256(b"another kernel")}).startswith(
+        f"boot_aggregate {good[0].file_digest.hex()[:16]}... is not the digest of the quoted PCRs 0-9 (")
+    assert boot_aggregate_problem([boot_aggregate_entry(bytes(32)), *good[1:]], "sha256", pcrs) is not None
+    assert boot_aggregate_problem(good[1:], "sha256", pcrs) == "the IMA list does not start with boot_aggregate"
+    assert boot_aggregate_problem(good, "sha256", {i: pcrs[i] for i in range(8)}) == (
+        "boot_aggregate cannot be checked: the quote does not cover PCRs 8, 9")
+    sha1_agg = boot_aggregate_entry(hashlib.sha1(b"".join(bytes(20) for _ in range(8))).digest())
+    assert boot_aggregate_problem([sha1_agg], "sha256", pcrs) == (
+        "boot_aggregate is a sha1 digest, not over the quoted sha256 PCRs")
+    assert boot_aggregate_problem([sha1_agg], "sha1", {i: bytes(20) for i in range(8)}) is None
 
 
 # --- allowlist -------------------------------------------------------------------------------------

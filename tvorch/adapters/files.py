@@ -89,11 +89,16 @@ def read_bounded(path: str, limit: int) -> bytes:
     in securityfs, like the IMA list, report a size of 0).
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # every error names PATH (not None, nor the descriptor)
+            raise IsADirectoryError(21, "a directory, not a regular file", path) if stat.S_ISDIR(mode) else \
+                OSError(22, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(21, "not a regular file") if stat.S_ISDIR(os.fstat(fd).st_mode) else OSError(
-                22, "not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise OSError(27, f"larger than {limit} bytes")
+        raise OSError(27, f"larger than {limit} bytes", path)
     return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import TrustError
+from ..errors import EvidenceError, TrustError
 from .common import Context, emit, json_option, pass_ctx, write_output
 from .group import cli
 
@@ -37,20 +37,55 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
         raise TrustError(f"{name}: this boot differs from its baseline: {'; '.join(summary['differences'])}")
 
 
+class Duration(click.ParamType):
+    """Seconds, or a number with a unit: 90, 90s, 15m, 2h, 7d."""
+
+    name = "duration"
+    _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        number, unit = text.rstrip("smhd"), text[len(text.rstrip("smhd")):]
+        if not (number.isascii() and number.isdecimal() and len(number) <= 9 and unit in self._UNITS) \
+                or int(number) == 0:
+            self.fail(f"{str(value)[:40]!r} is not a duration: give seconds, or a number with s, m, h or d "
+                      "(90, 15m, 2h, 7d)", param, ctx)
+        return int(number) * self._UNITS[unit]
+
+
 @cli.command()
 @click.argument("bundle", metavar="BUNDLE")
 @click.option("--ca", required=True, metavar="CA.pem", help="The node CA certificate (`tvorch ca show --pem`).")
 @click.option("--nonce", required=True, metavar="HEX", help="The nonce given to `tvorch attest`.")
 @click.option("--uuid", metavar="UUID", help="The VM the bundle must be about (its libvirt UUID).")
+@click.option("--max-age", type=Duration(), metavar="DURATION",
+              help="Refuse a bundle made longer ago than this (90, 15m, 2h; default: any age, shown).")
+@click.option("--max-host-age", type=Duration(), metavar="DURATION",
+              help="Refuse a host verdict this much older than the bundle (default: the default of "
+                   "host.verdict_max_age; verify reads no config).")
+@click.option("--skip-check", "skip", multiple=True, metavar="NAME",
+              help="Report this check as SKIPPED and do not count it (repeatable), e.g. host on a node "
+                   "without measured boot.")
 @json_option
-def verify(bundle: str, ca: str, nonce: str, uuid: str | None, as_json: bool) -> None:
-    """Check every link of an evidence bundle offline; exit 0 only if all pass. Reads no config or state."""
+def verify(bundle: str, ca: str, nonce: str, uuid: str | None, max_age: int | None, max_host_age: int | None,
+           skip: tuple[str, ...], as_json: bool) -> None:
+    """Check every link of an evidence bundle offline; exit 0 only if every check not skipped passes.
+
+    Reads no config or state. Exit 13 when the bundle or evidence in it does not parse, 12 when a check fails.
+    """
+    from ..config import HostAttestation
     from ..service.attest import parse_nonce, verify_file
 
-    report = verify_file(bundle, ca, parse_nonce(nonce), uuid)
+    if max_host_age is None:
+        max_host_age = HostAttestation.verdict_max_age  # the default, not this machine's config
+    report = verify_file(bundle, ca, parse_nonce(nonce), uuid, max_age=max_age, max_host_age=max_host_age,
+                         skip=skip)
     emit(as_json, report.to_json(), report.table)
     if not report.passed:
-        raise TrustError(f"evidence bundle {bundle} failed: {', '.join(c.name for c in report.failures())}")
+        failed = f"evidence bundle {bundle} failed: {', '.join(c.name for c in report.failures())}"
+        raise EvidenceError(f"{failed} (malformed evidence)") if report.malformed else TrustError(failed)
 
 
 @cli.group()

@@ -12,7 +12,7 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
 
     {
       "format": "tvorch-evidence",
-      "version": 1,
+      "version": 2,
       "created_at": "2025-03-01T12:00:00.000+00:00",      # UTC, when the node made it
       "nonce": "<hex>",                                    # the verifier's nonce, quoted by guest and host
       "instance": {"id": "i-...", "name": "vm1", "uuid": "<libvirt UUID>"},
@@ -31,7 +31,8 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
                 "ima": "<base64 of the IMA list>" | null},   # carried, not yet checked
       "baseline": {"eventlog": "<base64 of the first boot's event log>" | null,
                    "verdict": <core.guest_baseline BaselineVerdict.to_json()> | null},
-      "host": {"verdict": {"passed": true, "failures": [...], "at": "<UTC>", "policy_digest": "<hex>"} | null,
+      "host": {"verdict": {"passed": true, "failures": [...], "at": "<UTC>", "policy_digest": "<hex>",
+                           "bank": "sha256", "pcrs": {"0": "<hex>", ...}} | null,   # of the quote it judged
                "quote": <core.quote HostQuote.to_json(), over the same nonce> | null},
       "signature": "<base64 DER ECDSA-P256-SHA256 by the node signing key over the canonical JSON
                     of every other field>"
@@ -48,6 +49,8 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
 - "node certificate": the signing certificate chains to the verifier's CA
   (ECDSA P-256, digitalSignature, documentSigning), valid at the time given.
 - "bundle signature": the node signing key signed everything else.
+- "bundle age": shows created_at; fails when it is more than CLOCK_SKEW after
+  the verifier's time, or older than the verifier's maximum age if given.
 - "launch manifest": verifies with the CA and names this instance (id, uuid).
 - "vTPM EK certificate": an EK certificate the CA issued, whose sha256 (and
   EK fingerprint) is the manifest's ``vtpm-ek`` measurement.
@@ -58,11 +61,17 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
   each such PCR is quoted), naming each PCR that does not.
 - "baseline": with a baseline event log, the boot matches it event by event
   (recomputed; each difference described) and the node's verdict says the same.
-- "host": a passing host verdict, and a host quote over the same nonce.
+- "host": a passing host verdict at most the verifier's maximum host age
+  older than the bundle; a host quote over the same nonce; the verdict judged
+  on the same bank, PCRs and values as that quote (PCR 10 aside, whose IMA
+  list must pass through the verdict's value); the quote's IMA list replays
+  to its PCR 10 and starts with the boot_aggregate of its PCRs 0-9.
 
 A check whose premise did not verify (say, the AK certification when the node
 certificate does not chain to the CA) fails saying "not checked: ..." rather
 than trusting it. The host's AK is vouched for only by the bundle signature.
+A verifier may skip checks by name: they still run, are reported as skipped
+with what they found, and do not count.
 """
 
 from __future__ import annotations
@@ -85,6 +94,14 @@ from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
 from tvorch.core.eventlog import parse_event_log, replay
 from tvorch.core.guest_baseline import compare
 from tvorch.core.hostverdict import HostVerdict
+from tvorch.core.ima import (
+    IMA_PCR,
+    ImaReplay,
+    boot_aggregate_pcrs,
+    boot_aggregate_problem,
+    parse_ima_list,
+    replay_until,
+)
 from tvorch.core.manifest import (
     LaunchManifest,
     _no_duplicate_keys,
@@ -94,17 +111,19 @@ from tvorch.core.manifest import (
     verify_manifest,
 )
 from tvorch.core.quote import (
-    MAX_PCR,
     HostQuote,
     ak_fingerprint,
     digest_size,
+    pcr_values,
     verify_quote,
 )
 from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
-from tvorch.errors import TrustError, TvorchError
+from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
 
 BUNDLE_FORMAT = "tvorch-evidence"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: the host verdict names the bank and PCR values it was judged on
+# How far the node's clock may run ahead of the verifier's before a bundle "made in the future" is refused.
+CLOCK_SKEW = 300
 
 _TOP = ("format", "version", "created_at", "nonce", "instance", "node", "manifest", "vtpm", "ak_certification",
         "guest", "baseline", "host", "signature")
@@ -113,7 +132,7 @@ _NODE = ("hostname", "signing_cert_pem", "ca_pem")
 _GUEST = ("bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima")
 _BASELINE = ("eventlog", "verdict")
 _HOST = ("verdict", "quote")
-_HOST_VERDICT = ("passed", "failures", "at", "policy_digest")
+_HOST_VERDICT = ("passed", "failures", "at", "policy_digest", "bank", "pcrs")
 
 
 @dataclass(frozen=True)
@@ -131,37 +150,56 @@ class GuestEvidence:
 
 @dataclass(frozen=True)
 class Check:
+    """One check's result. A skipped check (the verifier's --skip-check) never counts as passed:
+    ``passed`` is False and ``detail`` says what the check found all the same."""
+
     name: str
     passed: bool
     detail: str
+    skipped: bool = False
+    malformed: bool = False  # failed because evidence did not parse (exit 13 rather than 12)
+
+    @property
+    def result(self) -> str:
+        return "skipped" if self.skipped else "pass" if self.passed else "fail"
 
 
 @dataclass(frozen=True)
 class BundleReport:
-    """Every check's result; the bundle is good only if all passed."""
+    """Every check's result; the bundle is good only if every check not skipped passed."""
 
     checks: tuple[Check, ...]
     instance_id: str | None = None  # as the bundle names it (None when it is malformed)
     uuid: str | None = None
     hostname: str | None = None
+    created_at: str | None = None  # the node's time of making it, as the bundle says
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        counted = [c for c in self.checks if not c.skipped]
+        return bool(counted) and all(c.passed for c in counted)
+
+    @property
+    def malformed(self) -> bool:
+        """Some failing check failed on evidence that does not parse (the bundle itself, a quote, a log)."""
+        return any(c.malformed for c in self.failures())
 
     def failures(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.passed)
+        return tuple(c for c in self.checks if not c.passed and not c.skipped)
 
     def table(self) -> str:
-        """Aligned columns: check, PASS/FAIL, detail."""
-        rows = [("check", "result", "detail")] + [(c.name, "PASS" if c.passed else "FAIL", c.detail)
-                                                  for c in self.checks]
+        """Aligned columns: check, PASS/FAIL/SKIPPED, detail."""
+        rows = [("check", "result", "detail")] + [(c.name, c.result.upper(), c.detail) for c in self.checks]
         width = max(len(r[0]) for r in rows)
-        return "\n".join(f"{name:<{width}}  {result:<6}  {detail}".rstrip() for name, result, detail in rows)
+        result_width = max(len(r[1]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {result:<{result_width}}  {detail}".rstrip()
+                         for name, result, detail in rows)
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "instance_id": self.instance_id, "uuid": self.uuid, "hostname": self.hostname,
-                "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks]}
+                "created_at": self.created_at, "skipped": [c.name for c in self.checks if c.skipped],
+                "checks": [{"name": c.name, "result": c.result, "passed": c.passed, "detail": c.detail}
+                           for c in self.checks]}
 
 
 # --- building -----------------------------------------------------------------------
@@ -190,7 +228,9 @@ def build_bundle(
 
     The baseline verdict is computed here from BASELINE_EVENTLOG and the
     guest's event log (on BASELINE_PCRS, default all), so it always says what
-    the logs say. HOST_QUOTE must be over NONCE.
+    the logs say. HOST_QUOTE must be over NONCE. HOST_VERDICT carries the PCR
+    values of the quote it was judged on, which ``verify_bundle`` holds
+    against HOST_QUOTE's.
     """
     if signing_cert.public_key() != signing_key.public_key():
         raise TrustError(f"the signing key does not match certificate '{signing_cert.subject.rfc4514_string()}'")
@@ -223,13 +263,22 @@ def build_bundle(
         "host": {
             "verdict": None if host_verdict is None else {
                 "passed": host_verdict.passed, "failures": list(host_verdict.failures), "at": host_verdict.at,
-                "policy_digest": host_verdict.policy_digest,
+                "policy_digest": host_verdict.policy_digest, **_judged_pcrs(host_verdict),
             },
             "quote": None if host_quote is None else host_quote.to_json(),
         },
     }
     signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
     return canonical_json({**body, "signature": _b64(signature)})
+
+
+def _judged_pcrs(verdict: HostVerdict) -> dict[str, Any]:
+    """The bank and PCR values of the host quote VERDICT was judged on, as the bundle carries them."""
+    try:
+        judged = HostQuote.from_json(json.loads(verdict.quote_json))
+    except (ValueError, RecursionError):
+        raise EvidenceError(f"the host verdict of {verdict.at} does not carry the quote it was judged on") from None
+    return {"bank": judged.bank, "pcrs": {str(i): judged.pcrs[i].hex() for i in sorted(judged.pcrs)}}
 
 
 # --- verifying ----------------------------------------------------------------------
@@ -244,6 +293,7 @@ class _Bundle:
 
     body: dict[str, Any]  # every field but "signature", as parsed
     signature: bytes
+    created_at: datetime
     nonce: bytes
     instance_id: str
     name: str
@@ -261,7 +311,7 @@ class _Bundle:
     eventlog: bytes
     baseline_eventlog: bytes | None
     baseline_verdict: dict[str, Any] | None
-    host_verdict: dict[str, Any] | None
+    host_verdict: dict[str, Any] | None  # as parsed; "pcrs" as dict[int, bytes], "at" as a datetime
     host_quote: dict[str, Any] | None
 
 
@@ -273,27 +323,52 @@ class _Context:
     ca: x509.Certificate
     nonce: bytes
     at: datetime
+    max_age: float | None
+    max_host_age: float
     node_cert: x509.Certificate | None = None
     manifest: LaunchManifest | None = None
     ek_cert: x509.Certificate | None = None
 
 
-def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime) -> BundleReport:
-    """Run every check of the bundle in DATA against CA, NONCE and the time AT; never raises for bad DATA."""
+def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime, *, max_host_age: float,
+                  max_age: float | None = None, skip: Iterable[str] = ()) -> BundleReport:
+    """Run every check of the bundle in DATA against CA, NONCE and the time AT; never raises for bad DATA.
+
+    MAX_AGE (seconds) bounds the bundle's age at AT (None: any age, shown);
+    MAX_HOST_AGE how much older than the bundle its host verdict may be. The
+    checks named in SKIP still run, but are reported as skipped and do not
+    count; a name that is no check is an InputError naming the valid ones.
+    """
     if at.tzinfo is None:
         raise ValueError("a timezone-aware datetime is required")
+    skipped = check_names(skip)
     try:
         bundle = _parse(data)
     except (_Malformed, TvorchError) as err:
-        return BundleReport((Check("format", False, _one_line(err)),))
-    ctx = _Context(bundle, ca, nonce, at)
+        return BundleReport((Check("format", False, _one_line(err), malformed=True),))
+    ctx = _Context(bundle, ca, nonce, at, max_age, max_host_age)
     checks = [Check("format", True, f"{BUNDLE_FORMAT} version {BUNDLE_VERSION}")]
     for name, check in _CHECKS:
         try:
-            checks.append(Check(name, True, check(ctx)))
+            result = Check(name, True, check(ctx))
         except (TvorchError, ValueError, TypeError, UnsupportedAlgorithm) as err:
-            checks.append(Check(name, False, _one_line(err)))
-    return BundleReport(tuple(checks), bundle.instance_id, bundle.uuid, bundle.hostname)
+            result = Check(name, False, _one_line(err), malformed=isinstance(err, EvidenceError))
+        if name in skipped:
+            found = "it passes" if result.passed else "it fails"
+            result = Check(name, False, f"not counted (skipped by the verifier); {found}: {result.detail}", True)
+        checks.append(result)
+    return BundleReport(tuple(checks), bundle.instance_id, bundle.uuid, bundle.hostname,
+                        bundle.body["created_at"])
+
+
+def check_names(names: Iterable[str]) -> frozenset[str]:
+    """NAMES as a set of check names; InputError naming the valid ones when one is no check."""
+    wanted = frozenset(names)
+    unknown = sorted(wanted - set(CHECK_NAMES))
+    if unknown:
+        raise InputError(f"no check named {', '.join(map(repr, unknown))}: the checks are "
+                         f"{', '.join(map(repr, CHECK_NAMES))}")
+    return wanted
 
 
 def _check_node_certificate(ctx: _Context) -> str:
@@ -313,6 +388,20 @@ def _check_signature(ctx: _Context) -> str:
     except InvalidSignature:
         raise TrustError("bundle signature does not verify with the node signing key: the bundle was changed") from None
     return "signed by the node signing key"
+
+
+def _check_age(ctx: _Context) -> str:
+    made = ctx.bundle.body["created_at"]
+    age = (ctx.at - ctx.bundle.created_at).total_seconds()
+    if age < -CLOCK_SKEW:
+        raise TrustError(f"made at {made}, {-age:.0f} s after the verifier's time (more than the "
+                         f"{CLOCK_SKEW} s two clocks may differ by)")
+    shown = f"made at {made}, {max(age, 0):.0f} s before the verifier's time"
+    if ctx.max_age is None:
+        return f"{shown} (no maximum age given)"
+    if age > ctx.max_age:
+        raise TrustError(f"{shown}: older than the maximum age of {ctx.max_age:.0f} s")
+    return f"{shown} (maximum age {ctx.max_age:.0f} s)"
 
 
 def _check_manifest(ctx: _Context) -> str:
@@ -384,9 +473,6 @@ def replay_problems(eventlog: bytes, bank: str, pcrs: Mapping[int, bytes]) -> tu
     return tuple(problems)
 
 
-IMA_PCR = 10
-
-
 def _reset_value(pcr: int, size: int) -> bytes:
     """A PCR's value after TPM2_Startup(CLEAR): all ones for the DRTM PCRs 17-22, zeros otherwise."""
     return (b"\xff" if 17 <= pcr <= 22 else b"\x00") * size
@@ -429,18 +515,77 @@ def _check_host(ctx: _Context) -> str:
     if b.host_verdict is None or b.host_quote is None:
         raise TrustError(f"no host {'verdict' if b.host_verdict is None else 'quote'}")
     verdict = b.host_verdict
+    at = b.body["host"]["verdict"]["at"]  # as the node wrote it
     if not verdict["passed"]:
         failures = verdict["failures"]
         shown = "; ".join(failures[:3]) + (" ..." if len(failures) > 3 else "")
-        raise TrustError(f"host attestation failed at {verdict['at']}: {shown or 'no failure named'}")
-    info = HostQuote.from_json(b.host_quote).verify(ctx.nonce)
-    return (f"host verdict passed at {verdict['at']} (policy {verdict['policy_digest']}); host quote of "
-            f"{info.bank} PCRs {_pcr_list(info.pcr_selection)} over the nonce verifies")
+        raise TrustError(f"host attestation failed at {at}: {shown or 'no failure named'}")
+    quote = HostQuote.from_json(b.host_quote)
+    info = quote.verify(ctx.nonce)
+    age = (b.created_at - verdict["at"]).total_seconds()
+    if age < 0:
+        raise TrustError(f"the host verdict ({at}) is dated after the bundle ({b.body['created_at']})")
+    if age > ctx.max_host_age:
+        raise TrustError(f"the host verdict ({at}) is {age:.0f} s older than the bundle, more than the "
+                         f"maximum host verdict age of {ctx.max_host_age:.0f} s")
+    ima_problems, ima_shown = _host_ima(quote)
+    problems = _verdict_binding(verdict, quote) + ima_problems
+    if problems:
+        raise TrustError("; ".join(problems))
+    return (f"host verdict passed at {at}, {age:.0f} s before the bundle (maximum {ctx.max_host_age:.0f} s; "
+            f"policy {verdict['policy_digest']}), judged on the quoted PCR values; host quote of {info.bank} "
+            f"PCRs {_pcr_list(info.pcr_selection)} over the nonce verifies{ima_shown}")
+
+
+def _host_ima(quote: HostQuote) -> tuple[list[str], str]:
+    """Problems of the host quote's IMA list against its quoted PCRs, and what was shown to hold.
+
+    The list counts only as far as it replays to the quoted PCR 10; its first
+    entry, boot_aggregate, must be the digest of the quoted boot PCRs."""
+    if quote.ima_log is None:
+        return [], "; no IMA list"
+    if IMA_PCR not in quote.pcrs:
+        return ["the host quote carries an IMA list but does not cover PCR 10"], ""
+    entries = parse_ima_list(quote.ima_log)
+    reached = replay_until(entries, quote.pcrs[IMA_PCR], ImaReplay.initial(quote.bank))
+    if reached is None:
+        return ["the host's IMA list does not replay to the quoted PCR 10"], ""
+    problem = boot_aggregate_problem(entries[:reached.count], quote.bank, quote.pcrs)
+    if problem is not None:
+        return [problem], ""
+    covered = boot_aggregate_pcrs(quote.bank)
+    return [], (f"; {reached.count} IMA measurements replay to PCR 10, boot_aggregate is the quoted PCRs "
+                f"{covered[0]}-{covered[-1]}")
+
+
+def _verdict_binding(verdict: dict[str, Any], quote: HostQuote) -> list[str]:
+    """Why the host verdict is not about the host state that QUOTE shows: empty when it is.
+
+    A verdict is judged on a quote of its own; the boot PCRs must be the same
+    values in the bundle's fresh quote. IMA's PCR 10 only grows: the fresh
+    quote's IMA list must pass through the verdict's value (its measurements
+    after that point were not judged, and are counted in the detail)."""
+    judged: dict[int, bytes] = verdict["pcrs"]
+    if verdict["bank"] != quote.bank:
+        return [f"the host verdict was judged on the {verdict['bank']} bank, the host quote is of {quote.bank}"]
+    if set(judged) != set(quote.pcrs):
+        shown = f"PCRs {_pcr_list(judged)}, the host quote covers {_pcr_list(quote.pcrs)}"
+        return [f"the host verdict was judged on {shown}"]
+    differ = [i for i in sorted(judged) if i != IMA_PCR and judged[i] != quote.pcrs[i]]
+    problems = [f"the host verdict was made over other PCR values than the host quote's: PCR {i} "
+                f"(verdict {judged[i].hex()[:16]}..., quote {quote.pcrs[i].hex()[:16]}...)" for i in differ]
+    if IMA_PCR in judged and judged[IMA_PCR] != quote.pcrs[IMA_PCR]:
+        passes = quote.ima_log is not None and replay_until(
+            parse_ima_list(quote.ima_log), judged[IMA_PCR], ImaReplay.initial(quote.bank)) is not None
+        if not passes:
+            problems.append("the host verdict was made over a PCR 10 the host quote's IMA list never reached")
+    return problems
 
 
 _CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
     ("node certificate", _check_node_certificate),
     ("bundle signature", _check_signature),
+    ("bundle age", _check_age),
     ("launch manifest", _check_manifest),
     ("vTPM EK certificate", _check_ek),
     ("AK certification", _check_ak_certification),
@@ -449,6 +594,7 @@ _CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
     ("baseline", _check_baseline),
     ("host", _check_host),
 )
+CHECK_NAMES = tuple(name for name, _ in _CHECKS)  # the checks a verifier may skip ("format" is not one)
 
 
 def _node_key(ctx: _Context) -> ec.EllipticCurvePublicKey:
@@ -496,7 +642,6 @@ def _parse(data: bytes) -> _Bundle:
     guest = _object(top["guest"], "guest", _GUEST)
     baseline = _object(top["baseline"], "baseline", _BASELINE)
     host = _object(top["host"], "host", _HOST)
-    _utc(top["created_at"], "created_at")
     _text(node["ca_pem"], "node.ca_pem")
     bank = _text(guest["bank"], "guest.bank")
     digest_size(bank)  # EvidenceError for a bank tvorch does not know
@@ -505,6 +650,7 @@ def _parse(data: bytes) -> _Bundle:
     return _Bundle(
         body={k: v for k, v in top.items() if k != "signature"},
         signature=_unb64(top["signature"], "signature"),
+        created_at=_utc(top["created_at"], "created_at"),
         nonce=_unhex(top["nonce"], "nonce"),
         instance_id=_text(instance["id"], "instance.id"),
         name=_text(instance["name"], "instance.name"),
@@ -515,7 +661,7 @@ def _parse(data: bytes) -> _Bundle:
         ek_cert_pem=_text(vtpm["ek_cert_pem"], "vtpm.ek_cert_pem"),
         ak_certification=_object(top["ak_certification"], "ak_certification", None),
         bank=bank,
-        pcrs=_pcrs(guest["pcrs"], bank),
+        pcrs=_pcrs(guest["pcrs"], bank, "guest.pcrs"),
         attest=_unb64(guest["attest"], "guest.attest"),
         quote_signature=_unb64(guest["signature"], "guest.signature"),
         ak_public=_unb64(guest["ak_public"], "guest.ak_public"),
@@ -542,7 +688,7 @@ def _text(value: object, where: str) -> str:
     return value
 
 
-def _utc(value: object, where: str) -> str:
+def _utc(value: object, where: str) -> datetime:
     text = _text(value, where)
     try:
         moment = datetime.fromisoformat(text)
@@ -550,7 +696,7 @@ def _utc(value: object, where: str) -> str:
         moment = None
     if moment is None or moment.utcoffset() != timedelta(0):
         raise _Malformed(f"bundle field '{where}' is not a UTC ISO-8601 time")
-    return text
+    return moment
 
 
 def _unb64(value: object, where: str) -> bytes:
@@ -571,19 +717,11 @@ def _optional(value: object, read: Callable[[object], Any]) -> Any:
     return None if value is None else read(value)
 
 
-def _pcrs(value: object, bank: str) -> dict[int, bytes]:
-    raw = _object(value, "guest.pcrs", None)
+def _pcrs(value: object, bank: str, where: str) -> dict[int, bytes]:
+    raw = _object(value, where, None)
     if not raw:
-        raise _Malformed("bundle field 'guest.pcrs' is empty")
-    size = digest_size(bank)
-    pcrs: dict[int, bytes] = {}
-    for key, digest in raw.items():
-        if not (key.isdigit() and str(int(key)) == key and int(key) <= MAX_PCR):
-            raise _Malformed(f"bundle field 'guest.pcrs' has index {key!r}, not a PCR 0-{MAX_PCR}")
-        pcrs[int(key)] = _unhex(digest, f"guest.pcrs.{key}")
-        if len(pcrs[int(key)]) != size:
-            raise _Malformed(f"bundle field 'guest.pcrs.{key}' is not a {bank} digest")
-    return pcrs
+        raise _Malformed(f"bundle field '{where}' is empty")
+    return pcr_values(raw, bank, f"bundle field '{where}'")
 
 
 def _host_verdict(value: object) -> dict[str, Any]:
@@ -593,9 +731,11 @@ def _host_verdict(value: object) -> dict[str, Any]:
     failures = verdict["failures"]
     if not isinstance(failures, list) or not all(isinstance(f, str) for f in failures):
         raise _Malformed("bundle field 'host.verdict.failures' is not a list of strings")
-    _utc(verdict["at"], "host.verdict.at")
+    bank = _text(verdict["bank"], "host.verdict.bank")
+    digest_size(bank)
     _text(verdict["policy_digest"], "host.verdict.policy_digest")
-    return verdict
+    return {**verdict, "at": _utc(verdict["at"], "host.verdict.at"),
+            "pcrs": _pcrs(verdict["pcrs"], bank, "host.verdict.pcrs")}
 
 
 def _certificate(pem: str, what: str) -> x509.Certificate:

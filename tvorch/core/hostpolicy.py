@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import ConfigError
+from .quote import pcr_index
 
 POLICY_VERSION = 1
 _HEX = re.compile(r"[0-9a-f]+")
@@ -77,7 +78,7 @@ def parse_policy(data: bytes, source: str = "host policy") -> HostPolicy:
     pcrs = doc["pcrs"]
     _require(isinstance(pcrs, dict), "pcrs", "must be an object")
     for key, value in pcrs.items():
-        _require(key.isdigit() and int(key) < 24, f"pcrs.{key}", "is not a PCR index 0-23")
+        _require(pcr_index(key) is not None, f"pcrs.{key[:24]}", "is not a PCR index 0-23")
         _require(isinstance(value, str) and bool(_HEX.fullmatch(value)), f"pcrs.{key}", "must be lowercase hex")
     ima = doc["ima"]
     _require(isinstance(ima, dict) and set(ima) == _IMA_FIELDS, "ima",

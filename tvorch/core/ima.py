@@ -563,18 +563,51 @@ def find_boot_aggregate(entries: Sequence[ImaEntry]) -> ImaEntry | None:
     return entries[0] if entries and entries[0].path == BOOT_AGGREGATE else None
 
 
+def boot_aggregate_pcrs(algo: str) -> tuple[int, ...]:
+    """The PCRs the kernel's boot_aggregate covers in bank ALGO: 0-7, and 8-9 for every bank but sha1
+    (Linux 5.8 on; ima_calc_boot_aggregate_tfm leaves 8-9 out of sha1 "to avoid ambiguity")."""
+    _check_bank(algo)
+    return tuple(range(8) if algo == "sha1" else range(10))
+
+
 def boot_aggregate_digest(pcr_values: Mapping[int, bytes], algo: str) -> bytes:
     """The boot_aggregate digest the kernel computes from the TPM's ALGO bank.
 
-    The hash of PCRs 0-7 concatenated, and also 8-9 for banks other than sha1
-    (Linux 5.8 on; ima_calc_boot_aggregate_tfm).
+    The ALGO hash of the values of ``boot_aggregate_pcrs(ALGO)`` concatenated
+    in order (ima_calc_boot_aggregate_tfm).
     """
     size = _check_bank(algo)
-    indices = range(8) if algo == "sha1" else range(10)
+    indices = boot_aggregate_pcrs(algo)
     missing = [i for i in indices if len(pcr_values.get(i, b"")) != size]
     if missing:
         raise EvidenceError(f"boot_aggregate needs {algo} PCRs {', '.join(map(str, missing))}")
     return _BANKS[algo](b"".join(pcr_values[i] for i in indices)).digest()
+
+
+def boot_aggregate_problem(entries: Sequence[ImaEntry], bank: str, pcr_values: Mapping[int, bytes]) -> str | None:
+    """Why the list's boot_aggregate is not what the quoted PCR_VALUES of BANK make, or None when it is.
+
+    The kernel reads the bank of IMA's hash algorithm (else sha256, else
+    sha1) and records it as the entry's digest algorithm, so the entry must
+    name BANK. The PCRs are the ones quoted now: the boot PCRs 0-9 do not
+    change after the kernel starts, so they are the values it hashed. Only
+    meaningful for entries that replay to a quoted PCR 10.
+    """
+    entry = find_boot_aggregate(entries)
+    if entry is None:
+        return "the IMA list does not start with boot_aggregate"
+    if entry.file_digest_algo != bank:
+        return (f"boot_aggregate is a {entry.file_digest_algo or 'plain'} digest, "
+                f"not over the quoted {bank} PCRs")
+    missing = [i for i in boot_aggregate_pcrs(bank) if i not in pcr_values]
+    if missing:
+        return f"boot_aggregate cannot be checked: the quote does not cover PCRs {', '.join(map(str, missing))}"
+    expected = boot_aggregate_digest(pcr_values, bank)
+    if entry.file_digest != expected:
+        covered = boot_aggregate_pcrs(bank)
+        return (f"boot_aggregate {entry.file_digest.hex()[:16]}... is not the digest of the quoted PCRs "
+                f"{covered[0]}-{covered[-1]} ({expected.hex()[:16]}...)")
+    return None
 
 
 # --- allowlist -------------------------------------------------------------------------------------

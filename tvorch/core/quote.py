@@ -66,6 +66,36 @@ QUOTE_FORMAT_VERSION = 1
 MAX_PCR = 23  # PC Client TPMs have PCRs 0-23
 
 
+def pcr_index(key: object) -> int | None:
+    """The PCR a JSON key names ("0".."23", plain ASCII decimal without leading zeros), or None.
+
+    str.isdigit alone lets through "²" and 5000-digit strings, on which int() raises.
+    """
+    if not isinstance(key, str) or not 0 < len(key) <= 2 or not key.isascii() or not key.isdecimal():
+        return None
+    index = int(key)
+    return index if str(index) == key and index <= MAX_PCR else None
+
+
+def pcr_values(raw: Mapping[str, object], bank: str, what: str) -> dict[int, bytes]:
+    """PCR index -> value of BANK from a JSON object of decimal keys and hex values (a quote file's or a
+    bundle's "pcrs"); EvidenceError saying WHAT held the first key or value that is no PCR or digest."""
+    size = digest_size(bank)
+    pcrs: dict[int, bytes] = {}
+    for key, value in raw.items():
+        index = pcr_index(key)
+        if index is None:
+            raise EvidenceError(f"{what}: PCR index {_shown_key(key)} is not a number 0-{MAX_PCR}")
+        try:
+            digest = bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            digest = None
+        if digest is None or len(digest) != size:
+            raise EvidenceError(f"{what}: PCR {key} is not a {bank} digest in hex")
+        pcrs[index] = digest
+    return pcrs
+
+
 def pcr_indices(pcrs: Sequence[int]) -> list[int]:
     """PCRS sorted and without repeats; InputError when empty or out of range."""
     wanted = sorted(set(pcrs))
@@ -332,17 +362,10 @@ class HostQuote:
         if type(obj["version"]) is not int or obj["version"] != QUOTE_FORMAT_VERSION:
             raise EvidenceError(f"host quote version {obj['version']!r} is not {QUOTE_FORMAT_VERSION}")
         bank = _text(obj, "bank")
-        size = digest_size(bank)
         raw_pcrs = obj["pcrs"]
         if not isinstance(raw_pcrs, dict) or not raw_pcrs:
             raise EvidenceError("host quote 'pcrs' is not a non-empty object")
-        pcrs: dict[int, bytes] = {}
-        for key, value in raw_pcrs.items():
-            if not (isinstance(key, str) and key.isdigit() and int(key) <= MAX_PCR and str(int(key)) == key):
-                raise EvidenceError(f"host quote PCR index {key!r} is not a number 0-{MAX_PCR}")
-            pcrs[int(key)] = _hex(value, f"pcrs[{key}]")
-            if len(pcrs[int(key)]) != size:
-                raise EvidenceError(f"host quote PCR {key} is not a {bank} digest")
+        pcrs = pcr_values(raw_pcrs, bank, "host quote")
         quote = cls(
             nonce=_hex(obj["nonce"], "nonce"),
             bank=bank,
@@ -361,6 +384,12 @@ class HostQuote:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _shown_key(key: object) -> str:
+    """KEY for an error line: a 5000-digit key is cut, not printed whole."""
+    text = repr(key)
+    return text if len(text) <= 40 else f"{text[:32]}... ({len(text)} characters)"
 
 
 def _text(obj: Mapping[str, object], key: str) -> str:

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +39,15 @@ from ..core.akcert import (
     make_credential,
     sign_ak_certification,
 )
-from ..core.bundle import BundleReport, Check, GuestEvidence, build_bundle, replay_problems, verify_bundle
+from ..core.bundle import (
+    BundleReport,
+    Check,
+    GuestEvidence,
+    build_bundle,
+    check_names,
+    replay_problems,
+    verify_bundle,
+)
 from ..core.eventlog import parse_event_log
 from ..core.guest_baseline import BaselineVerdict, compare
 from ..core.instance import InstanceRecord, InstanceState, validate_name
@@ -215,10 +224,13 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
     return bundle, guest
 
 
-def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None) -> BundleReport:
+def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None, *, max_host_age: float,
+                max_age: float | None = None, skip: Iterable[str] = ()) -> BundleReport:
     """The bundle's report; with UUID, one more check: that the bundle is about that VM."""
+    skip = check_names(skip)  # an unknown name is refused before anything is read
     data, ca = read_with_ca(path, ca_path, 256 * 1024 * 1024)
-    report = verify_bundle(data, ca, nonce, datetime.now(timezone.utc))
+    report = verify_bundle(data, ca, nonce, datetime.now(timezone.utc), max_host_age=max_host_age,
+                           max_age=max_age, skip=skip)
     if uuid is None:
         return report
     about = Check("instance", report.uuid == uuid.lower(),

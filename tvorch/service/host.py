@@ -34,6 +34,8 @@ from ..core.ima import (
     IMA_PCR,
     ImaReplay,
     bad_template_hashes,
+    boot_aggregate_pcrs,
+    boot_aggregate_problem,
     check_allowlist,
     exclude_matcher,
     parse_ima_list,
@@ -71,13 +73,22 @@ def _read_log(path: str) -> bytes | None:
         raise HostError(f"cannot read {path}: {err.strerror}") from None
 
 
+def quoted_pcrs(cfg: Config) -> tuple[int, ...]:
+    """host.pcrs, and with IMA's PCR 10 among them the PCRs its boot_aggregate covers (0-9 but in sha1),
+    so that the first IMA entry can be checked against the quote."""
+    pcrs = set(cfg.host.pcrs)
+    if IMA_PCR in pcrs:
+        pcrs.update(boot_aggregate_pcrs(cfg.host.bank))
+    return tuple(sorted(pcrs))
+
+
 def quote(cfg: Config, nonce: bytes) -> HostQuote:
-    """A quote over the configured PCRs with NONCE, plus the logs it covers."""
+    """A quote over the configured PCRs (quoted_pcrs) with NONCE, plus the logs it covers."""
     ak = read_ak(Path(cfg.state_dir))
     if ak is None:
         raise HostError("no host attestation key: run `tvorch host init` first")
     with open_tpm(cfg.host.tcti) as tpm:
-        raw = tpm.quote(ak, nonce, cfg.host.pcrs, cfg.host.bank)
+        raw = tpm.quote(ak, nonce, quoted_pcrs(cfg), cfg.host.bank)
     return HostQuote(
         nonce=nonce, bank=raw.bank, pcrs=raw.pcr_values, attest=raw.attest, signature=raw.signature,
         ak_public=ak.public, ak_pem=ak.pem.decode(),
@@ -114,6 +125,10 @@ def evidence(q: HostQuote, nonce: bytes, policy: HostPolicy | None = None) -> Ho
             state = replay_until(entries, target, ImaReplay.initial(q.bank)) if target else None
             if state is not None:
                 entries, ima_pcr = entries[:state.count], state.pcr_value.hex()
+                # Authenticated by the quote: its first entry must be the quoted boot PCRs' digest.
+                problem = boot_aggregate_problem(entries, q.bank, q.pcrs)
+                if problem is not None:
+                    ima_problems.append(problem)
             else:
                 ima_pcr = replay_ima(entries, q.bank).hex()
             if policy is None:
