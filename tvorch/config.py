@@ -184,6 +184,9 @@ _ABSOLUTE = {
 }
 # Paths that may also be left empty (the feature is then off).
 _ABSOLUTE_OR_EMPTY = {"policy.image_signing_ca", "vtpm.escrow_public_key"}
+# Upper bound of every integer: TOML carries any size, but a huge one would overflow a timer, libvirt's
+# XML or the manifest's canonical JSON (2**53-1) far from the config, as an internal error.
+INT_MAX = 2**31 - 1
 
 
 def _type_name(tp: Any) -> str:
@@ -240,8 +243,10 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
         return {k: _convert(item_type, v, f"{dotted}.{k}") for k, v in value.items()}
     if get_origin(tp) is tuple:
         (item_type, _) = get_args(tp)
-        if not isinstance(value, list) or any(type(v) is not item_type or (item_type is int and v < 0) for v in value):
-            raise ConfigError(f"config key '{dotted}' must be a list of {_type_name(item_type).split()[-1]}s")
+        if not isinstance(value, list) or any(
+                type(v) is not item_type or (item_type is int and not 0 <= v <= INT_MAX) for v in value):
+            raise ConfigError(f"config key '{dotted}' must be a list of {_type_name(item_type).split()[-1]}s"
+                              + (f" from 0 to {INT_MAX}" if item_type is int else ""))
         return tuple(value)
     # bool is a subclass of int: keep them apart so `vcpus = true` is refused.
     if type(value) is not tp:
@@ -255,6 +260,8 @@ def effective_config(cfg: Config) -> dict[str, Any]:
     """Every setting in force, defaults included: what the policy digest covers."""
     data = dataclasses.asdict(cfg)
     for key in _NOT_FROM_FILE:
+    if tp is int and value > INT_MAX:
+        raise ConfigError(f"config key '{dotted}' must be at most {INT_MAX}, not {value}")
         data.pop(key)
     return data
 

@@ -79,6 +79,12 @@ class HostError(TvorchError):
     exit_code = ExitCode.HOST
 
 
+class DaemonUnhealthy(TvorchError):
+    """`tvorch status`: the daemon is not following libvirt (so monitoring can alert on the exit code)."""
+
+    exit_code = ExitCode.UNHEALTHY
+
+
 class TrustError(TvorchError):
     """A measurement, signature, certificate or manifest did not verify or is not trusted."""
 

@@ -3,6 +3,7 @@ reconnecting after a libvirtd restart, catching up after being killed, signals."
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -44,9 +45,9 @@ class Notifications:
         raise AssertionError(f"no {line!r} from the daemon within {timeout} s; got {self.seen}")
 
 
-def start_daemon(tv: Tv, tmp: Path) -> tuple[subprocess.Popen, Notifications]:
+def start_daemon(tv: Tv, tmp: Path, config: Path | None = None) -> tuple[subprocess.Popen, Notifications]:
     notes = Notifications(tmp / f"notify-{secrets.token_hex(2)}")
-    env = {**os.environ, "TVORCH_CONFIG": str(tv.config), "NOTIFY_SOCKET": str(notes.path),
+    env = {**os.environ, "TVORCH_CONFIG": str(config or tv.config), "NOTIFY_SOCKET": str(notes.path),
            "WATCHDOG_USEC": "2000000"}
     proc = subprocess.Popen([sys.executable, "-m", "tvorch.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "ab"))
@@ -66,6 +67,12 @@ def wait_until(check, timeout: float = 30.0, what: str = "condition") -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def daemon_status(tv: Tv) -> tuple[int, dict]:
+    """`tvorch status --json`: its exit code (16 unless the daemon is healthy) and the daemon's part."""
+    proc = tv.run("status", "--json", check=False)
+    return proc.returncode, json.loads(proc.stdout)["daemon"]
 
 
 def state_of(tv: Tv, name: str) -> str:
@@ -94,12 +101,13 @@ def test_notify_watchdog_status_and_sigterm(tv: Tv, tmp_path: Path):
     proc, notes = start_daemon(tv, tmp_path)
     try:
         notes.wait_for("WATCHDOG=1", timeout=10)
-        status = tv.json("status")
-        assert status["daemon"]["pid"] == proc.pid and status["daemon"]["healthy"] is True
+        rc, daemon = daemon_status(tv)
+        assert rc == 0 and daemon["pid"] == proc.pid and daemon["healthy"] is True
     finally:
         assert stop_daemon(proc) == 0
     notes.wait_for("STOPPING=1", timeout=5)
-    assert tv.json("status")["daemon"]["healthy"] is False
+    rc, daemon = daemon_status(tv)
+    assert rc == 16 and daemon["healthy"] is False and daemon["connected"] is False
 
 
 def test_follows_lifecycle_outside_tvorch(tv: Tv, tmp_path: Path, guest: str):
@@ -122,7 +130,7 @@ def test_reconnects_after_libvirtd_restart(tv: Tv, tmp_path: Path, guest: str):
         assert virsh("domstate", guest).stdout.strip() == "running"
         # Events flow again on the new connection.
         time.sleep(1)
-        wait_until(lambda: tv.json("status")["daemon"]["connected"] is True, what="daemon reconnected")
+        wait_until(lambda: daemon_status(tv)[1]["connected"] is True, what="daemon reconnected")
         virsh("destroy", guest)
         wait_until(lambda: state_of(tv, guest) == "stopped", what="event seen after reconnect")
     finally:
@@ -162,3 +170,81 @@ def test_unit_file_verifies(tmp_path: Path):
     for directive in ("Type=notify", "WatchdogSec=", "ProtectSystem=strict", "NoNewPrivileges=yes",
                       "PrivateTmp=yes", "CapabilityBoundingSet=", "ReadWritePaths=", "After=libvirtd.service"):
         assert directive in text
+
+
+def test_status_of_a_killed_daemon_is_not_healthy(tv: Tv, tmp_path: Path):
+    proc, _ = start_daemon(tv, tmp_path)
+    proc.kill()
+    proc.wait()
+    rc, daemon = daemon_status(tv)
+    assert rc == 16 and daemon["pid"] == proc.pid
+    assert daemon["connected"] is False and "is gone" in daemon["problem"]
+
+
+def test_a_second_daemon_on_the_same_store_refuses_to_start(tv: Tv, tmp_path: Path):
+    proc, _ = start_daemon(tv, tmp_path)
+    try:
+        second = tv.run("serve", check=False)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 6 and lines[-1] == (
+            f"tvorch: error: refused: another tvorch serve (pid {proc.pid}) holds the store in {tv.state_dir}")
+        rc, daemon = daemon_status(tv)
+        assert rc == 0 and daemon["pid"] == proc.pid
+    finally:
+        assert stop_daemon(proc) == 0
+    # Its lock goes with it: the next one starts.
+    proc, _ = start_daemon(tv, tmp_path)
+    assert stop_daemon(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def sealed_guest(tv: Tv, guest_dir: Path, hook_for):
+    """A running guest whose vTPM key is sealed (only `tvorch start` lends it to libvirt)."""
+    hook_for(tv.config)  # the hook is the node's: point it at this store again in case another session moved it
+    name = f"{PREFIX}sealed-{secrets.token_hex(2)}"
+    tv.launch(guest_dir / "guest.qcow2", name, "--memory", "256")
+    yield name
+    tv.run("destroy", "--purge-vtpm", name, check=False)
+
+
+def test_sighup_follows_a_new_libvirt_uri(tv: Tv, tmp_path: Path, sealed_guest: str):
+    """The same libvirtd under another spelling: the daemon must drop its old connection for the new one."""
+    config = tmp_path / "serve.toml"
+    config.write_text(tv.config.read_text())
+    own = Tv(config=config, state_dir=tv.state_dir, overlay_dir=tv.overlay_dir, log_dir=tv.log_dir)
+    proc, notes = start_daemon(tv, tmp_path, config)
+    try:
+        wait_until(lambda: daemon_status(own)[1]["libvirt_uri"] == "qemu:///system", what="first URI reported")
+        config.write_text(tv.config.read_text().replace('libvirt_uri = "qemu:///system"',
+                                                        'libvirt_uri = "qemu+unix:///system"'))
+        proc.send_signal(signal.SIGHUP)
+        notes.wait_for("RELOADING=1", timeout=10)
+        wait_until(lambda: daemon_status(own)[1]["libvirt_uri"] == "qemu+unix:///system"
+                   and daemon_status(own)[0] == 0, what="new URI reported, healthy")
+        assert "connected to libvirt at qemu+unix:///system" in daemon_status(own)[1]["detail"]
+        # Lifecycle events arrive on the new connection.
+        virsh("destroy", sealed_guest)
+        wait_until(lambda: state_of(tv, sealed_guest) == "stopped", what="event seen on the new connection")
+        log = (tmp_path / "serve.log").read_text()
+        assert '"libvirt_uri_changed"' in log and log.count('"libvirt_connected"') == 2
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_a_vtpm_secret_left_by_a_killed_start_is_taken_back(tv: Tv, tmp_path: Path, sealed_guest: str):
+    from .test_faults import crash
+
+    proc, _ = start_daemon(tv, tmp_path)
+    try:
+        tv.run("stop", "--force", sealed_guest)
+        secret = tv.json("vtpm", "show", sealed_guest)["secret_uuid"]
+        assert secret not in virsh("secret-list").stdout
+        killed = crash(tv, "secret-lent", "start", sealed_guest)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        lent = time.monotonic()
+        # Gone within a heartbeat (serve.heartbeat_interval, 5 s), not at the next libvirt reconnect.
+        wait_until(lambda: secret not in virsh("secret-list").stdout, timeout=8, what="leftover secret removed")
+        print(f"leftover vTPM secret removed {time.monotonic() - lent:.1f} s after the kill")
+        assert "removed its vTPM secret left in libvirt" in (tmp_path / "serve.log").read_text()
+    finally:
+        assert stop_daemon(proc) == 0

@@ -135,14 +135,23 @@ def test_lifecycle_stop_start_destroy_keeps_vtpm(tv: Tv, guest_dir: Path):
     assert tv.run("show", name, check=False).returncode == 5
 
     # The name is free again; a purge removes the vTPM state.
+    # A controller's retry: already destroyed, exit 0, libvirt untouched; --purge-vtpm now purges what was kept.
+    retried = tv.run("destroy", name)
+    assert retried.stdout.startswith(f"{name} was already destroyed (at ") and retried.stdout.rstrip().endswith("kept")
+    purged = tv.json("destroy", "--purge-vtpm", name)
+    assert purged["already_destroyed"] is True and purged["vtpm_purged"] is True and purged["id"] == record["id"]
+    assert not tpm_dir.parent.exists()
+    assert tv.json("destroy", "--purge-vtpm", name)["vtpm_purged"] is True
+    assert name not in our_domains()
+    never = tv.run("destroy", f"{PREFIX}never-{secrets.token_hex(2)}", check=False)
+    assert never.returncode == 5 and "no instance named" in never.stderr
+
     again = tv.launch(guest_dir / "guest.qcow2", name, "--firmware", "bios", "--kernel",
                       str(guest_dir / "vmlinuz"), "--initrd", str(guest_dir / "initrd.img"),
                       "--cmdline", "console=ttyS0 tvorch.poweroff=1")
     assert again["uuid"] != record["uuid"]
     tv.run("destroy", "--purge-vtpm", name)
     assert not Path(f"/var/lib/libvirt/swtpm/{again['uuid']}").exists()
-    # The first instance's state was kept: purge it by hand (test cleanup only).
-    subprocess.run(["rm", "-rf", f"/var/lib/libvirt/swtpm/{record['uuid']}"], check=True)
 
 
 def test_secure_boot_with_firmware_profile(tv: Tv, guest_dir: Path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..core.instance import validate_name
-from ..errors import StoreError
+from ..errors import ConflictError, StoreError
 from .files import ensure_private_dir
 
 
@@ -64,3 +64,35 @@ def is_held(state_dir: Path, name: str) -> bool:
     """Whether someone (this process included) holds NAME's lock now."""
     with try_instance_lock(state_dir, name) as got:
         return not got
+
+
+class StoreLock:
+    """`tvorch serve`'s hold on a state directory: one daemon per store.
+
+    An exclusive ``flock`` on ``<state_dir>/serve.lock``, taken at once or
+    refused (two daemons would each reconcile, attest and write the heartbeat
+    row of the other). The holder's pid is written into the file so the
+    refusal can name it. The kernel drops the lock when its holder dies.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        path = Path(state_dir) / "serve.lock"
+        try:
+            ensure_private_dir(Path(state_dir))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StoreError(f"cannot open the daemon lock {path}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConflictError(f"refused: another tvorch serve (pid {holder}) holds the store in {state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

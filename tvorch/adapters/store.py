@@ -193,6 +193,23 @@ MIGRATIONS: tuple[str, ...] = (
     -- The vTPM's TCG platform certificate (an attribute certificate naming its EK certificate).
     ALTER TABLE vtpms ADD COLUMN platform_cert BLOB;
     """,
+    """
+    -- Reference values removed (image untrust, reference remove): a retried removal is told it is
+    -- already gone, a digest never trusted stays an error.
+    CREATE TABLE reference_tombstones (
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        label TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        signer TEXT,
+        added_at TEXT NOT NULL,
+        removed_at TEXT NOT NULL,
+        PRIMARY KEY (kind, digest)
+    );
+    -- The libvirt connection the daemon follows, for tvorch status.
+    ALTER TABLE daemon_status ADD COLUMN libvirt_uri TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -382,6 +399,15 @@ class Store:
         ).fetchone()
         return _row_to_record(row) if row else None
 
+    def find_destroyed(self, name: str) -> InstanceRecord | None:
+        """The newest destroyed instance of that name: a destroyed record is never deleted, so it is
+        what tells a retried `tvorch destroy` from a name this store never knew."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM instances WHERE name = ? AND state = 'destroyed' "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT 1", (name,)
+        ).fetchone()
+        return _row_to_record(row) if row else None
+
     def get_live(self, name: str) -> InstanceRecord:
         """The record of NAME; a name no launch could have made is refused first (exit 3)."""
         record = self.find_live(validate_name(name))
@@ -414,10 +440,22 @@ class Store:
             return cur.rowcount == 1
 
     def remove_reference(self, kind: str, digest: str) -> bool:
+        """Forget a trusted digest, leaving a tombstone; False when it was not trusted."""
         with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO reference_tombstones (kind, digest, label, path, size, signer, added_at, "
+                "removed_at) SELECT kind, digest, label, path, size, signer, added_at, ? FROM reference_values "
+                "WHERE kind = ? AND digest = ?", (utc_now(), kind, digest))
             return db.execute(
                 "DELETE FROM reference_values WHERE kind = ? AND digest = ?", (kind, digest)
             ).rowcount == 1
+
+    def removed_reference(self, kind: str, digest: str) -> tuple[ReferenceValue, str] | None:
+        """The reference value last removed with that digest, and when; None if it never was."""
+        row = self._db.execute(
+            "SELECT kind, digest, label, path, size, signer, added_at, removed_at FROM reference_tombstones "
+            "WHERE kind = ? AND digest = ?", (kind, digest)).fetchone()
+        return (ReferenceValue(*row[:7]), row[7]) if row else None
 
     def references(self, kind: str | None = None) -> list[ReferenceValue]:
         sql = "SELECT kind, digest, label, path, size, signer, added_at FROM reference_values"
@@ -659,19 +697,20 @@ class Store:
 
     # -- daemon heartbeat --------------------------------------------------
 
-    def daemon_heartbeat(self, pid: int, started_at: str, connected: bool, detail: str) -> None:
+    def daemon_heartbeat(self, pid: int, started_at: str, connected: bool, detail: str,
+                         libvirt_uri: str | None = None) -> None:
         with self._write() as db:
             db.execute(
                 "INSERT OR REPLACE INTO daemon_status (id, pid, started_at, heartbeat_at, heartbeat_epoch, connected, "
-                "detail) VALUES (1,?,?,?,?,?,?)",
-                (pid, started_at, utc_now(), time.time(), int(connected), detail),
+                "detail, libvirt_uri) VALUES (1,?,?,?,?,?,?,?)",
+                (pid, started_at, utc_now(), time.time(), int(connected), detail, libvirt_uri),
             )
 
     def daemon_status(self) -> DaemonStatus | None:
         row = self._db.execute(
-            "SELECT pid, started_at, heartbeat_at, heartbeat_epoch, connected, detail FROM daemon_status"
+            "SELECT pid, started_at, heartbeat_at, heartbeat_epoch, connected, detail, libvirt_uri FROM daemon_status"
         ).fetchone()
-        return DaemonStatus(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) if row else None
+        return DaemonStatus(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) if row else None
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute(

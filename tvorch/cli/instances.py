@@ -142,12 +142,14 @@ def stop(ctx: Context, name: str, force: bool, timeout: float | None, as_json: b
 @json_option
 @pass_ctx
 def destroy(ctx: Context, name: str, purge_vtpm: bool, as_json: bool) -> None:
-    """Power off and remove an instance; its vTPM state is kept unless --purge-vtpm."""
+    """Power off and remove an instance; its vTPM state is kept unless --purge-vtpm. Exit 0 when it is already destroyed."""
     from ..service import instances
 
-    record = instances.destroy(ctx.node, name, purge_vtpm)
-    emit(as_json, {**record.to_json(), "vtpm_purged": purge_vtpm},
-         f"destroyed {name}; vTPM state " + ("purged" if purge_vtpm else "kept"))
+    done = instances.destroy(ctx.node, name, purge_vtpm)
+    vtpm_state = "purged" if done.vtpm_purged else "kept"
+    emit(as_json, {**done.record.to_json(), "vtpm_purged": done.vtpm_purged, "already_destroyed": done.already},
+         f"{name} was already destroyed (at {done.record.updated_at}); vTPM state {vtpm_state}"
+         if done.already else f"destroyed {name}; vTPM state {vtpm_state}")
 
 
 @cli.command()

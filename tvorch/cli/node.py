@@ -6,6 +6,7 @@ import os
 import time
 
 
+from ..errors import DaemonUnhealthy
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
 
@@ -33,23 +34,28 @@ def _alive(pid: int) -> bool:
 @json_option
 @pass_ctx
 def status(ctx: Context, as_json: bool) -> None:
-    """The daemon's health, the host verdict and instances by state."""
+    """The daemon's health, the host verdict and instances by state; exit 16 unless the daemon is healthy."""
     store, cfg, now = ctx.node.store, ctx.node.cfg, time.time()
     daemon = store.daemon_status()
-    healthy = daemon is not None and daemon.healthy(now, cfg.serve.heartbeat_interval, _alive(daemon.pid))
+    problem = "never ran (tvorch serve)" if daemon is None else daemon.problem(
+        now, cfg.serve.heartbeat_interval, _alive(daemon.pid))
+    healthy = problem is None
     verdict = store.latest_host_verdict()
     counts = store.count_by_state()
     doc = {
-        "daemon": daemon.to_json(now, healthy) if daemon else None,
+        "daemon": daemon.to_json(now, healthy, problem) if daemon else None,
         "host_verdict": verdict.to_json(now) if verdict else None,
         "instances": counts,
     }
     lines = [
         "daemon:    never ran (tvorch serve)" if daemon is None else
-        f"daemon:    {'healthy' if healthy else 'NOT HEALTHY'}, pid {daemon.pid}, {daemon.detail}, "
-        f"heartbeat {now - daemon.heartbeat_epoch:.0f} s ago",
+        f"daemon:    healthy, pid {daemon.pid}, {daemon.detail}, heartbeat {now - daemon.heartbeat_epoch:.0f} s ago"
+        if healthy else f"daemon:    NOT HEALTHY: {problem}; pid {daemon.pid}, last heartbeat "
+                        f"{now - daemon.heartbeat_epoch:.0f} s ago",
         "host:      no verdict yet" if verdict is None else
         f"host:      {'passed' if verdict.passed else 'FAILED'} {now - verdict.at_epoch:.0f} s ago",
         "instances: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
     ]
     emit(as_json, doc, "\n".join(lines))
+    if problem is not None:  # for monitoring: the report above, then a code of its own
+        raise DaemonUnhealthy(f"tvorch serve is not healthy: {problem}")

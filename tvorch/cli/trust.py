@@ -60,11 +60,13 @@ def image_list(ctx: Context, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def image_untrust(ctx: Context, digest_or_path: str, as_json: bool) -> None:
-    """Stop trusting an image digest (give the hex digest or the file)."""
+    """Stop trusting an image digest (give the hex digest or the file); exit 0 if it was already removed."""
     from ..service import trust
 
-    ref = trust.remove_reference(ctx.node, "image", digest_or_path)
-    emit(as_json, ref.to_json(), f"no longer trusted: {ref.digest}  {ref.label}")
+    done = trust.remove_reference(ctx.node, "image", digest_or_path)
+    ref = done.reference
+    emit(as_json, done.to_json(), f"no longer trusted: {ref.digest}  {ref.label}" if done.removed_at is None
+         else f"already gone: {ref.digest}  {ref.label} (untrusted at {done.removed_at})")
 
 
 @cli.group()
@@ -104,11 +106,12 @@ def reference_list(ctx: Context, kind: str | None, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def reference_remove(ctx: Context, kind: str, digest_or_path: str, as_json: bool) -> None:
-    """Stop trusting a reference value."""
+    """Stop trusting a reference value; exit 0 if it was already removed."""
     from ..service import trust
 
-    ref = trust.remove_reference(ctx.node, kind, digest_or_path)
-    emit(as_json, ref.to_json(), f"no longer trusted: {kind} {ref.digest}")
+    done = trust.remove_reference(ctx.node, kind, digest_or_path)
+    emit(as_json, done.to_json(), f"no longer trusted: {kind} {done.reference.digest}" if done.removed_at is None
+         else f"already gone: {kind} {done.reference.digest} (removed at {done.removed_at})")
 
 
 # -- manifests and the node CA -------------------------------------------------

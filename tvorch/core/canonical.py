@@ -34,15 +34,26 @@ started, stopped, release, reconnect and restore):
    ``template`` stay. ``<os><boot dev='hd'/>``, libvirt's default when nothing
    sets a boot order, is dropped when it is the only boot setting.
 5. ``<cpu>``: its ``check`` attribute (libvirt's own verification setting) is
-   dropped; under TCG (``type='qemu'``) libvirt's default CPU, ``mode='custom'``
-   with model ``qemu64`` and only ``policy='require'`` features, is dropped.
+   dropped. Under TCG (``type='qemu'``) libvirt's default CPU is dropped, and
+   only in the forms libvirt writes: ``<cpu mode='custom' match='exact'>``
+   with ``<model fallback='forbid'>qemu64</model>`` and no other child (at
+   define), or with exactly the ``policy='require'`` features ``hypervisor``
+   and ``lahf_lm`` besides (at start: QEMU 7.2's qemu64 has both, so asking
+   for them changes nothing). Any other feature, policy, model, match,
+   fallback or topology keeps the whole ``<cpu>`` in.
 6. Devices: each device's own ``<address>`` and ``<alias>`` (addresses
    under ``<source>``, such as a host device's, stay); ``index`` of disk
    ``<source>`` and ``<backingStore>``; for pty character devices the
    ``tty`` attribute and a ``<source>`` with only a ``path``; every
    ``<console>`` whose target is a serial port (a second view of that
-   ``<serial>``); every ``<controller>`` (bus plumbing libvirt derives from
-   the devices, which all stay); ``<input bus='ps2'>``; ``<audio type='none'>``;
+   ``<serial>``); the controllers libvirt adds to a q35 domain by itself,
+   each only in the exact form it writes (``_is_default_controller``:
+   ``pci`` 0 ``pcie-root``, each ``pcie-root-port`` with only its
+   ``<model name='pcie-root-port'/>`` and ``<target chassis port>``, as many
+   as the devices need, ``usb`` 0 ``qemu-xhci``, ``sata`` 0 (q35's built-in
+   AHCI), ``virtio-serial`` 0 for the guest channel), while any other
+   controller (SCSI, a second USB, a bridge) or setting (ports, hotplug,
+   another model) stays; ``<input bus='ps2'>``; ``<audio type='none'>``;
    an ``<interface>``'s ``<mac>`` (generated at define) and, for a network
    interface, its runtime ``<target>`` and source ``portid``/``bridge``; a
    virtio ``<channel>`` target's ``state`` (whether the guest has the port
@@ -92,6 +103,12 @@ _UNITS = {
 _VERSIONED_MACHINE = re.compile(r"pc-(q35|i440fx)-\d+\.\d+")
 _MACHINE_FAMILY = {"q35": "q35", "i440fx": "pc"}
 _AMOUNT = re.compile("[0-9]+")
+# What libvirt 9.0 adds to its TCG default CPU at start (rule 5).
+_TCG_START_FEATURES = frozenset({"hypervisor", "lahf_lm"})
+# The controllers libvirt 9.0 adds to a q35 domain, as (type, index, model); rule 6.
+_DEFAULT_CONTROLLERS = frozenset({
+    ("pci", "0", "pcie-root"), ("usb", "0", "qemu-xhci"), ("sata", "0", None), ("virtio-serial", "0", None),
+})
 _ESCAPES = str.maketrans(
     {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
      "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
@@ -267,16 +284,31 @@ def _normalise_cpu(root: ET.Element) -> None:
     if cpu is None:
         return
     cpu.attrib.pop("check", None)
-    if (
-        root.get("type") == "qemu"
-        and cpu.get("mode") == "custom"
-        and cpu.findtext("model") == "qemu64"
-        and all(
-            c.tag == "model" or (c.tag == "feature" and c.get("policy") == "require")
-            for c in cpu
-        )
-    ):
+    if root.get("type") == "qemu" and _is_tcg_default_cpu(cpu):
         root.remove(cpu)
+
+
+def _is_tcg_default_cpu(cpu: ET.Element) -> bool:
+    """libvirt's TCG CPU as it writes it at define, or at start with its two features (rule 5)."""
+    if cpu.attrib != {"mode": "custom", "match": "exact"} or _has_text(cpu):
+        return False
+    models = [c for c in cpu if c.tag == "model"]
+    features = [c for c in cpu if c.tag == "feature"]
+    if len(models) != 1 or len(models) + len(features) != len(cpu):
+        return False
+    model = models[0]
+    if model.attrib != {"fallback": "forbid"} or model.text != "qemu64" or len(model):
+        return False
+    names = [f.get("name", "") for f in features]
+    return (
+        all(f.get("policy") == "require" and set(f.attrib) == {"policy", "name"} and not len(f) and not f.text
+            for f in features)
+        and (not names or sorted(names) == sorted(_TCG_START_FEATURES))
+    )
+
+
+def _has_text(element: ET.Element) -> bool:
+    return bool(element.text and not element.text.isspace())
 
 
 def _normalise_devices(devices: ET.Element) -> None:
@@ -305,11 +337,28 @@ def _normalise_devices(devices: ET.Element) -> None:
 def _is_derived_device(device: ET.Element) -> bool:
     """Devices libvirt adds or derives on its own (see rule 6)."""
     return (
-        device.tag == "controller"
+        (device.tag == "controller" and _is_default_controller(device))
         or (device.tag == "console" and device.find("target[@type='serial']") is not None)
         or (device.tag == "input" and device.get("bus") == "ps2")
         or (device.tag == "audio" and device.get("type") == "none")
     )
+
+
+def _is_default_controller(controller: ET.Element) -> bool:
+    """A controller exactly as libvirt 9.0 adds it to a q35 domain (address and alias aside)."""
+    children = [c for c in controller if c.tag not in ("address", "alias")]
+    if _has_text(controller) or any(len(c) or _has_text(c) for c in children):
+        return False
+    kind, index, model = controller.get("type"), controller.get("index"), controller.get("model")
+    if model == "pcie-root-port" and kind == "pci":
+        return (
+            set(controller.attrib) == {"type", "index", "model"}
+            and sorted(c.tag for c in children) == ["model", "target"]
+            and all(c.attrib == {"name": "pcie-root-port"} for c in children if c.tag == "model")
+            and all(set(c.attrib) == {"chassis", "port"} for c in children if c.tag == "target")
+        )
+    expected = {"type", "index"} | ({"model"} if model is not None else set())
+    return not children and set(controller.attrib) == expected and (kind, index, model) in _DEFAULT_CONTROLLERS
 
 
 def _write(element: ET.Element, out: list[str]) -> None:

@@ -40,16 +40,30 @@ class DaemonStatus:
     started_at: str
     heartbeat_at: str
     heartbeat_epoch: float
-    connected: bool
+    connected: bool  # as the daemon last wrote it: stays 1 in the row of a daemon that was killed
     detail: str
+    libvirt_uri: str | None = None  # the connection it follows (None: written before tvorch recorded it)
+
+    def problem(self, now_epoch: float, heartbeat_interval: int, alive: bool) -> str | None:
+        """Why the daemon is not healthy, or None: it must be alive, beat within three heartbeat
+        intervals (a hung or killed daemon stops beating; a reused pid still fails this) and be connected."""
+        age = now_epoch - self.heartbeat_epoch
+        if not alive:
+            return f"not running (pid {self.pid} is gone)"
+        if age >= 3 * heartbeat_interval:
+            return f"heartbeat {age:.0f} s old, beyond 3 x serve.heartbeat_interval ({3 * heartbeat_interval} s)"
+        if not self.connected:
+            return self.detail
+        return None
 
     def healthy(self, now_epoch: float, heartbeat_interval: int, alive: bool) -> bool:
-        """Alive, connected to libvirt, and its heartbeat no older than three intervals."""
-        return alive and self.connected and now_epoch - self.heartbeat_epoch < 3 * heartbeat_interval
+        return self.problem(now_epoch, heartbeat_interval, alive) is None
 
-    def to_json(self, now_epoch: float, healthy: bool) -> dict[str, object]:
+    def to_json(self, now_epoch: float, healthy: bool, problem: str | None = None) -> dict[str, object]:
         return {
             "pid": self.pid, "started_at": self.started_at, "heartbeat_at": self.heartbeat_at,
-            "heartbeat_age_seconds": round(now_epoch - self.heartbeat_epoch, 1), "connected": self.connected,
-            "detail": self.detail, "healthy": healthy,
+            "heartbeat_age_seconds": round(now_epoch - self.heartbeat_epoch, 1),
+            # Only a healthy daemon is connected: the row of a dead one still says what it last saw.
+            "connected": self.connected and healthy,
+            "libvirt_uri": self.libvirt_uri, "detail": self.detail, "healthy": healthy, "problem": problem,
         }

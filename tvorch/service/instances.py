@@ -8,13 +8,14 @@ launch failed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import imagefiles
 from ..adapters.files import ensure_private_dir
 from ..adapters.locks import instance_lock
-from ..core.instance import InstanceRecord, InstanceState
-from ..errors import ConflictError
+from ..core.instance import InstanceRecord, InstanceState, validate_name
+from ..errors import ConflictError, NotFoundError
 from ..logs import get_logger
 from . import vtpm
 from .node import Node
@@ -92,10 +93,38 @@ def stop(node: Node, name: str, force: bool, timeout: float | None) -> tuple[Ins
         return node.store.update_instance(record.id, state=InstanceState.STOPPED, event=("stopped", how)), True
 
 
-def destroy(node: Node, name: str, purge_vtpm: bool) -> InstanceRecord:
-    """Power off, undefine (keeping vTPM state unless PURGE_VTPM), remove the overlay."""
+@dataclass(frozen=True)
+class Destroyed:
+    record: InstanceRecord
+    already: bool  # destroyed before this call: a cloud controller's retry
+    vtpm_purged: bool  # the vTPM state is gone now (by this call or an earlier one)
+
+
+def destroy(node: Node, name: str, purge_vtpm: bool) -> Destroyed:
+    """Power off, undefine (keeping vTPM state unless PURGE_VTPM), remove the overlay.
+
+    Idempotent: a destroyed record is kept (state `destroyed`), so a name whose
+    last instance was destroyed is "already destroyed" (with --purge-vtpm its
+    kept vTPM state is purged now); a name the store never knew is not found.
+    """
     with instance_lock(Path(node.cfg.state_dir), name):
-        return remove_instance(node, node.store.get_live(name), purge_vtpm)
+        live = node.store.find_live(validate_name(name))
+        if live is not None:
+            return Destroyed(remove_instance(node, live, purge_vtpm), False, purge_vtpm)
+        gone = node.store.find_destroyed(name)
+        if gone is None:
+            raise NotFoundError(f"no instance named '{name}'")
+        if purge_vtpm and _vtpm_kept(node, gone):
+            vtpm.remove_state(node, gone)
+            node.store.add_event(gone.id, "vtpm-purged", "tvorch destroy --purge-vtpm of the destroyed instance")
+            return Destroyed(gone, True, True)
+        return Destroyed(gone, True, not _vtpm_kept(node, gone))
+
+
+def _vtpm_kept(node: Node, record: InstanceRecord) -> bool:
+    """Whether a destroyed instance's vTPM state or key is still there to purge."""
+    kept = node.store.vtpm(record.id)
+    return vtpm.instance_dir(node.cfg, record).exists() or (kept is not None and kept.purged_at is None)
 
 
 def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> InstanceRecord:

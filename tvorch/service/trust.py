@@ -98,14 +98,32 @@ def add_reference(node: Node, kind: str, path: str, label: str | None, rehash: b
     return _record(node, ref)
 
 
-def remove_reference(node: Node, kind: str, digest_or_path: str) -> ReferenceValue:
-    """Forget one trusted digest, named by its hex or by a file that has it."""
+@dataclass(frozen=True)
+class Removed:
+    reference: ReferenceValue
+    removed_at: str | None  # None: removed by this call; else when an earlier removal took it away
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.reference.to_json(), "removed": self.removed_at is None,
+                "already_removed_at": self.removed_at}
+
+
+def remove_reference(node: Node, kind: str, digest_or_path: str) -> Removed:
+    """Forget one trusted digest, named by its hex or by a file that has it.
+
+    Idempotent for a controller that retries: a digest removed before (the
+    store keeps a tombstone of each removal) is reported as already gone; a
+    digest this store never trusted is not found.
+    """
     digest = digest_or_path.lower().removeprefix("sha256:")  # the form tvorch prints
     if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
         if not Path(digest_or_path).is_file():
             raise InputError(f"refused {digest_or_path!r}: neither a SHA-256 hex digest nor a file")
         digest = file_measurement(node.store, kind, digest_or_path, rehash=False).digest
     match = [r for r in node.store.references(kind) if r.digest == digest]
-    if not match or not node.store.remove_reference(kind, digest):
+    if match and node.store.remove_reference(kind, digest):
+        return Removed(match[0], None)
+    gone = node.store.removed_reference(kind, digest)  # a concurrent removal is a retry too
+    if gone is None:
         raise NotFoundError(f"no trusted {kind} with digest {digest}")
-    return match[0]
+    return Removed(*gone)

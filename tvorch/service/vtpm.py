@@ -175,6 +175,7 @@ def unlocked(node: Node, record: InstanceRecord) -> Iterator[None]:
             f"boot chain changed on purpose, recover with `tvorch vtpm rekey {record.name} --escrow-key KEY`"
         ) from None
     with node.hypervisor.vtpm_secret(vtpm.secret_uuid, f"tvorch-vtpm-{record.id}", key):
+        crash_point("secret-lent")  # killed here, the key stays in libvirtd until the daemon takes it back
         yield
 
 
