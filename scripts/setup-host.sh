@@ -11,6 +11,8 @@ PACKAGES=(
     # build the test guest
     linux-image-cloud-amd64 busybox-static cpio systemd-boot-efi sbsigntool
     mtools dosfstools fdisk binutils openssl
+    # tests: a raw ext4 image without a partition table (mkfs.ext4)
+    e2fsprogs
 )
 
 missing=()

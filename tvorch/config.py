@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .adapters.files import read_bounded
+from .core.images import UNSAFE_IMAGE_POLICIES
 from .core.references import REFERENCE_KINDS
 from .errors import ConfigError
 
@@ -53,6 +54,11 @@ class Policy:
     # CA certificate (PEM) that image signing certificates must chain to;
     # empty: `tvorch image trust --signature` is refused.
     image_signing_ca: str = ""
+    # What launch does about an image layer someone other than root can change
+    # (core.images.layer_writers): "refuse-world-writable" refuses world-writable
+    # layers and warns about ones owned (or group-writable) by another user or
+    # group; "refuse" refuses both; "warn" only warns.
+    unsafe_image_files: str = "refuse-world-writable"
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,7 @@ _CHOICES = {
     "launch.firmware": ("efi", "bios"),
     "launch.tpm_model": ("crb", "tis"),
     "policy.host_verdict": ("ignore", "require"),
+    "policy.unsafe_image_files": tuple(UNSAFE_IMAGE_POLICIES),
     "host.bank": ("sha1", "sha256", "sha384"),
     "vtpm.key_protection": ("host-tpm", "none"),
     "vtpm.seal_bank": ("sha1", "sha256", "sha384"),

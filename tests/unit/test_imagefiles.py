@@ -70,6 +70,19 @@ def test_iso_image_is_accepted_as_raw(tmp_path):
     assert inspect_image(str(iso)).top.format is ImageFormat.RAW
 
 
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs mkfs.ext4 (e2fsprogs)")
+def test_ext4_file_system_without_partition_table_is_a_raw_disk(tmp_path):
+    """A root file system for direct kernel boot; cut short, it is refused."""
+    fs = tmp_path / "root.ext4"
+    with open(fs, "wb") as f:
+        f.truncate(8 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0", str(fs)], check=True)
+    assert [(l.format, l.virtual_size) for l in inspect_image(str(fs)).layers] == [(ImageFormat.RAW, 8 * MiB)]
+    with open(fs, "r+b") as f:
+        f.truncate(4 * MiB)
+    refused(fs, f"image {fs}: ext2/3/4 file system of {8 * MiB} bytes is longer than the file .*: truncated")
+
+
 def test_three_layer_chain_is_base_first(tmp_path):
     base = raw_disk(tmp_path / "base.raw", 2 * MiB)
     mid = qcow2(tmp_path / "mid.qcow2", base, fmt="raw")
@@ -130,7 +143,8 @@ def test_directory(tmp_path):
 def test_text_file_is_not_a_disk_image(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_bytes((b"these are not the sectors you are looking for\n" * 100)[:2048])
-    refused(text, f"image {text}: not a disk image: no qcow2 header, MBR boot signature or ISO 9660 volume")
+    refused(text, f"image {text}: not a disk image: no qcow2 header, MBR boot signature, ISO 9660 volume "
+                  "or ext2/3/4, XFS, Btrfs, squashfs or EROFS superblock")
     text.write_bytes(b"#!/bin/sh\necho hi\n")
     refused(text, "not a disk image: 18 bytes is not a whole number of 512-byte sectors")
 

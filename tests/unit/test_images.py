@@ -11,8 +11,9 @@ from tvorch.core.images import (
     ImageFormat,
     ImageLayer,
     check_qcow2_l2_table,
+    RAW_PROBE_BYTES,
     check_qcow2_layout,
-    looks_like_disk,
+    check_raw_disk,
     parse_qcow2_header,
     qcow2_header_bytes_needed,
     resolve_backing_path,
@@ -206,22 +207,133 @@ def test_l2_refuses_a_short_table():
 
 # --- raw probing ---
 MBR = bytes(510) + b"\x55\xaa"
+MiB = 1 << 20
+
+
+def at(offset: int, data: bytes, total: int = RAW_PROBE_BYTES) -> bytes:
+    """DATA at OFFSET in an otherwise zero file head."""
+    head = bytearray(max(total, offset + len(data)))
+    head[offset : offset + len(data)] = data
+    return bytes(head)
+
+
+# Superblocks laid out as mkfs.ext4, mkfs.xfs, mkfs.btrfs, mksquashfs and mkfs.erofs
+# (e2fsprogs 1.47, xfsprogs 6.1, btrfs-progs 6.2, squashfs-tools 4.5, erofs-utils 1.5) write them.
+def ext_fs(*, magic=b"\x53\xef", inodes=1024, blocks=4096, log_block=0, rev=1, incompat=0, blocks_hi=0, offset=1024):
+    sb = bytearray(1024)
+    struct.pack_into("<II", sb, 0, inodes, blocks)
+    struct.pack_into("<I", sb, 0x18, log_block)
+    sb[0x38:0x3A] = magic
+    struct.pack_into("<I", sb, 0x4C, rev)
+    struct.pack_into("<I", sb, 0x60, incompat)
+    struct.pack_into("<I", sb, 0x150, blocks_hi)
+    return at(offset, bytes(sb))
+
+
+def xfs(*, magic=b"XFSB", block_size=4096, blocks=1024, sector_size=512):
+    sb = bytearray(512)
+    sb[:4] = magic
+    struct.pack_into(">IQ", sb, 4, block_size, blocks)
+    struct.pack_into(">H", sb, 102, sector_size)
+    return at(0, bytes(sb))
+
+
+def btrfs(*, magic=b"_BHRfS_M", bytenr=0x10000, sector=4096, node=16384, size=120 * MiB, offset=0x10000):
+    sb = bytearray(4096)
+    struct.pack_into("<Q", sb, 0x30, bytenr)
+    sb[0x40:0x48] = magic
+    struct.pack_into("<II", sb, 0x90, sector, node)
+    struct.pack_into("<Q", sb, 0xD1, size)
+    return at(offset, bytes(sb))
+
+
+def squashfs(*, magic=b"hsqs", block_size=1 << 17, block_log=17, major=4, used=221):
+    sb = bytearray(96)
+    sb[:4] = magic
+    struct.pack_into("<I", sb, 12, block_size)
+    struct.pack_into("<H", sb, 22, block_log)
+    struct.pack_into("<H", sb, 28, major)
+    struct.pack_into("<Q", sb, 40, used)
+    return at(0, bytes(sb))
+
+
+def erofs(*, magic=b"\xe2\xe1\xf5\xe0", block_bits=12, blocks=1, offset=1024):
+    sb = bytearray(128)
+    sb[:4] = magic
+    sb[0x0C] = block_bits
+    struct.pack_into("<I", sb, 0x24, blocks)
+    return at(offset, bytes(sb))
 
 
 @pytest.mark.parametrize(
-    ("head", "size", "ok"),
+    ("head", "size", "kind"),
     [
-        (MBR, 1 << 20, True),
-        (bytes(0x8001) + b"CD001", 1 << 20, True),
-        (MBR, 512, True),
-        (MBR, 1000, False),  # not whole sectors
-        (MBR[:400], 400, False),
-        (b"hello, world\n" * 100, 1536, False),
-        (bytes(0x8000) + b"\x01CD002", 1 << 20, False),
+        (MBR, 1 << 20, "MBR"),
+        (bytes(0x8001) + b"CD001", 1 << 20, "ISO 9660"),
+        (MBR, 512, "MBR"),
+        (ext_fs(), 4 * MiB, "ext2/3/4"),
+        (ext_fs(log_block=2, blocks=1024), 4 * MiB, "ext2/3/4"),  # 4 KiB blocks
+        (ext_fs(incompat=0x80, blocks=0, blocks_hi=1), 4 << 40, "ext2/3/4"),  # 64bit: 2**32 blocks
+        (ext_fs(), 8 * MiB, "ext2/3/4"),  # a file longer than its file system is fine
+        (xfs(), 4 * MiB, "XFS"),
+        (btrfs(), 120 * MiB, "Btrfs"),
+        (squashfs(), 4096, "squashfs"),  # mksquashfs pads to 4 KiB
+        (erofs(), 4096, "EROFS"),
+        (ext_fs()[:RAW_PROBE_BYTES] + MBR, 4 * MiB, "ext2/3/4"),  # a boot loader in the ext boot block
     ],
 )
-def test_looks_like_disk(head, size, ok):
-    assert looks_like_disk(head, size) is ok
+def test_raw_disk_kinds(head, size, kind):
+    assert check_raw_disk(head, size) == kind
+
+
+NOT_A_DISK = "not a disk image: no qcow2 header"
+
+
+@pytest.mark.parametrize(
+    ("head", "size", "match"),
+    [
+        (MBR, 1000, "1000 bytes is not a whole number of 512-byte sectors"),
+        (ext_fs(), 4 * MiB + 1, "not a whole number of 512-byte sectors"),
+        (MBR[:400], 400, "not a whole number"),
+        (b"hello, world\n" * 100, 1536, NOT_A_DISK),
+        (bytes(0x8000) + b"\x01CD002", 1 << 20, NOT_A_DISK),
+        # near misses: a magic number in the wrong place, or with fields no driver accepts
+        (ext_fs(offset=0), 4 * MiB, NOT_A_DISK),
+        (ext_fs(magic=b"\xef\x53"), 4 * MiB, NOT_A_DISK),
+        (ext_fs(log_block=7), 4 * MiB, NOT_A_DISK),
+        (ext_fs(rev=2), 4 * MiB, NOT_A_DISK),
+        (ext_fs(inodes=0), 4 * MiB, NOT_A_DISK),
+        (ext_fs(blocks=0), 4 * MiB, NOT_A_DISK),
+        (xfs(magic=b"xfsb"), 4 * MiB, NOT_A_DISK),
+        (xfs(block_size=3000), 4 * MiB, NOT_A_DISK),
+        (xfs(sector_size=0), 4 * MiB, NOT_A_DISK),
+        (b"XFSB is the magic of XFS\n".ljust(4096, b" "), 4096, NOT_A_DISK),
+        (btrfs(offset=0), 120 * MiB, NOT_A_DISK),
+        (btrfs(bytenr=0x4000000), 120 * MiB, NOT_A_DISK),  # a backup copy, not the primary superblock
+        (btrfs(sector=1000), 120 * MiB, NOT_A_DISK),
+        (btrfs()[:0x10040], 120 * MiB, NOT_A_DISK),  # the head given ends before the magic
+        (squashfs(major=3), 4096, NOT_A_DISK),
+        (squashfs(magic=b"sqsh"), 4096, NOT_A_DISK),  # big-endian squashfs 3
+        (squashfs(block_log=16), 4096, NOT_A_DISK),
+        (b"hsqs, said the snake\n".ljust(4096, b" "), 4096, NOT_A_DISK),
+        (erofs(block_bits=8), 4096, NOT_A_DISK),
+        (erofs(offset=0), 4096, NOT_A_DISK),
+        (erofs(blocks=0), 4096, NOT_A_DISK),
+        # a file system cut short: the guest would read past the end
+        (ext_fs(), 2 * MiB, "ext2/3/4 file system of 4194304 bytes is longer than the file \\(2097152 bytes\\): truncated"),
+        (ext_fs(incompat=0x80, blocks_hi=1), 4 * MiB, "ext2/3/4 .* truncated"),
+        (xfs(), 2 * MiB, "XFS .* truncated"),
+        (btrfs(), 100 * MiB, "Btrfs .* truncated"),
+        (squashfs(used=8192), 4096, "squashfs .* truncated"),
+        (erofs(blocks=2), 4096, "EROFS .* truncated"),
+        (ext_fs()[:RAW_PROBE_BYTES] + MBR, 2 * MiB, "truncated"),  # a boot signature does not excuse it
+    ],
+)
+def test_raw_files_that_are_not_disks_are_refused(head, size, match):
+    with pytest.raises(ImageError, match=match) as info:
+        check_raw_disk(head, size)
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code is ExitCode.IMAGE_REFUSED
 
 
 # --- paths and chains ---

@@ -2,7 +2,8 @@
 
 The reading side reads only what ``tvorch.core.images`` needs and leaves the
 judging to it. Per layer it reads the first 64 KiB (the whole first cluster
-when a qcow2 image's clusters are larger, at most 2 MiB); for a qcow2 layer
+when a qcow2 image's clusters are larger, at most 2 MiB; 68 KiB of a raw
+file, to reach a Btrfs superblock); for a qcow2 layer
 also the active L1 table (``l1_size * 8`` bytes) and every L2 table that
 table references (one cluster each), so an image cut short anywhere in its
 tables or data is refused before a guest reads zeros from it.
@@ -14,6 +15,7 @@ below it each backing name joined onto its naming image's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -21,6 +23,7 @@ import stat
 from tvorch.core.images import (
     QCOW2_HEADER_READ,
     QCOW2_MAGIC,
+    RAW_PROBE_BYTES,
     ImageChain,
     ImageFormat,
     ImageLayer,
@@ -28,7 +31,7 @@ from tvorch.core.images import (
     backing_open_path,
     check_qcow2_l2_table,
     check_qcow2_layout,
-    looks_like_disk,
+    check_raw_disk,
     parse_qcow2_header,
     qcow2_header_bytes_needed,
     qcow2_l2_table_offsets,
@@ -85,16 +88,7 @@ def inspect_image(path: str, max_depth: int = 16) -> ImageChain:
         next_name = resolve_backing_path(opened_as, header.backing_file)
         if header.backing_format is not None and header.backing_format not in {f.value for f in ImageFormat}:
             raise ImageError(f"image {name}: backing format {header.backing_format!r} is not supported")
-        layers.append(
-            ImageLayer(
-                path=layer.path,
-                format=layer.format,
-                virtual_size=layer.virtual_size,
-                file_size=layer.file_size,
-                backing=next_name,
-                backing_format=header.backing_format,
-            )
-        )
+        layers.append(dataclasses.replace(layer, backing=next_name, backing_format=header.backing_format))
         named_by, name, opened_as, expected = name, next_name, next_open, header.backing_format
     return ImageChain(layers=tuple(reversed(layers)))
 
@@ -149,13 +143,16 @@ def _read_layer(
             raise ImageError(f"{_describe(name, named_by)} changed while being inspected")
         size = fst.st_size
         try:
-            return _vet_layer(fd, name, size, (fst.st_dev, fst.st_ino))
+            layer, key, header = _vet_layer(fd, name, size, (fst.st_dev, fst.st_ino))
         except ImageError as err:
             raise ImageError(f"{_describe(name, named_by)}: {err}") from None
         except OSError as err:
             raise _os_refusal(err, name, named_by) from None
     finally:
         os.close(fd)
+    # Who may write it, as opened: what launch and `image trust` judge (core.images.layer_writers).
+    layer = dataclasses.replace(layer, mode=stat.S_IMODE(fst.st_mode), uid=fst.st_uid, gid=fst.st_gid)
+    return layer, key, header
 
 
 def _vet_layer(
@@ -163,10 +160,9 @@ def _vet_layer(
 ) -> tuple[ImageLayer, tuple[int, int], Qcow2Header | None]:
     head = _pread(fd, QCOW2_HEADER_READ, 0)
     if head[:4] != QCOW2_MAGIC:
-        if not looks_like_disk(head, size):
-            if size < 512 or size % 512:
-                raise ImageError(f"not a disk image: {size} bytes is not a whole number of 512-byte sectors")
-            raise ImageError("not a disk image: no qcow2 header, MBR boot signature or ISO 9660 volume")
+        if len(head) < min(size, RAW_PROBE_BYTES):
+            head += _pread(fd, RAW_PROBE_BYTES - len(head), len(head))
+        check_raw_disk(head, size)
         return ImageLayer(path=name, format=ImageFormat.RAW, virtual_size=size, file_size=size), key, None
     needed = qcow2_header_bytes_needed(head)
     if needed > len(head) and size > len(head):

@@ -42,6 +42,8 @@ def image_trust(ctx: Context, path: str, label: str | None, signature: str | Non
     from ..service import trust
 
     done = trust.trust_image(ctx.node, path, label, signature, cert, rehash)
+    for warning in (w for t in done for w in t.warnings):
+        click.echo(f"tvorch: warning: {warning}", err=True)
     emit(as_json, [t.to_json() for t in done], lambda: "\n".join(
         f"{'trusted' if t.added else 'already trusted'} {t.reference.digest}  {t.reference.path}" for t in done))
 

@@ -26,12 +26,12 @@ QCOW2_MAGIC = b"QFI\xfb"
 # How many leading bytes the adapter reads first. For qcow2 that covers the
 # header, its extensions and the backing file name in every image QEMU
 # writes; when the first cluster is larger, ``qcow2_header_bytes_needed`` asks
-# for the whole first cluster (QEMU keeps all of these inside it). For raw
-# files it covers ``RAW_PROBE_BYTES``.
+# for the whole first cluster (QEMU keeps all of these inside it).
 QCOW2_HEADER_READ = 64 * 1024
-# looks_like_disk needs the MBR signature (offset 510) and the ISO 9660
-# primary volume descriptor id at 0x8001..0x8006: 36 KiB covers both.
-RAW_PROBE_BYTES = 36 * 1024
+# What ``check_raw_disk`` looks at: the MBR signature (offset 510), the ISO
+# 9660 volume descriptor id (0x8001) and file system superblocks, the last of
+# which is Btrfs's 4 KiB one at 64 KiB.
+RAW_PROBE_BYTES = 68 * 1024
 
 _V2_HEADER_LENGTH = 72
 _V3_MIN_HEADER_LENGTH = 104
@@ -360,19 +360,131 @@ def check_qcow2_l2_table(header: Qcow2Header, file_size: int, l2_table: bytes) -
             )
 
 
-def looks_like_disk(first_sector: bytes, file_size: int) -> bool:
-    """True when a raw file plausibly is a disk: whole sectors plus a boot or ISO mark.
+@dataclass(frozen=True)
+class RawFilesystem:
+    """A file system whose superblock starts a raw image (no partition table)."""
 
-    FIRST_SECTOR is the file's first ``RAW_PROBE_BYTES`` (36 KiB) or all of
-    it when shorter: the MBR signature 0x55AA at 510 (GPT disks carry it in
-    their protective MBR) or ISO 9660's 'CD001' at 0x8001. This keeps text
-    files and random bytes from being booted as disks.
+    name: str
+    size: int  # bytes the superblock says the file system spans
+
+
+def _is_pow2(value: int, low: int, high: int) -> bool:
+    return low <= value <= high and value & (value - 1) == 0
+
+
+def _ext(head: bytes) -> RawFilesystem | None:
+    """ext2/3/4: superblock at 1024, s_magic 0xEF53 (LE) at +0x38."""
+    sb = head[1024:2048]
+    if len(sb) < 1024 or sb[0x38:0x3A] != b"\x53\xef":
+        return None
+    inodes, blocks_lo, log_block = struct.unpack_from("<II16xI", sb, 0)
+    rev_level = struct.unpack_from("<I", sb, 0x4C)[0]
+    incompat = struct.unpack_from("<I", sb, 0x60)[0]
+    if inodes == 0 or log_block > 6 or rev_level > 1:  # 1 KiB..64 KiB blocks, revisions 0 and 1
+        return None
+    blocks = blocks_lo | (struct.unpack_from("<I", sb, 0x150)[0] << 32 if incompat & 0x80 else 0)  # 64bit
+    return RawFilesystem("ext2/3/4", blocks * (1024 << log_block)) if blocks else None
+
+
+def _xfs(head: bytes) -> RawFilesystem | None:
+    """XFS: superblock at 0, magic 'XFSB', big-endian."""
+    if len(head) < 512 or head[:4] != b"XFSB":
+        return None
+    block_size, data_blocks = struct.unpack_from(">IQ", head, 4)
+    sector_size = struct.unpack_from(">H", head, 102)[0]
+    if not (_is_pow2(block_size, 512, 65536) and _is_pow2(sector_size, 512, 32768)) or not data_blocks:
+        return None
+    return RawFilesystem("XFS", data_blocks * block_size)
+
+
+_BTRFS_SUPER = 0x10000
+
+
+def _btrfs(head: bytes) -> RawFilesystem | None:
+    """Btrfs: superblock at 64 KiB, magic '_BHRfS_M' at +0x40; it names its own offset at +0x30."""
+    sb = head[_BTRFS_SUPER : _BTRFS_SUPER + 4096]
+    if len(sb) < 0x100 or sb[0x40:0x48] != b"_BHRfS_M":
+        return None
+    bytenr = struct.unpack_from("<Q", sb, 0x30)[0]
+    sector_size, node_size = struct.unpack_from("<II", sb, 0x90)
+    device_bytes = struct.unpack_from("<Q", sb, 0xD1)[0]  # dev_item.total_bytes: this device's size
+    if bytenr != _BTRFS_SUPER or not _is_pow2(sector_size, 4096, 65536) or not _is_pow2(node_size, 4096, 65536):
+        return None
+    return RawFilesystem("Btrfs", device_bytes) if device_bytes else None
+
+
+def _squashfs(head: bytes) -> RawFilesystem | None:
+    """squashfs 4: superblock at 0, magic 'hsqs' (little-endian; v4 is the only one Linux reads)."""
+    if len(head) < 96 or head[:4] != b"hsqs":
+        return None
+    block_size = struct.unpack_from("<I", head, 12)[0]
+    block_log, = struct.unpack_from("<H", head, 22)
+    major, = struct.unpack_from("<H", head, 28)
+    bytes_used, = struct.unpack_from("<Q", head, 40)
+    if major != 4 or not _is_pow2(block_size, 4096, 1 << 20) or block_size != 1 << block_log or not bytes_used:
+        return None
+    return RawFilesystem("squashfs", bytes_used)
+
+
+def _erofs(head: bytes) -> RawFilesystem | None:
+    """EROFS: superblock at 1024, magic 0xE0F5E1E2 (LE)."""
+    sb = head[1024:1152]
+    if len(sb) < 128 or sb[:4] != b"\xe2\xe1\xf5\xe0":
+        return None
+    block_bits = sb[0x0C]
+    blocks, = struct.unpack_from("<I", sb, 0x24)
+    if not 9 <= block_bits <= 16 or not blocks:
+        return None
+    return RawFilesystem("EROFS", blocks << block_bits)
+
+
+_FILESYSTEMS = (_ext, _xfs, _btrfs, _squashfs, _erofs)
+
+
+def raw_filesystem(head: bytes) -> RawFilesystem | None:
+    """The file system whose superblock HEAD holds at its documented offset, if any.
+
+    A magic number alone is not enough: the fields that say how the file
+    system is laid out (block sizes, revision, its own offset) must be ones
+    its kernel driver accepts, so a stray magic in text or noise is no disk.
+    """
+    for probe in _FILESYSTEMS:
+        found = probe(head)
+        if found is not None:
+            return found
+    return None
+
+
+def check_raw_disk(head: bytes, file_size: int) -> str:
+    """What a raw file holds, when it plausibly is a disk; ``ImageError`` when not.
+
+    HEAD is the file's first ``RAW_PROBE_BYTES`` (68 KiB) or all of it when
+    shorter. A disk is whole 512-byte sectors holding a file system without
+    a partition table (ext2/3/4, XFS, Btrfs, squashfs, EROFS: for direct
+    kernel boot, the kernel mounts it), or a partitioned or boot disk (the
+    MBR signature 0x55AA at 510; GPT disks carry it in their protective MBR),
+    or an ISO 9660 volume ('CD001' at 0x8001). A file system that claims to
+    be longer than the file is refused as truncated. This keeps text files
+    and random bytes from being booted as disks.
     """
     if file_size < 512 or file_size % 512:
-        return False
-    if first_sector[510:512] == b"\x55\xaa":
-        return True
-    return first_sector[0x8001:0x8006] == b"CD001"
+        raise ImageError(f"not a disk image: {file_size} bytes is not a whole number of 512-byte sectors")
+    found = raw_filesystem(head)
+    if found is not None:
+        if found.size > file_size:
+            raise ImageError(
+                f"{found.name} file system of {found.size} bytes is longer than the file ({file_size} bytes): "
+                "truncated"
+            )
+        return found.name
+    if head[510:512] == b"\x55\xaa":
+        return "MBR"
+    if head[0x8001:0x8006] == b"CD001":
+        return "ISO 9660"
+    raise ImageError(
+        "not a disk image: no qcow2 header, MBR boot signature, ISO 9660 volume "
+        "or ext2/3/4, XFS, Btrfs, squashfs or EROFS superblock"
+    )
 
 
 @dataclass(frozen=True)
@@ -385,6 +497,49 @@ class ImageLayer:
     file_size: int
     backing: str | None = None
     backing_format: str | None = None
+    # The file's permission bits and owner as opened (None: not known, nothing judged).
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+# How someone other than root can change a layer's bytes (``layer_writers``).
+WORLD_WRITABLE = "world-writable"
+OTHER_WRITER = "other-writer"
+# policy.unsafe_image_files: what launch does about each kind (refuse or warn).
+UNSAFE_IMAGE_POLICIES = {
+    "refuse": frozenset({WORLD_WRITABLE, OTHER_WRITER}),
+    "refuse-world-writable": frozenset({WORLD_WRITABLE}),
+    "warn": frozenset(),
+}
+
+
+def layer_writers(layer: ImageLayer) -> tuple[tuple[str, str], ...]:
+    """Who besides root can change LAYER's bytes, as (kind, "image layer PATH is ...") pairs.
+
+    A base image is read by QEMU for as long as the guest runs, long after
+    it was measured: whoever can write it changes what the guest reads. That
+    is anyone for a world-writable file, its owner when that is not root
+    (an owner can chmod), and a group other than root's when group-writable.
+    """
+    if layer.mode is None:
+        return ()
+    found: list[tuple[str, str]] = []
+    if layer.mode & 0o002:
+        found.append((WORLD_WRITABLE, f"image layer {layer.path} is world-writable (mode {layer.mode & 0o7777:04o})"))
+    if layer.uid not in (None, 0):
+        found.append((OTHER_WRITER, f"image layer {layer.path} is owned by uid {layer.uid}, not root"))
+    elif layer.mode & 0o020 and layer.gid not in (None, 0):
+        found.append((OTHER_WRITER, f"image layer {layer.path} is writable by group {layer.gid}"))
+    return tuple(found)
+
+
+def judge_layer_writers(chain: "ImageChain", policy: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(refusals, warnings) for the chain's layers under ``policy.unsafe_image_files`` = POLICY."""
+    refuse = UNSAFE_IMAGE_POLICIES[policy]
+    found = [writer for layer in chain.layers for writer in layer_writers(layer)]
+    return (tuple(text for kind, text in found if kind in refuse),
+            tuple(text for kind, text in found if kind not in refuse))
 
 
 @dataclass(frozen=True)

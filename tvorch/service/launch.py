@@ -24,6 +24,7 @@ from ..adapters.store import utc_now
 from ..config import Config
 from ..core.domain_xml import render_domain_xml
 from ..core.hostverdict import host_problem
+from ..core.images import judge_layer_writers
 from ..core.instance import (
     InstanceRecord,
     InstanceState,
@@ -34,7 +35,7 @@ from ..core.instance import (
 )
 from ..core.manifest import manifest_digest
 from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
-from ..errors import ConflictError, HostError, InputError, TrustError, TvorchError
+from ..errors import ConflictError, HostError, ImageError, InputError, TrustError, TvorchError
 from ..faults import crash_point
 from ..logs import get_logger
 from .instances import remove_instance
@@ -123,6 +124,12 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
     if kernel is None and (initrd or req.cmdline):
         raise InputError("refused --initrd/--cmdline without --kernel")
     chain = imagefiles.inspect_image(req.image, cfg.max_backing_depth)
+    unsafe, writers = judge_layer_writers(chain, cfg.policy.unsafe_image_files)
+    if unsafe:
+        raise ImageError(f"launch refused: {'; '.join(unsafe)}: someone other than root can change what the guest "
+                         f"reads (policy.unsafe_image_files = \"{cfg.policy.unsafe_image_files}\")")
+    for writer in writers:
+        log.warning("image_layer_writable", detail=writer)
     if not is_executable(cfg.emulator):
         raise HostError(f"emulator {cfg.emulator} is not an executable file (config key 'emulator')")
 
@@ -198,6 +205,8 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             for m in measured.measurements:
                 if m.details.get("waived"):
                     node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")
+            for writer in writers:
+                node.store.add_event(instance_id, "policy-warning", f"{writer} (policy.unsafe_image_files)")
             # libvirt's qemu user must traverse to the overlay; the log dir is virtlogd's (root).
             ensure_private_dir(overlay_dir, 0o711)
             ensure_private_dir(log_dir)

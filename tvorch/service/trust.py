@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -12,6 +13,7 @@ from cryptography import x509
 from ..adapters import imagefiles
 from ..adapters.store import utc_now
 from ..core.image_signature import decode_signature, verify_image_signature
+from ..core.images import UNSAFE_IMAGE_POLICIES, layer_writers
 from ..core.references import REFERENCE_KINDS, ReferenceValue
 from ..errors import InputError, NotFoundError, TrustError
 from .node import Node
@@ -22,9 +24,11 @@ from .measure import file_measurement
 class Trusted:
     reference: ReferenceValue
     added: bool  # False when it was trusted already
+    # Who besides root can change the layer (core.images.layer_writers): said, not refused, here.
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {**self.reference.to_json(), "added": self.added}
+        return {**self.reference.to_json(), "added": self.added, "warnings": list(self.warnings)}
 
 
 def _read_cert(path: str, what: str) -> x509.Certificate:
@@ -68,12 +72,15 @@ def trust_image(
     if signature is not None and cert is not None:
         signer = verify_image_signature(layers[0].digest, sig, _read_cert(cert, "certificate"), ca,
                                         datetime.now(timezone.utc))
-    for layer in layers:
+    for layer, measured in zip(chain.layers, layers):
         ref = ReferenceValue(
-            kind="image", digest=layer.digest, label=label or os.path.basename(layer.path or ""),
-            path=layer.path or "", size=layer.size or 0, signer=signer, added_at=utc_now(),
+            kind="image", digest=measured.digest, label=label or os.path.basename(measured.path or ""),
+            path=measured.path or "", size=measured.size or 0, signer=signer, added_at=utc_now(),
         )
-        out.append(_record(node, ref))
+        refused = UNSAFE_IMAGE_POLICIES[node.cfg.policy.unsafe_image_files]
+        warnings = tuple(f"{text}: launch {'refuses' if kind in refused else 'warns about'} it "
+                         "(policy.unsafe_image_files)" for kind, text in layer_writers(layer))
+        out.append(dataclasses.replace(_record(node, ref), warnings=warnings))
     return out
 
 
