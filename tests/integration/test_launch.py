@@ -134,7 +134,6 @@ def test_lifecycle_stop_start_destroy_keeps_vtpm(tv: Tv, guest_dir: Path):
     assert tpm_dir.is_dir(), "destroy without --purge-vtpm keeps the vTPM state"
     assert tv.run("show", name, check=False).returncode == 5
 
-    # The name is free again; a purge removes the vTPM state.
     # A controller's retry: already destroyed, exit 0, libvirt untouched; --purge-vtpm now purges what was kept.
     retried = tv.run("destroy", name)
     assert retried.stdout.startswith(f"{name} was already destroyed (at ") and retried.stdout.rstrip().endswith("kept")
@@ -146,6 +145,7 @@ def test_lifecycle_stop_start_destroy_keeps_vtpm(tv: Tv, guest_dir: Path):
     never = tv.run("destroy", f"{PREFIX}never-{secrets.token_hex(2)}", check=False)
     assert never.returncode == 5 and "no instance named" in never.stderr
 
+    # The name is free again; a purge removes the vTPM state.
     again = tv.launch(guest_dir / "guest.qcow2", name, "--firmware", "bios", "--kernel",
                       str(guest_dir / "vmlinuz"), "--initrd", str(guest_dir / "initrd.img"),
                       "--cmdline", "console=ttyS0 tvorch.poweroff=1")
