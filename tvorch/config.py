@@ -184,6 +184,9 @@ _MINIMUMS = {
     "host.verdict_max_age": 1, "serve.heartbeat_interval": 1, "serve.reconnect_max_wait": 1,
     "guest.agent_timeout": 1,
 }
+# Upper bound of every integer: TOML carries any size, but a huge one would overflow a timer, libvirt's
+# XML or the manifest's canonical JSON (2**53-1) far from the config, as an internal error.
+INT_MAX = 2**31 - 1
 # Paths tvorch writes to or trusts: relative ones would depend on the caller's directory.
 _ABSOLUTE = {
     "state_dir", "emulator", "swtpm", "overlay_dir", "console_log_dir", "swtpm_state_dir",
@@ -191,9 +194,6 @@ _ABSOLUTE = {
 }
 # Paths that may also be left empty (the feature is then off).
 _ABSOLUTE_OR_EMPTY = {"policy.image_signing_ca", "vtpm.escrow_public_key"}
-# Upper bound of every integer: TOML carries any size, but a huge one would overflow a timer, libvirt's
-# XML or the manifest's canonical JSON (2**53-1) far from the config, as an internal error.
-INT_MAX = 2**31 - 1
 
 
 def _type_name(tp: Any) -> str:
@@ -260,6 +260,8 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
         raise ConfigError(f"config key '{dotted}' must be {_type_name(tp)}, not {value!r}")
     if tp is int and value < 0:
         raise ConfigError(f"config key '{dotted}' must not be negative")
+    if tp is int and value > INT_MAX:
+        raise ConfigError(f"config key '{dotted}' must be at most {INT_MAX}, not {value}")
     return value
 
 
@@ -267,8 +269,6 @@ def effective_config(cfg: Config) -> dict[str, Any]:
     """Every setting in force, defaults included: what the policy digest covers."""
     data = dataclasses.asdict(cfg)
     for key in _NOT_FROM_FILE:
-    if tp is int and value > INT_MAX:
-        raise ConfigError(f"config key '{dotted}' must be at most {INT_MAX}, not {value}")
         data.pop(key)
     return data
 
