@@ -168,7 +168,8 @@ def test_unit_file_verifies(tmp_path: Path):
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
     text = UNIT.read_text()
     for directive in ("Type=notify", "WatchdogSec=", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                      "PrivateTmp=yes", "CapabilityBoundingSet=", "ReadWritePaths=", "After=libvirtd.service"):
+                      "PrivateTmp=yes", "CapabilityBoundingSet=", "ReadWritePaths=", "After=libvirtd.service",
+                      "StateDirectory=tvorch", "StateDirectoryMode=0700"):
         assert directive in text
 
 
