@@ -21,19 +21,20 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
 from types import FrameType
 
-from .adapters.digests import measure_file
+from .adapters.digests import measure_file, sha256_file
 from .adapters.imagefiles import overlay_problem
 from .adapters.store import Store
 from .adapters.vtpm_state import state_digest
 from .config import Config, load_config
 from .core.canonical import autoselection_hint, config_digest
 from .core.metadata import parse_instance_metadata
-from .core.gate import LayerEvidence, Phase, StartEvidence, phase_of, start_refusals
+from .core.gate import FILE_KINDS, FileEvidence, Phase, StartEvidence, nvram_path, phase_of, start_refusals
 from .core.hostverdict import host_problem
 from .core.instance import InstanceRecord
 from .errors import StoreError, TvorchError, describe_os_error
@@ -61,14 +62,17 @@ def gather(
         raise StoreError(f"instance {record.id} has no launch manifest in the store")
     manifest = json.loads(body)["manifest"]
     measurements = manifest["measurements"]
-    layers = []
-    for m in (m for m in measurements if m["kind"] == "image-layer"):
+    # Every file the launch measured, not only the image: the digest cache keeps the unchanged ones cheap.
+    files = []
+    for m in (m for m in measurements if m["kind"] in FILE_KINDS and m.get("path")):
         try:
-            layers.append(LayerEvidence(m["path"], m["digest"], measure_file(m["path"], store).digest))
+            files.append(FileEvidence(m["path"], m["digest"], measure_file(m["path"], store).digest, kind=m["kind"]))
         except TvorchError as err:
-            layers.append(LayerEvidence(m["path"], m["digest"], None, str(err)))
+            files.append(FileEvidence(m["path"], m["digest"], None, str(err), kind=m["kind"]))
+    layers = [f for f in files if f.kind == "image-layer"]
     top = layers[-1].path if layers else None
     last = None if running else store.last_ledger_entry(record.id)
+    nvram = (None, None, None) if running else _nvram_evidence(store, record, measurements, xml)
     host = None
     if cfg.policy.host_verdict == "require":
         host = host_problem(store.latest_host_verdict(), time.time(), cfg.host.verdict_max_age)
@@ -77,29 +81,80 @@ def gather(
         manifest_stored=hashlib.sha256(body).hexdigest(),
         config_now=config_digest(xml, autoselection_hint(record.domain_xml, measurements)),
         config_manifest=manifest["config_digest"],
-        layers=tuple(layers),
+        files=tuple(files),
         overlay_problem=overlay_problem(record.overlay, store.overlay_identity(record.id), top),
         vtpm_now=None if running else state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
         vtpm_recorded=last.state_digest if last else None,
         host_problem=host,
         vtpm_pending=not running and store.vtpm_pending(record.id) is not None,
+        nvram_path=nvram[0],
+        nvram_now=nvram[1],
+        nvram_recorded=nvram[2],
     )
 
 
-def _record_stop(cfg: Config, store: Store, record: InstanceRecord, phase: Phase) -> str:
-    """Ledger the vTPM state at rest, but only after a run: libvirt also calls
-    stopped/release after a refused start, and recording then would bless the
-    very state (say, a rolled-back copy) that was just refused."""
-    ran = store.last_hook_operation(record.id, _START_OPERATIONS) == "started begin"
-    if not ran:
-        return "start did not happen; nothing recorded"
-    if phase is Phase.STOPPED:
-        return "guest stopped"
-    digest = state_digest(Path(cfg.swtpm_state_dir) / record.uuid)
-    if digest is None:
-        return "no vTPM state"
-    store.append_ledger(record.id, "stopped", digest)
-    return f"vTPM state sha256:{digest}"
+def _nvram_evidence(
+    store: Store, record: InstanceRecord, measurements: list[dict[str, object]], xml: str
+) -> tuple[str | None, str | None, str | None]:
+    """(path, digest now, last ledgered digest) of the instance's UEFI variable store; Nones when it
+    has none (SeaBIOS) or no NVRAM ledger yet (launched before tvorch kept one)."""
+    template = next((str(m["digest"]) for m in measurements if m["kind"] == "firmware-vars"), None)
+    last = store.last_ledger_entry(record.id, "nvram_ledger") if template is not None else None
+    if last is None:
+        return None, None, None
+    path = nvram_path(xml, record.name)
+    if not os.path.lexists(path):
+        return path, template, last.state_digest  # libvirt makes it from the (re-checked) template
+    return path, _digest_or_none(path), last.state_digest
+
+
+def _digest_or_none(path: str) -> str | None:
+    try:
+        return sha256_file(path)
+    except TvorchError:
+        return None
+
+
+def _nvram_at_rest(xml: str, name: str) -> str | None:
+    """Digest of the domain's UEFI variable store as QEMU left it; None without UEFI vars."""
+    if "<nvram" not in xml:
+        return None
+    path = nvram_path(xml, name)
+    return _digest_or_none(path) if os.path.isfile(path) else None
+
+
+def _record_stop(cfg: Config, store: Store, record: InstanceRecord, phase: Phase, name: str, op: str,
+                 xml: str) -> None:
+    """Ledger the vTPM state and NVRAM at rest, but only when closing a run: one this hook allowed and
+    libvirt started (`started begin` after an allowed start). libvirt also calls stopped/release after
+    a refused or failed start, and recording then would bless the very state (say, a rolled-back copy)
+    that was just refused."""
+    if phase is Phase.STOPPED or not store.run_open(record.id):
+        ran = store.run_open(record.id)
+        store.add_hook_event(record.id, name, op, "recorded",
+                             ("guest stopped" if ran else "start did not happen; nothing recorded",))
+        return
+    store.close_run(record.id, name, op, state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
+                    _nvram_at_rest(xml, record.name))
+
+
+_BOOT_FILE = re.compile(r"<(kernel|initrd)>([^<]+)</\1>")
+
+
+def _protect_boot_files(xml: str) -> tuple[str, ...]:
+    """libvirt hands the direct-boot kernel and initrd to the qemu user for the whole run, so any QEMU
+    could rewrite them. QEMU has read them by `started begin` (the guest has not run yet): give them
+    back to root, not writable by group or others, for the rest of the run. Returns what failed."""
+    problems = []
+    for _, path in _BOOT_FILE.findall(xml):
+        try:
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode):
+                os.chown(path, 0, 0, follow_symlinks=False)
+                os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o022)
+        except OSError as err:
+            problems.append(f"cannot give {path} back to root: {err.strerror}")
+    return tuple(problems)
 
 
 _UUID = re.compile(r"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
@@ -122,9 +177,6 @@ def _stripped(cfg: Config, name: str, uuid: re.Match[str] | None, op: str) -> tu
         store.close()
 
 
-_START_OPERATIONS = ("prepare begin", "start begin", "restore begin", "migrate begin", "started begin")
-
-
 def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
     """(exit status, reason line) for one hook call; records the decision."""
     name, operation, sub_operation = (argv + ["", "", ""])[:3]
@@ -135,11 +187,11 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
     op = f"{operation} {sub_operation}"
     if meta is None:
         if phase is Phase.START and cfg.policy.require_tvorch_domains:
-            return REFUSE, f"tvorch: refused to start {name}: not launched by tvorch (policy.require_tvorch_domains)"
+            return _refused_on_record(cfg, None, name, op, "not launched by tvorch (policy.require_tvorch_domains)")
         if phase is Phase.START:
             return _stripped(cfg, name, _UUID.search(xml), op)
         return ALLOW, None
-    store = Store(cfg.db_path)
+    store = Store(cfg.db_path, busy_timeout_ms=cfg.hook_deadline_ms)
     try:
         record = store.by_id(meta.instance_id)
         if record is None or record.name != name:
@@ -147,23 +199,73 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
             store.add_hook_event(None, name, op, "refused" if phase is Phase.START else "warning", (reason,))
             return (REFUSE, f"tvorch: refused to start {name}: {reason}") if phase is Phase.START else (ALLOW, None)
         if phase is Phase.STARTED:
-            store.add_hook_event(record.id, name, op, "recorded", ("guest running",))
+            problems = _protect_boot_files(xml)
+            store.begin_run(record.id, name, op)
+            if problems:
+                store.add_hook_event(record.id, name, op, "warning", problems)
             return ALLOW, None
         if phase in (Phase.STOPPED, Phase.RELEASED):
-            store.add_hook_event(record.id, name, op, "recorded", (_record_stop(cfg, store, record, phase),))
+            _record_stop(cfg, store, record, phase, name, op, xml)
             return ALLOW, None
+        if phase is Phase.START:
+            # First, before anything slow: whatever this start was allowed before no longer counts.
+            store.open_start_check(record.id)
         evidence = gather(cfg, store, record, meta.manifest_digest, xml, running=phase is Phase.RECONNECT)
         reasons = start_refusals(evidence)
         if phase is Phase.RECONNECT:
             # A failing reconnect hook makes libvirtd kill a running guest: warn only.
             store.add_hook_event(record.id, name, op, "warning" if reasons else "allowed", reasons)
             return ALLOW, None
-        store.add_hook_event(record.id, name, op, "refused" if reasons else "allowed", reasons)
+        store.record_start_decision(record.id, name, op, reasons)
         if reasons:
             return REFUSE, f"tvorch: refused to start {name}: " + "; ".join(reasons)
         return ALLOW, None
     finally:
         store.close()
+
+
+# Of a start's deadline, the share (at most RECORD_MAX_S) kept to record a refusal when the decision overruns.
+RECORD_SHARE, RECORD_MAX_S = 0.25, 1.0
+
+
+def deadline_reason(name: str, deadline_ms: int) -> str:
+    """Why a start was refused at the deadline, and what the operator does about it."""
+    return (f"the hook's deadline (hook_deadline_ms = {deadline_ms}) passed before a decision: a file the launch "
+            f"measured is not in the digest cache (new, or its ctime changed) and takes longer to hash; "
+            f"`tvorch check {name}` hashes them outside the hook, then start it again")
+
+
+def _refused_on_record(cfg: Config, instance_id: str | None, name: str, op: str, reason: str) -> tuple[int, str]:
+    store = Store(cfg.db_path, busy_timeout_ms=cfg.hook_deadline_ms)
+    try:
+        store.refuse_start(instance_id, name, op, (reason,))
+    finally:
+        store.close()
+    return REFUSE, f"tvorch: refused to start {name}: {reason}"
+
+
+def _record_undecided(cfg: Config, args: list[str], xml: str, reason: str, seconds: float) -> None:
+    """Put a start refused without a decision (the deadline, an error) on record within SECONDS, under the
+    instance the XML names, clearing its allowance and run. Best effort: the hook cleared those before
+    judging anyway, so a refusal this cannot record still opens no run."""
+    name, operation, sub_operation = (args + ["", "", ""])[:3]
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        try:
+            meta = parse_instance_metadata(xml) if xml.strip() else None
+        except TvorchError:
+            meta = None
+        store = Store(cfg.db_path, busy_timeout_ms=max(1, int(seconds * 1000)))
+        try:
+            record = store.by_id(meta.instance_id) if meta is not None else None
+            instance_id = record.id if record is not None and record.name == name else None
+            store.refuse_start(instance_id, name, f"{operation} {sub_operation}", (reason,))
+        finally:
+            store.close()
+    except (DeadlineExceeded, TvorchError):
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _read_stdin() -> str:
@@ -180,23 +282,37 @@ def main(argv: list[str] | None = None) -> int:
     if phase is Phase.IGNORED:
         return ALLOW  # attach, detach, migrate end ...: nothing to read, nothing to decide
     fail = REFUSE if phase is Phase.START else ALLOW
+    name = args[0] if args else ""
     signal.signal(signal.SIGALRM, _on_alarm)
+    cfg: Config | None = None
+    xml, reserve, undecided = "", 0.0, None
     try:
         cfg = load_config()
-        signal.setitimer(signal.ITIMER_REAL, cfg.hook_deadline_ms / 1000)
+        deadline = cfg.hook_deadline_ms / 1000
+        # A start keeps part of its deadline to put a refusal on record when the decision overruns.
+        reserve = min(deadline * RECORD_SHARE, RECORD_MAX_S) if fail else 0.0
+        signal.setitimer(signal.ITIMER_REAL, deadline - reserve)
         xml = _read_stdin()
         status, line = decide(args, xml, cfg)
     except DeadlineExceeded:
-        status, line = fail, "tvorch: hook deadline passed before a decision" + (
-            ": refusing the start" if fail else "")
+        if fail:
+            undecided = deadline_reason(name, cfg.hook_deadline_ms if cfg else 0)
+            status, line = fail, f"tvorch: refused to start {name}: {undecided}"
+        else:
+            status, line = fail, "tvorch: hook deadline passed before a decision"
     except TvorchError as err:
-        status, line = fail, f"tvorch: hook error: {err}"
+        undecided = f"hook error: {err}"
+        status, line = fail, f"tvorch: {undecided}"
     except OSError as err:
-        status, line = fail, f"tvorch: hook error: {describe_os_error(err)}"
+        undecided = f"hook error: {describe_os_error(err)}"
+        status, line = fail, f"tvorch: {undecided}"
     except Exception as err:  # a bug must not let an unchecked start through
-        status, line = fail, f"tvorch: hook internal error: {type(err).__name__}: {err}"
+        undecided = f"hook internal error: {type(err).__name__}: {err}"
+        status, line = fail, f"tvorch: {undecided}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+    if undecided is not None and fail and cfg is not None:
+        _record_undecided(cfg, args, xml, undecided, reserve)
     if line:
         print(" ".join(line.split()), file=sys.stderr)
     return status

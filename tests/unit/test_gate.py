@@ -12,9 +12,10 @@ import dataclasses
 import pytest
 
 from tvorch.core.gate import (
-    LayerEvidence,
+    FileEvidence,
     Phase,
     StartEvidence,
+    nvram_path,
     phase_of,
     start_refusals,
 )
@@ -66,7 +67,7 @@ def clean() -> StartEvidence:
         manifest_stored=A,
         config_now=B,
         config_manifest=B,
-        layers=(LayerEvidence("/img/base.raw", C, C), LayerEvidence("/img/mid.qcow2", D, D)),
+        files=(FileEvidence("/img/base.raw", C, C), FileEvidence("/img/mid.qcow2", D, D)),
         overlay_problem=None,
         vtpm_now=A,
         vtpm_recorded=A,
@@ -85,11 +86,11 @@ MISMATCHES: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     "manifest missing from metadata": ({"manifest_in_xml": None}, ("manifest", "none")),
     "config digest": ({"config_now": C}, ("configuration changed", "sha256:cccccccccccc", "sha256:bbbbbbbbbbbb")),
     "layer changed": (
-        {"layers": (LayerEvidence("/img/base.raw", C, D), LayerEvidence("/img/mid.qcow2", D, D))},
+        {"files": (FileEvidence("/img/base.raw", C, D), FileEvidence("/img/mid.qcow2", D, D))},
         ("/img/base.raw", "changed", "sha256:dddddddddddd"),
     ),
     "layer unreadable": (
-        {"layers": (LayerEvidence("/img/base.raw", C, C), LayerEvidence("/img/mid.qcow2", D, None, "no such file"))},
+        {"files": (FileEvidence("/img/base.raw", C, C), FileEvidence("/img/mid.qcow2", D, None, "no such file"))},
         ("/img/mid.qcow2", "no such file"),
     ),
     "overlay problem": ({"overlay_problem": "overlay /ov.qcow2 was replaced since launch"}, ("/ov.qcow2 was replaced",)),
@@ -120,7 +121,7 @@ def test_every_mismatch_is_reported_in_check_order() -> None:
         clean(),
         manifest_in_xml=D,
         config_now=C,
-        layers=(LayerEvidence("/img/base.raw", C, A), LayerEvidence("/img/mid.qcow2", D, None, "permission denied")),
+        files=(FileEvidence("/img/base.raw", C, A), FileEvidence("/img/mid.qcow2", D, None, "permission denied")),
         overlay_problem="overlay /ov.qcow2 was replaced since launch",
         vtpm_now=None,
         host_problem="no host attestation verdict",
@@ -131,3 +132,35 @@ def test_every_mismatch_is_reported_in_check_order() -> None:
                 "overlay /ov.qcow2", "vTPM state differs", "no host attestation verdict"]
     for reason, word in zip(reasons, expected):
         assert word in reason, (word, reason)
+
+
+# -- issue #13: every measured file, and the NVRAM -------------------------------------
+
+
+def test_a_changed_file_of_any_measured_kind_is_refused_naming_kind_and_path() -> None:
+    for kind, words in (("kernel", "kernel /boot/k"), ("initrd", "initrd /boot/k"),
+                        ("firmware-code", "firmware code /boot/k"), ("firmware-vars", "firmware vars template /boot/k"),
+                        ("emulator", "emulator /boot/k"), ("swtpm", "swtpm /boot/k")):
+        evidence = dataclasses.replace(clean(), files=(*clean().files, FileEvidence("/boot/k", A, B, kind=kind)))
+        reasons = start_refusals(evidence)
+        assert len(reasons) == 1 and reasons[0].startswith(words + " changed"), reasons
+        unreadable = dataclasses.replace(clean(), files=(FileEvidence("/boot/k", A, None, "gone", kind=kind),))
+        assert start_refusals(unreadable) == (f"{words}: gone",)
+
+
+def test_nvram_other_than_the_last_ledgered_is_refused() -> None:
+    path = "/var/lib/libvirt/qemu/nvram/vm_VARS.fd"
+    same = dataclasses.replace(clean(), nvram_path=path, nvram_now=C, nvram_recorded=C)
+    assert start_refusals(same) == ()
+    for now, found in ((D, "sha256:dddddddddddd"), (None, "unreadable")):
+        reasons = start_refusals(dataclasses.replace(same, nvram_now=now))
+        assert len(reasons) == 1 and reasons[0].startswith(f"NVRAM {path} differs from the last recorded stop"), reasons
+        assert found in reasons[0] and "sha256:cccccccccccc" in reasons[0]
+    # Without an NVRAM ledger (SeaBIOS, or launched before tvorch kept one) there is nothing to compare.
+    assert start_refusals(dataclasses.replace(same, nvram_now=D, nvram_recorded=None)) == ()
+
+
+def test_nvram_path_is_libvirts_or_its_default() -> None:
+    assert nvram_path("<os><nvram template='/t.fd'>/x/vm_VARS.fd</nvram></os>", "vm") == "/x/vm_VARS.fd"
+    assert nvram_path("<os><nvram template='/t.fd'/></os>", "vm") == "/var/lib/libvirt/qemu/nvram/vm_VARS.fd"
+    assert nvram_path("<os firmware='efi'/>", "vm") == "/var/lib/libvirt/qemu/nvram/vm_VARS.fd"

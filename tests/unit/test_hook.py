@@ -43,7 +43,7 @@ from tvorch.core.manifest import (
     manifest_digest,
     sign_manifest,
 )
-from tvorch.core.spec import DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
 
 REPO = Path(__file__).resolve().parents[2]
 LIBVIRT_XML = REPO / "tests" / "data" / "libvirt"
@@ -470,8 +470,65 @@ def test_main_deadline_refuses_a_start(tmp_path: Path, monkeypatch: pytest.Monke
     os.truncate(node.layer, 4 << 30)
     status, out, err = run_main([NAME, "prepare", "begin", "-"], node.xml, node.config_path, monkeypatch, tmp_path)
     assert (status, out) == (1, "")
-    assert "deadline" in err and "refusing the start" in err
+    assert err.startswith(f"tvorch: refused to start {NAME}: the hook's deadline (hook_deadline_ms = 1)")
+    assert f"`tvorch check {NAME}`" in err
     assert err.count("\n") == 1
+
+def test_main_deadline_refusal_is_recorded_and_its_release_ledgers_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #13: a start refused at the deadline was not recorded, so the release after it took the
+    previous run's `started begin` for its own and ledgered a rolled-back vTPM state put there before."""
+    node = build_node(tmp_path, top="hook_deadline_ms = 400")
+    node.write_vtpm(b"state v1")
+    run_guest(node, capfd, state_after=b"state v2")
+    assert node.ledger_length() == 1
+    node.write_vtpm(b"state v1")  # the rollback
+    os.truncate(node.layer, 4 << 30)  # seconds to hash, against 300 ms of the 400 ms deadline
+    status, _, err = run_main([NAME, "prepare", "begin", "-"], node.xml, node.config_path, monkeypatch, tmp_path)
+    assert status == 1 and "deadline" in err
+    last = node.events()[-1]
+    assert (last["operation"], last["verdict"]) == ("prepare begin", "refused")
+    assert "hook_deadline_ms = 400" in last["reasons"][0]  # type: ignore[index]
+    assert run_main([NAME, "release", "end", "-"], node.xml, node.config_path, monkeypatch, tmp_path)[0] == 0
+    assert node.ledger_length() == 1
+    assert node.events()[-1]["reasons"] == ["start did not happen; nothing recorded"]
+
+
+def test_started_without_an_allowed_start_opens_no_run(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
+    """A `started begin` whose start this hook did not allow (refused, never judged) is no run to ledger."""
+    node.write_vtpm(b"state v1")
+    run_guest(node, capfd)
+    node.write_vtpm(b"state v0, an older copy")
+    status, _ = decide(node, "prepare", "begin", capfd)
+    assert status == 1
+    assert decide(node, "started", "begin", capfd) == (0, None)
+    assert node.events()[-1]["verdict"] == "warning"
+    assert decide(node, "release", "end", capfd) == (0, None)
+    assert node.ledger_length() == 1
+    # An allowance is used once: a second `started begin` after one allowed start opens nothing either.
+    node.write_vtpm(b"state v1")
+    assert decide(node, "prepare", "begin", capfd) == (0, None)
+    assert decide(node, "started", "begin", capfd) == (0, None)
+    assert decide(node, "started", "begin", capfd) == (0, None)
+    assert node.events()[-1]["verdict"] == "warning"
+
+
+def test_a_new_start_check_closes_a_run_its_release_missed(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
+    """A run whose `release end` never came (the hook's deadline, a crash) is not closed by the release
+    of a later, refused start."""
+    node.write_vtpm(b"state v1")
+    assert decide(node, "prepare", "begin", capfd) == (0, None)
+    assert decide(node, "started", "begin", capfd) == (0, None)
+    node.write_vtpm(b"state v0, an older copy")  # swtpm's state as a rollback left it; release was missed
+    store = node.store()
+    try:
+        store.append_ledger(INSTANCE, "backup", "e" * 64)  # what the state on disk is not
+    finally:
+        store.close()
+    assert decide(node, "prepare", "begin", capfd)[0] == 1
+    assert decide(node, "release", "end", capfd) == (0, None)
+    assert node.ledger_length() == 1
 
 
 def test_main_deadline_lets_a_release_through(
@@ -479,7 +536,9 @@ def test_main_deadline_lets_a_release_through(
 ) -> None:
     """Past the deadline anything but a start is let through (and, here, nothing is recorded)."""
     node = build_node(tmp_path, top="hook_deadline_ms = 1")
-    assert decide(node, "started", "begin", capfd) == (0, None)  # the guest ran, so release will hash the state
+    # The guest ran (a start the hook allowed, then started), so release will hash the state.
+    assert decide(node, "prepare", "begin", capfd) == (0, None)
+    assert decide(node, "started", "begin", capfd) == (0, None)
     node.write_vtpm(b"")
     os.truncate(node.vtpm / "tpm2" / "tpm2-00.permall", 64 << 20)  # tens of ms to read and hash
     status, out, err = run_main([NAME, "release", "end", "-"], node.xml, node.config_path, monkeypatch, tmp_path)
@@ -527,3 +586,100 @@ def test_tvorch_hook_command_runs_the_hook(tmp_path):
                           input="", capture_output=True, text=True, timeout=60,
                           env={"TVORCH_CONFIG": str(tmp_path / "absent.toml"), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+
+# -- issue #13: every measured file, the direct-boot files, the NVRAM ----------------------
+
+
+def resigned(node: Node, extra: tuple[Measurement, ...], spec: DomainSpec | None = None,
+             nvram: Path | None = None) -> Node:
+    """NODE with a manifest that also measures EXTRA (and SPEC's configuration, NVRAM's path in its XML)."""
+    spec = dataclasses.replace(spec or node.spec, manifest_digest=None)
+
+    def xml_of(s: DomainSpec) -> str:
+        xml = render_domain_xml(s)
+        if nvram is not None:  # as libvirt fills it in: a path of the test's, not libvirt's default
+            xml = xml.replace("</os>", f"  <nvram template='/t.fd'>{nvram}</nvram>\n  </os>", 1)
+        return xml
+
+    layer = Measurement(kind="image-layer", path=str(node.layer), digest=hashlib.sha256(LAYER_BYTES).hexdigest(),
+                        size=len(LAYER_BYTES), details={"format": "raw", "layer": 0})
+    identity = load_or_create(Path(node.cfg.state_dir), "hook-test-node")
+    body = sign_manifest(LaunchManifest(
+        instance_id=INSTANCE, uuid=UUID, name=NAME, node="hook-test-node", created_at="2026-01-01T00:00:00.000+00:00",
+        measurements=(layer, *extra), config_digest=config_digest(xml_of(spec)),
+        policy_digest=hashlib.sha256(node.cfg.raw).hexdigest()), identity.signing_key, identity.signing_cert)
+    db = sqlite3.connect(node.cfg.db_path)
+    try:
+        db.execute("UPDATE manifests SET body = ?, digest = ? WHERE instance_id = ?",
+                   (body, manifest_digest(body), INSTANCE))
+        db.commit()
+    finally:
+        db.close()
+    return dataclasses.replace(node, spec=spec, xml=xml_of(dataclasses.replace(spec, manifest_digest=manifest_digest(body))))
+
+
+def measured(kind: str, path: Path) -> Measurement:
+    data = path.read_bytes()
+    return Measurement(kind=kind, path=str(path), digest=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+def test_changed_initrd_is_refused_and_boot_files_go_back_to_root_once_started(
+    node: Node, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(b"kernel bytes")
+    initrd.write_bytes(b"initrd bytes")
+    spec = dataclasses.replace(node.spec, direct_boot=DirectBoot(str(kernel), str(initrd), "console=ttyS0"))
+    node = resigned(node, (measured("kernel", kernel), measured("initrd", initrd)), spec)
+    assert decide(node, "prepare", "begin", capfd) == (0, None)
+    # What libvirt's DAC driver does at start: the files become the qemu user's.
+    for path in (kernel, initrd):
+        os.chown(path, 64055, 64055)
+        os.chmod(path, 0o664)
+    assert decide(node, "started", "begin", capfd) == (0, None)
+    for path in (kernel, initrd):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, 0, 0o644), path
+    with open(initrd, "ab") as f:
+        f.write(b"\0")
+    status, line = decide(node, "prepare", "begin", capfd)
+    assert status == 1 and line is not None and f"initrd {initrd} changed" in line
+
+
+def test_nvram_is_ledgered_at_each_stop_and_checked_at_each_start(
+    node: Node, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    template, nvram = tmp_path / "VARS.fd", tmp_path / "nvram" / f"{NAME}_VARS.fd"
+    template.write_bytes(b"vars template: PK KEK db")
+    nvram.parent.mkdir()
+    node = resigned(node, (measured("firmware-vars", template),), nvram=nvram)
+    store = node.store()
+    try:  # what launch ledgers: the template libvirt copies at the first start
+        store.append_ledger(INSTANCE, "launched", hashlib.sha256(template.read_bytes()).hexdigest(), "nvram_ledger")
+    finally:
+        store.close()
+    assert decide(node, "prepare", "begin", capfd) == (0, None)  # no file yet: libvirt will copy the template
+    shutil.copyfile(template, nvram)
+    node.write_vtpm(b"state v1")
+    assert decide(node, "start", "begin", capfd) == (0, None)
+    assert decide(node, "started", "begin", capfd) == (0, None)
+    nvram.write_bytes(b"vars as the guest left them: its boot entries")
+    assert decide(node, "release", "end", capfd) == (0, None)
+    assert node.events()[-1]["reasons"] == [f"vTPM state sha256:{state_digest(node.vtpm)}",
+                                            f"NVRAM sha256:{hashlib.sha256(nvram.read_bytes()).hexdigest()}"]
+    assert decide(node, "prepare", "begin", capfd) == (0, None)
+    for tampered in (b"other keys: PK KEK db of someone else", None):  # replaced; removed (back to the template)
+        kept = nvram.read_bytes()
+        if tampered is None:
+            nvram.unlink()
+        else:
+            nvram.write_bytes(tampered)
+        status, line = decide(node, "prepare", "begin", capfd)
+        assert status == 1 and line is not None and f"NVRAM {nvram} differs from the last recorded stop" in line
+        nvram.write_bytes(kept)
+    s = node.store()
+    try:
+        entries = s.ledger(INSTANCE, "nvram_ledger")
+    finally:
+        s.close()
+    assert [e.event for e in entries] == ["launched", "stopped"] and broken_link(entries) is None

@@ -119,3 +119,30 @@ def test_a_second_connection_in_one_process_keeps_the_first_ones_locks(tmp_path)
     assert reader.stdout.strip() == "3"
     first.close()
     second.close()
+
+
+def test_guests_running_under_an_older_hook_keep_their_run(tmp_path, monkeypatch):
+    """The migration that adds the hook's runs gives one to an instance whose last start operation was
+    `started begin` (running, or stopped without a release the old hook saw), and none to the others."""
+    from tvorch.adapters import store as store_module
+
+    index = next(i for i, m in enumerate(store_module.MIGRATIONS) if "CREATE TABLE gate_runs" in m)
+    path = tmp_path / "state" / "tvorch.db"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:index])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", index)
+    old = Store(path)
+    for n, ops in ((1, ("prepare begin", "start begin", "started begin")), (2, ("started begin", "prepare begin"))):
+        old.create_instance(record(f"vm{n}", f"i-00000000000{n}", f"00000000-0000-0000-0000-00000000000{n}"))
+        for op in ops:
+            old.add_hook_event(f"i-00000000000{n}", f"vm{n}", op, "allowed", ())
+        old.add_hook_event(f"i-00000000000{n}", f"vm{n}", "reconnect begin", "allowed", ())
+    old.close()
+    monkeypatch.undo()
+    s = Store(path)
+    try:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.run_open("i-000000000001") and not s.run_open("i-000000000002")
+        assert s.close_run("i-000000000001", "vm1", "release end", "a" * 64, None)
+        assert not s.run_open("i-000000000001") and [e.event for e in s.ledger("i-000000000001")] == ["stopped"]
+    finally:
+        s.close()

@@ -210,6 +210,36 @@ MIGRATIONS: tuple[str, ...] = (
     -- The libvirt connection the daemon follows, for tvorch status.
     ALTER TABLE daemon_status ADD COLUMN libvirt_uri TEXT;
     """,
+    """
+    -- The hook's runs (tvorch.hook): the start it allowed last, until `started begin` turns it into a
+    -- run, and that run, until `release end` closes it and ledgers the state at rest. A start being
+    -- checked clears both, so nothing but a run this hook allowed and libvirt started is ledgered.
+    CREATE TABLE gate_runs (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(id),
+        allowed TEXT,
+        run_token TEXT,
+        updated_at TEXT NOT NULL
+    );
+    -- Guests running under the hook before runs were kept (their last start operation was
+    -- `started begin`) keep their run, so their next stop is ledgered.
+    INSERT INTO gate_runs (instance_id, allowed, run_token, updated_at)
+        SELECT h.instance_id, NULL, 'before-gate-runs', h.at FROM hook_events h
+        WHERE h.instance_id IS NOT NULL AND h.operation = 'started begin' AND h.seq = (
+            SELECT MAX(seq) FROM hook_events WHERE instance_id = h.instance_id AND operation IN
+            ('prepare begin', 'start begin', 'restore begin', 'migrate begin', 'started begin'));
+    -- Each instance's UEFI variable store (NVRAM) digests, hash-chained like vtpm_ledger:
+    -- `launched` (the vars template libvirt copies), then each `stopped`.
+    CREATE TABLE nvram_ledger (
+        instance_id TEXT NOT NULL REFERENCES instances(id),
+        seq INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        state_digest TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        entry_hash TEXT NOT NULL,
+        PRIMARY KEY (instance_id, seq)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -242,12 +272,23 @@ def _row_to_record(row: sqlite3.Row) -> InstanceRecord:
     )
 
 
+LEDGERS = ("vtpm_ledger", "nvram_ledger")
+
+
+def _ledger(table: str) -> str:
+    """A ledger table's name, checked: it is put into SQL text."""
+    if table not in LEDGERS:
+        raise ValueError(f"no ledger table {table!r}")
+    return table
+
+
 def _blob(value: bytes | None) -> bytes | None:
     return None if value is None else bytes(value)
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        """BUSY_TIMEOUT_MS: how long to wait for another writer (the hook waits no longer than its deadline)."""
         self.path = path
         try:
             ensure_private_dir(path.parent)
@@ -259,9 +300,9 @@ class Store:
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
                 pass
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self._db = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -504,10 +545,15 @@ class Store:
         self, instance_id: str | None, domain: str, operation: str, verdict: str, reasons: tuple[str, ...]
     ) -> None:
         with self._write() as db:
-            db.execute(
-                "INSERT INTO hook_events (instance_id, domain, at, operation, verdict, reasons) VALUES (?,?,?,?,?,?)",
-                (instance_id, domain, utc_now(), operation, verdict, json.dumps(list(reasons))),
-            )
+            self._add_hook_event(db, instance_id, domain, operation, verdict, reasons)
+
+    @staticmethod
+    def _add_hook_event(db: sqlite3.Connection, instance_id: str | None, domain: str, operation: str, verdict: str,
+                        reasons: tuple[str, ...]) -> None:
+        db.execute(
+            "INSERT INTO hook_events (instance_id, domain, at, operation, verdict, reasons) VALUES (?,?,?,?,?,?)",
+            (instance_id, domain, utc_now(), operation, verdict, json.dumps(list(reasons))),
+        )
 
     def last_hook_operation(self, instance_id: str, operations: tuple[str, ...]) -> str | None:
         """The most recent of OPERATIONS the hook recorded for the instance."""
@@ -533,42 +579,124 @@ class Store:
 
     # -- vTPM ledger -------------------------------------------------------
 
-    def ledger(self, instance_id: str) -> list[LedgerEntry]:
+    def ledger(self, instance_id: str, table: str = "vtpm_ledger") -> list[LedgerEntry]:
+        """The instance's vTPM ledger, or with TABLE="nvram_ledger" its NVRAM ledger."""
         rows = self._db.execute(
-            "SELECT instance_id, seq, at, event, state_digest, prev_hash, entry_hash FROM vtpm_ledger "
+            f"SELECT instance_id, seq, at, event, state_digest, prev_hash, entry_hash FROM {_ledger(table)} "
             "WHERE instance_id = ? ORDER BY seq",
             (instance_id,),
         ).fetchall()
         return [LedgerEntry(*row) for row in rows]
 
-    def last_ledger_entry(self, instance_id: str) -> LedgerEntry | None:
+    def last_ledger_entry(self, instance_id: str, table: str = "vtpm_ledger") -> LedgerEntry | None:
         row = self._db.execute(
-            "SELECT instance_id, seq, at, event, state_digest, prev_hash, entry_hash FROM vtpm_ledger "
+            f"SELECT instance_id, seq, at, event, state_digest, prev_hash, entry_hash FROM {_ledger(table)} "
             "WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
             (instance_id,),
         ).fetchone()
         return LedgerEntry(*row) if row else None
 
-    def append_ledger(self, instance_id: str, event: str, state_digest: str) -> LedgerEntry:
+    def append_ledger(self, instance_id: str, event: str, state_digest: str,
+                      table: str = "vtpm_ledger") -> LedgerEntry:
         """Chain a new entry onto the last one, under the write lock so none is lost."""
         with self._write() as db:
-            return self._append_ledger(db, instance_id, event, state_digest)
+            return self._append_ledger(db, instance_id, event, state_digest, table)
 
     @staticmethod
-    def _append_ledger(db: sqlite3.Connection, instance_id: str, event: str, state_digest: str) -> LedgerEntry:
+    def _append_ledger(db: sqlite3.Connection, instance_id: str, event: str, state_digest: str,
+                       table: str = "vtpm_ledger") -> LedgerEntry:
+        table = _ledger(table)
         row = db.execute(
-            "SELECT seq, entry_hash FROM vtpm_ledger WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
+            f"SELECT seq, entry_hash FROM {table} WHERE instance_id = ? ORDER BY seq DESC LIMIT 1",
             (instance_id,),
         ).fetchone()
         entry = chain_entry(instance_id, row[0] + 1 if row else 0, utc_now(), event, state_digest,
                             row[1] if row else None)
         db.execute(
-            "INSERT INTO vtpm_ledger (instance_id, seq, at, event, state_digest, prev_hash, entry_hash) "
+            f"INSERT INTO {table} (instance_id, seq, at, event, state_digest, prev_hash, entry_hash) "
             "VALUES (?,?,?,?,?,?,?)",
             (entry.instance_id, entry.seq, entry.at, entry.event, entry.state_digest, entry.prev_hash,
              entry.entry_hash),
         )
         return entry
+
+    # -- the hook's runs (gate_runs) -----------------------------------------
+
+    def open_start_check(self, instance_id: str) -> None:
+        """A start is being checked: no earlier allowance and no unclosed run counts any more.
+
+        The hook writes this before anything slow, so a start it then refuses, or never
+        finishes judging (its deadline, a crash), leaves nothing a later `started begin` or
+        `release end` could take for an allowed start or a finished run."""
+        row = self._db.execute("SELECT allowed, run_token FROM gate_runs WHERE instance_id = ?",
+                               (instance_id,)).fetchone()
+        if row is not None and row[0] is None and row[1] is None:
+            return  # nothing to clear: spare the write
+        with self._write() as db:
+            db.execute("INSERT INTO gate_runs (instance_id, allowed, run_token, updated_at) VALUES (?, NULL, NULL, ?) "
+                       "ON CONFLICT(instance_id) DO UPDATE SET allowed = NULL, run_token = NULL, "
+                       "updated_at = excluded.updated_at", (instance_id, utc_now()))
+
+    def record_start_decision(self, instance_id: str, domain: str, operation: str,
+                              reasons: tuple[str, ...]) -> None:
+        """The hook's verdict on a start and, when it is allowed, the allowance `started begin` takes."""
+        with self._write() as db:
+            self._add_hook_event(db, instance_id, domain, operation, "refused" if reasons else "allowed", reasons)
+            db.execute("INSERT INTO gate_runs (instance_id, allowed, run_token, updated_at) VALUES (?, ?, NULL, ?) "
+                       "ON CONFLICT(instance_id) DO UPDATE SET allowed = excluded.allowed, run_token = NULL, "
+                       "updated_at = excluded.updated_at",
+                       (instance_id, None if reasons else operation, utc_now()))
+
+    def begin_run(self, instance_id: str, domain: str, operation: str) -> bool:
+        """`started begin`: turn the hook's allowance into a run (once); False, and a warning on
+        record, when libvirt started the guest without a start this hook allowed."""
+        with self._write() as db:
+            row = db.execute("SELECT allowed FROM gate_runs WHERE instance_id = ?", (instance_id,)).fetchone()
+            allowed = row is not None and row[0] is not None
+            if allowed:
+                db.execute("UPDATE gate_runs SET allowed = NULL, run_token = ?, updated_at = ? WHERE instance_id = ?",
+                           (os.urandom(16).hex(), utc_now(), instance_id))
+                self._add_hook_event(db, instance_id, domain, operation, "recorded", ("guest running",))
+            else:
+                self._add_hook_event(db, instance_id, domain, operation, "warning", (
+                    "guest running without a start this hook allowed: its stop will not be ledgered",))
+        return allowed
+
+    def run_open(self, instance_id: str) -> bool:
+        row = self._db.execute("SELECT run_token FROM gate_runs WHERE instance_id = ?", (instance_id,)).fetchone()
+        return row is not None and row[0] is not None
+
+    def close_run(self, instance_id: str, domain: str, operation: str, vtpm_digest: str | None,
+                  nvram_digest: str | None) -> bool:
+        """`release end`: close the run (once) and ledger the states at rest, in one transaction.
+        False, with nothing ledgered, when there is no run: a refused or failed start."""
+        with self._write() as db:
+            row = db.execute("SELECT run_token FROM gate_runs WHERE instance_id = ?", (instance_id,)).fetchone()
+            if row is None or row[0] is None:
+                self._add_hook_event(db, instance_id, domain, operation, "recorded",
+                                     ("start did not happen; nothing recorded",))
+                return False
+            db.execute("UPDATE gate_runs SET run_token = NULL, updated_at = ? WHERE instance_id = ?",
+                       (utc_now(), instance_id))
+            details = []
+            if vtpm_digest is not None:
+                self._append_ledger(db, instance_id, "stopped", vtpm_digest)
+                details.append(f"vTPM state sha256:{vtpm_digest}")
+            if nvram_digest is not None:
+                self._append_ledger(db, instance_id, "stopped", nvram_digest, "nvram_ledger")
+                details.append(f"NVRAM sha256:{nvram_digest}")
+            self._add_hook_event(db, instance_id, domain, operation, "recorded",
+                                 tuple(details) or ("no vTPM state",))
+        return True
+
+    def refuse_start(self, instance_id: str | None, domain: str, operation: str, reasons: tuple[str, ...]) -> None:
+        """A refusal the hook could not record as a decision (its deadline, an error): on file, and
+        the instance's allowance and run cleared, in one transaction."""
+        with self._write() as db:
+            self._add_hook_event(db, instance_id, domain, operation, "refused", reasons)
+            if instance_id is not None:
+                db.execute("UPDATE gate_runs SET allowed = NULL, run_token = NULL, updated_at = ? "
+                           "WHERE instance_id = ?", (utc_now(), instance_id))
 
     # -- vTPM records ------------------------------------------------------
 

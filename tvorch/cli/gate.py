@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ..core.instance import validate_name
-from ..errors import NotFoundError
+from ..errors import NotFoundError, TrustError
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
 
@@ -68,3 +68,21 @@ def events(ctx: Context, name: str, as_json: bool) -> None:
     emit(as_json, rows, lambda: "\n".join(
         f"{r['at']}  {r['operation']:<16} {r['verdict']:<9} {'; '.join(r['reasons'])}" for r in rows)
         or "no hook decisions recorded")
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def check(ctx: Context, name: str, as_json: bool) -> None:
+    """What the hook would decide at NAME's next start, hashing its measured files without the hook's
+    deadline (they are then in the digest cache). Exit 12 when the start would be refused."""
+    from ..service.gate_check import check_start
+
+    result = check_start(ctx.node, validate_name(name))
+    if result.reasons and not as_json:
+        raise TrustError(f"the hook would refuse to start {result.name}: " + "; ".join(result.reasons))
+    emit(as_json, result.to_json(), f"the hook would allow {result.name} to start"
+         + (" (running: its vTPM state and NVRAM are checked at its next start)" if result.running else ""))
+    if result.reasons:
+        raise TrustError(f"the hook would refuse to start {result.name}: " + "; ".join(result.reasons))

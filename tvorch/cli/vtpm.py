@@ -91,14 +91,15 @@ def vtpm_ek(ctx: Context, name: str, pem: bool, as_json: bool) -> None:
 
 @vtpm.command(name="ledger")
 @click.argument("name")
+@click.option("--nvram", is_flag=True, help="The ledger of NAME's UEFI variable store (NVRAM) instead.")
 @json_option
 @pass_ctx
-def vtpm_ledger(ctx: Context, name: str, as_json: bool) -> None:
+def vtpm_ledger(ctx: Context, name: str, nvram: bool, as_json: bool) -> None:
     """The hash-chained ledger of NAME's vTPM state digests (manufacture, stops, backups, restores)."""
     from ..core.ledger import broken_link
 
     record = ctx.node.store.get_live(validate_name(name))
-    entries = ctx.node.store.ledger(record.id)
+    entries = ctx.node.store.ledger(record.id, "nvram_ledger" if nvram else "vtpm_ledger")
     broken = broken_link(entries)
     emit(as_json, {"entries": [e.to_json() for e in entries], "intact": broken is None, "broken_at": broken},
          lambda: "\n".join([f"{e.seq:>4}  {e.at}  {e.event:<12} sha256:{e.state_digest}" for e in entries]

@@ -7,8 +7,24 @@ to refuse rather than stopping at the first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
+
+# Where libvirt keeps a domain's UEFI variable store when its XML names none (it fills this in at
+# define or start; tvorch never names another).
+LIBVIRT_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
+
+# The measurement kinds that are files, re-checked at every start, and how a refusal names each.
+FILE_KINDS = {
+    "image-layer": "image layer",
+    "firmware-code": "firmware code",
+    "firmware-vars": "firmware vars template",
+    "kernel": "kernel",
+    "initrd": "initrd",
+    "emulator": "emulator",
+    "swtpm": "swtpm",
+}
 
 
 class Phase(str, Enum):
@@ -39,11 +55,14 @@ def phase_of(operation: str, sub_operation: str) -> Phase:
 
 
 @dataclass(frozen=True)
-class LayerEvidence:
+class FileEvidence:
+    """One file the launch measured (an image layer, the firmware, kernel, initrd, emulator, swtpm), now."""
+
     path: str
     expected: str  # digest in the manifest
     actual: str | None  # digest now; None when it could not be read
     problem: str | None = None  # why it could not be read
+    kind: str = "image-layer"  # one of FILE_KINDS
 
 
 @dataclass(frozen=True)
@@ -54,12 +73,15 @@ class StartEvidence:
     manifest_stored: str  # sha256 of the manifest tvorch keeps for the instance
     config_now: str  # canonical digest of the XML libvirt passed
     config_manifest: str
-    layers: tuple[LayerEvidence, ...]
+    files: tuple[FileEvidence, ...]  # every measured file, image layers base first
     overlay_problem: str | None  # None when the overlay is the one tvorch created
     vtpm_now: str | None  # digest of the vTPM state on disk; None if there is none yet
     vtpm_recorded: str | None  # last ledger entry; None before the first stop
     host_problem: str | None  # None when the host verdict allows starting
     vtpm_pending: bool = False  # a vTPM restore began and was not recorded as done
+    nvram_path: str | None = None  # the instance's UEFI variable store; None without UEFI vars
+    nvram_now: str | None = None  # its digest (the template's when libvirt would copy it); None if unreadable
+    nvram_recorded: str | None = None  # last NVRAM ledger entry; None when there is none
 
 
 def start_refusals(e: StartEvidence) -> tuple[str, ...]:
@@ -73,18 +95,22 @@ def start_refusals(e: StartEvidence) -> tuple[str, ...]:
         reasons.append(
             f"configuration changed since launch (digest {_short(e.config_now)}, manifest {_short(e.config_manifest)})"
         )
-    for layer in e.layers:
-        if layer.actual is None:
-            reasons.append(f"image layer {layer.path}: {layer.problem}")
-        elif layer.actual != layer.expected:
-            reasons.append(f"image layer {layer.path} changed (sha256 {_short(layer.actual)}, "
-                           f"manifest {_short(layer.expected)})")
+    for f in e.files:
+        what = FILE_KINDS.get(f.kind, f.kind)
+        if f.actual is None:
+            reasons.append(f"{what} {f.path}: {f.problem}")
+        elif f.actual != f.expected:
+            reasons.append(f"{what} {f.path} changed (sha256 {_short(f.actual)}, manifest {_short(f.expected)})")
     if e.overlay_problem:
         reasons.append(e.overlay_problem)
     if e.vtpm_recorded is not None and e.vtpm_now != e.vtpm_recorded:
         found = _short(e.vtpm_now) if e.vtpm_now else "no state"
         reasons.append(f"vTPM state differs from the last recorded stop ({found}, recorded "
                        f"{_short(e.vtpm_recorded)}): rollback or tampering")
+    if e.nvram_recorded is not None and e.nvram_now != e.nvram_recorded:
+        found = _short(e.nvram_now) if e.nvram_now else "unreadable"
+        reasons.append(f"NVRAM {e.nvram_path} differs from the last recorded stop ({found}, recorded "
+                       f"{_short(e.nvram_recorded)}): UEFI variables replaced or rolled back")
     if e.vtpm_pending:
         reasons.append("a vTPM restore was interrupted and is not settled (`tvorch reconcile` settles it)")
     if e.host_problem:
@@ -94,3 +120,13 @@ def start_refusals(e: StartEvidence) -> tuple[str, ...]:
 
 def _short(digest: str | None) -> str:
     return f"sha256:{digest[:12]}" if digest else "none"
+
+
+_NVRAM = re.compile(r"<nvram\b[^>]*>([^<]+)</nvram>")
+
+
+def nvram_path(xml: str, name: str) -> str:
+    """The UEFI variable store the domain's QEMU uses: the path libvirt's XML names, else libvirt's
+    default for the domain (what it fills in at define or start)."""
+    found = _NVRAM.search(xml)
+    return found.group(1).strip() if found else f"{LIBVIRT_NVRAM_DIR}/{name}_VARS.fd"

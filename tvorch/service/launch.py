@@ -202,6 +202,9 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             spec = dataclasses.replace(spec, manifest_digest=signed_digest)
             xml = render_domain_xml(spec)
             node.store.save_manifest(instance_id, signed_digest, manifest, domain_xml=xml)
+            vars_template = next((m for m in measured.measurements if m.kind == "firmware-vars"), None)
+            if vars_template is not None:  # libvirt makes the instance's NVRAM from it at the first start
+                node.store.append_ledger(instance_id, "launched", vars_template.digest, "nvram_ledger")
             for m in measured.measurements:
                 if m.details.get("waived"):
                     node.store.add_event(instance_id, "policy-waived", f"--allow-untrusted-image: {m.kind} {m.path}")

@@ -1,0 +1,185 @@
+"""Issue #13, the hook gate's holes, through libvirt's own start path.
+
+A start refused for any reason (here: the hook's deadline) is recorded, and the
+`release end` libvirt runs after it ledgers nothing; every file the launch
+measured is checked again at each start, and the direct-boot files stay out of
+QEMU's reach while the guest runs; the instance's UEFI variable store (NVRAM) is
+ledgered at each stop and checked at each start like its vTPM state.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import PREFIX, SNAKEOIL_VARS, Tv, virsh
+from .guest import wait_for_ready
+from .test_hook_gate import last_prepare, ledger_length, refused, starts_clean
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _hook_points_here(hook_for, tv: Tv) -> None:
+    """Test sessions running at the same time on this node take turns pointing libvirt's one hook at
+    their own config: point it back at this session's before each test."""
+    hook_for(tv.config)
+
+
+@dataclass
+class Direct:
+    name: str
+    record: dict
+    base: Path  # a 1 GiB layer: hashing it takes longer than a short hook deadline
+    kernel: Path
+    initrd: Path
+
+
+@pytest.fixture(scope="module")
+def direct(tv_clear: Tv, guest_dir: Path, hook_for, tv: Tv) -> Direct:
+    """A direct-boot guest (SeaBIOS, TIS) on a large base layer, booted once and stopped (vTPM ledgered).
+
+    Its vTPM state is in clear (tv_clear) so that `virsh start` reaches the gate."""
+    hook_for(tv.config)
+    tv = tv_clear
+    images = Path(f"/var/lib/libvirt/images/{PREFIX}direct-{secrets.token_hex(3)}")
+    images.mkdir(mode=0o755)
+    base = images / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=falloc", str(base), "1G"],
+                   check=True)
+    kernel, initrd = images / "vmlinuz", images / "initrd.img"
+    for source, copy in ((guest_dir / "vmlinuz", kernel), (guest_dir / "initrd.img", initrd), (None, base)):
+        if source is not None:
+            shutil.copyfile(source, copy)
+        os.chmod(copy, 0o644)
+    tv.run("image", "trust", str(base), "--label", "direct boot test base")
+    name = f"{PREFIX}direct-{secrets.token_hex(2)}"
+    record = tv.launch(base, name, "--firmware", "bios", "--tpm-model", "tis", "--kernel", str(kernel),
+                       "--initrd", str(initrd), "--cmdline", "console=ttyS0")
+    wait_for_ready(Path(record["console_log"]))
+    tv.run("stop", "--force", name)
+    yield Direct(name, record, base, kernel, initrd)
+    tv.run("destroy", "--purge-vtpm", name, check=False)
+    shutil.rmtree(images, ignore_errors=True)
+
+
+def _boot_and_stop(name: str, console_log: Path) -> None:
+    console_log.unlink(missing_ok=True)
+    virsh("start", name)
+    wait_for_ready(console_log)
+    virsh("destroy", name)
+
+
+def test_deadline_refusal_does_not_bless_a_rolled_back_vtpm(tv: Tv, direct: Direct, tmp_path: Path):
+    """A start refused by the hook's deadline is recorded, and its release ledgers nothing: the
+    rolled-back state put there before it is still refused at the next start."""
+    state = Path(f"/var/lib/libvirt/swtpm/{direct.record['uuid']}/tpm2")
+    old = tmp_path / "old"
+    shutil.copytree(state, old)
+    before = ledger_length(tv, direct.name)
+    _boot_and_stop(direct.name, Path(direct.record["console_log"]))
+    assert ledger_length(tv, direct.name) == before + 1
+    newer = tmp_path / "newer"
+    shutil.copytree(state, newer)
+    assert (old / "tpm2-00.permall").read_bytes() != (newer / "tpm2-00.permall").read_bytes()
+
+    shutil.copy2(old / "tpm2-00.permall", state / "tpm2-00.permall")  # the rollback
+    try:
+        os.chmod(direct.base, 0o644)  # a new ctime: the 1 GiB layer's digest is no longer cached
+        original = tv.config.read_text()
+        tv.config.write_text("hook_deadline_ms = 300\n" + original)
+        try:
+            proc = virsh("start", direct.name, check=False)
+        finally:
+            tv.config.write_text(original)
+        assert proc.returncode != 0 and "deadline" in proc.stderr, proc.stderr
+        prepare = last_prepare(tv, direct.name)
+        # The release libvirt runs after the refused start must not ledger the rolled-back state.
+        assert ledger_length(tv, direct.name) == before + 1
+        refused(direct.name, "vTPM state differs from the last recorded stop")
+        # The refusal is on record, and says what to do: hash the files outside the hook's deadline.
+        assert prepare["verdict"] == "refused" and "deadline" in prepare["reasons"][0], prepare
+        assert f"tvorch: refused to start {direct.name}" in proc.stderr
+        assert f"tvorch check {direct.name}" in proc.stderr
+    finally:
+        shutil.copy2(newer / "tpm2-00.permall", state / "tpm2-00.permall")
+    starts_clean(direct.name)
+
+
+def test_tvorch_check_fills_the_digest_cache_for_the_hook(tv: Tv, direct: Direct):
+    """What the deadline refusal tells the operator to run: it judges like the hook, without its deadline."""
+    os.chmod(direct.base, 0o644)
+    original = tv.config.read_text()
+    tv.config.write_text("hook_deadline_ms = 300\n" + original)
+    try:
+        time.sleep(2.1)  # past the digest cache's racy window, so the new digest is kept
+        checked = tv.json("check", direct.name)
+        assert checked["allowed"] is True and checked["reasons"] == [], checked
+        starts_clean(direct.name)
+    finally:
+        tv.config.write_text(original)
+
+
+def _writable_by_qemu(path: str) -> bool:
+    return subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "test", "-w", path]).returncode == 0
+
+
+def test_changed_initrd_is_refused(tv: Tv, direct: Direct):
+    """Not an image layer, yet measured at launch: a changed initrd is refused at the next start."""
+    original = direct.initrd.read_bytes()
+    with open(direct.initrd, "ab") as f:
+        f.write(b"\0")
+    try:
+        refused(direct.name, f"initrd {direct.initrd} changed")
+    finally:
+        direct.initrd.write_bytes(original)
+    starts_clean(direct.name)
+
+
+def test_boot_files_stay_out_of_qemus_reach_while_the_guest_runs(tv: Tv, direct: Direct):
+    """libvirt hands the direct-boot kernel and initrd to the qemu user for the run; no QEMU may write them."""
+    virsh("start", direct.name)
+    try:
+        live = ET.fromstring(virsh("dumpxml", direct.name).stdout)
+        paths = [live.findtext("os/kernel"), live.findtext("os/initrd")]
+        assert all(paths), paths
+        for path in paths:
+            assert not _writable_by_qemu(path), f"{path} is writable by libvirt-qemu while the guest runs"
+    finally:
+        virsh("destroy", direct.name)
+    starts_clean(direct.name)
+
+
+@pytest.fixture(scope="module")
+def uefi(tv_clear: Tv, guest_dir: Path, hook_for, tv: Tv) -> str:
+    """A UEFI instance (auto-selected OVMF) launched and stopped at once: libvirt made its NVRAM from the template."""
+    hook_for(tv.config)
+    name = f"{PREFIX}nvram-{secrets.token_hex(2)}"
+    tv_clear.launch(guest_dir / "guest.qcow2", name)
+    tv_clear.run("stop", "--force", name)
+    yield name
+    tv_clear.run("destroy", "--purge-vtpm", name, check=False)
+
+
+def test_replaced_nvram_is_refused(tv: Tv, uefi: str, tmp_path: Path):
+    """Other Secure Boot keys (the snakeoil PK/KEK/db) in the instance's vars file: refused."""
+    nvram = Path(f"/var/lib/libvirt/qemu/nvram/{uefi}_VARS.fd")
+    assert nvram.is_file()
+    saved = tmp_path / "vars.fd"
+    shutil.copyfile(nvram, saved)
+    shutil.copyfile(SNAKEOIL_VARS, nvram)
+    try:
+        refused(uefi, f"NVRAM {nvram} differs from the last recorded stop")
+    finally:
+        shutil.copyfile(saved, nvram)
+    starts_clean(uefi)
+    # That run's stop is ledgered: the vars as the guest left them are the ones accepted next.
+    starts_clean(uefi)
