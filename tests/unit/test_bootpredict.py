@@ -1,0 +1,364 @@
+"""Predicted boot measurements from bytes: GPT, FAT, PE Authenticode, UKI sections, PCRs 4/5/8/9/11-14.
+
+The ground truth is the test guest's real firmware logs (tests/data/eventlogs):
+every event of a PCR this side predicts is checked against them, digest by
+digest where the bytes measured are known here (the GPT, the fixed actions and
+separators, the section names, the command line), and by type and order
+where they are the captured guest's own kernel and initrd (the integration
+tests check those against a first boot of the current guest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from tests.components import require
+from tvorch.core.bootdisk import Fat, Slice, parse_gpt, read_boot_file
+from tvorch.core.bootpredict import (
+    mangle_stub_cmdline,
+    ovmf_load_options,
+    predict_seabios_direct,
+    predict_uefi_direct,
+    predict_uefi_disk,
+    stub_pcr11,
+)
+from tvorch.core.eventlog import parse_event_log
+from tvorch.core.pe import parse_pe
+from tvorch.core.prediction import replay
+from tvorch.errors import ImageError
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"
+GUEST_CMDLINE = "console=ttyS0 panic=-1"  # scripts/build-test-guest.sh CMDLINE
+
+
+class Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.read_total = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.read_total += min(length, max(0, len(self.data) - offset))
+        return self.data[offset:offset + length]
+
+
+def _log(name: str):
+    return parse_event_log((DATA / f"{name}.bin").read_bytes())
+
+
+def _pcrs(name: str) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads((DATA / f"{name}.pcrs.json").read_text())["sha256"].items()}
+
+
+def _logged(name: str, pcr: int) -> list[tuple[str, str]]:
+    return [(e.type_name, e.digests["sha256"]) for e in _log(name).events if e.pcr == pcr and "sha256" in e.digests]
+
+
+# --- GPT ------------------------------------------------------------------------------
+
+def _gpt_disk_from_log(esp: bytes = b"") -> bytes:
+    """The test guest's disk as sfdisk wrote it, rebuilt from the GPT event's own bytes."""
+    data = next(e.data for e in _log("uefi-crb").events if e.type_name == "EV_EFI_GPT_EVENT")
+    header, count, entries = data[:92], struct.unpack_from("<Q", data, 92)[0], data[100:]
+    assert count == 1
+    array = entries + bytes(127 * 128)
+    disk = bytearray(131072 * 512)
+    disk[512:512 + 92] = header
+    disk[1024:1024 + len(array)] = array
+    disk[2048 * 512:2048 * 512 + len(esp)] = esp
+    return bytes(disk)
+
+
+def test_gpt_event_data_is_the_logged_event() -> None:
+    logged = next(e for e in _log("uefi-crb").events if e.type_name == "EV_EFI_GPT_EVENT")
+    gpt = parse_gpt(Bytes(_gpt_disk_from_log()))
+    assert gpt.event_data == logged.data
+    assert hashlib.sha256(gpt.event_data).hexdigest() == logged.digests["sha256"]
+    esp = gpt.esp()
+    assert (esp.number, esp.first_lba, esp.last_lba, esp.name) == (1, 2048, 129023, "ESP")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:512] + bytes(512) + d[1024:], "has no GPT"),
+    (lambda d: d[:600] + b"\xff" + d[601:], "GPT header CRC does not match"),
+    (lambda d: d[:1024 + 200] + b"\x01" + d[1024 + 201:], "partition array CRC does not match"),
+    (lambda d: d[:1100], "cut short"),
+])
+def test_gpt_refusals(damage, message) -> None:
+    with pytest.raises(ImageError, match=message):
+        parse_gpt(Bytes(damage(_gpt_disk_from_log())))
+
+
+def test_gpt_without_esp_is_refused() -> None:
+    disk = bytearray(_gpt_disk_from_log())
+    disk[1024:1040] = bytes.fromhex("af3dc60f838472478e793d69d8477de4")  # Linux filesystem type
+    disk[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(disk[1024:1024 + 128 * 128])))
+    hdr = bytearray(disk[512:512 + 92])
+    hdr[16:20] = bytes(4)
+    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    with pytest.raises(ImageError, match="no EFI system partition"):
+        parse_gpt(Bytes(bytes(disk))).esp()
+
+
+# --- FAT ------------------------------------------------------------------------------
+
+def _fat_image(tmp_path: Path, files: dict[str, bytes], sectors: int = 4096, fat_bits: int | None = None) -> bytes:
+    for tool in ("mformat", "mmd", "mcopy"):
+        require(shutil.which(tool) is not None, f"{tool} (Debian package mtools)")
+    img = tmp_path / "esp.img"
+    img.write_bytes(bytes(sectors * 512))
+    env = {"MTOOLSRC": "/dev/null", "MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
+    fmt = ["mformat", "-i", str(img), "-T", str(sectors), "-h", "64", "-s", "32"]
+    if fat_bits:
+        fmt += ["-F"] if fat_bits == 32 else []
+    subprocess.run(fmt + ["::"], check=True, env=env, capture_output=True)
+    made: set[str] = set()
+    for path, data in files.items():
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                subprocess.run(["mmd", "-i", str(img), "::/" + d], check=True, env=env, capture_output=True)
+                made.add(d)
+        src = tmp_path / "src"
+        src.write_bytes(data)
+        subprocess.run(["mcopy", "-i", str(img), str(src), "::/" + path], check=True, env=env, capture_output=True)
+    return img.read_bytes()
+
+
+@pytest.mark.parametrize("sectors, fat_bits, bits", [(4096, None, 12), (131072, None, 16), (140000, 32, 32)])
+def test_fat_reads_long_names_case_insensitively(tmp_path, sectors, fat_bits, bits) -> None:
+    payload = bytes(range(256)) * 300  # 76800 bytes: many clusters
+    image = _fat_image(tmp_path, {"EFI/BOOT/BOOTX64.EFI": payload, "EFI/Linux/a-long-file-name.efi": b"x" * 5},
+                       sectors, fat_bits)
+    fat = Fat(Bytes(image))
+    assert fat.bits == bits
+    assert fat.read_file(r"\efi\boot\bootx64.efi") == payload
+    assert fat.read_file(r"\EFI\linux\A-Long-File-Name.EFI") == b"xxxxx"
+    with pytest.raises(ImageError, match=r"no file \\EFI\\BOOT\\GRUBX64.EFI"):
+        fat.read_file(r"\EFI\BOOT\GRUBX64.EFI")
+
+
+def _first_cluster(fat: Fat, image: bytes) -> int:
+    entries = fat._directory(fat._directory(fat._root_cluster, "/")[0].cluster, "EFI")
+    boot = next(e for e in entries if e.name == "BOOT")
+    return next(e for e in fat._directory(boot.cluster, "BOOT") if e.name == "BOOTX64.EFI").cluster
+
+
+def _set_fat16(image: bytes, fat: Fat, cluster: int, value: int) -> bytes:
+    out = bytearray(image)
+    struct.pack_into("<H", out, fat._fat_offset + 2 * cluster, value)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("self", "loops back to cluster"),
+    (0xFFF0, "outside 2-"),
+    (0xFFFF, "cut short"),  # the chain ends after one cluster: shorter than the file
+])
+def test_fat_broken_chains_are_refused(tmp_path, value, message) -> None:
+    image = _fat_image(tmp_path, {"EFI/BOOT/BOOTX64.EFI": b"\x11" * 40000}, 131072)
+    fat = Fat(Bytes(image))
+    first = _first_cluster(fat, image)
+    second = fat._next(first)
+    image = _set_fat16(image, fat, second, first if value == "self" else value)
+    if value == 0xFFFF:
+        image = _set_fat16(image, fat, first, 0xFFFF)
+    with pytest.raises(ImageError, match=message):
+        Fat(Bytes(image)).read_file(r"\EFI\BOOT\BOOTX64.EFI")
+
+
+def test_fat_truncated_volume_is_refused(tmp_path) -> None:
+    image = _fat_image(tmp_path, {"EFI/BOOT/BOOTX64.EFI": b"\x22" * 40000}, 131072)
+    with pytest.raises(ImageError, match="larger than its partition"):
+        Fat(Bytes(image[:1 << 20]))
+    with pytest.raises(ImageError, match="no FAT file system"):
+        Fat(Bytes(bytes(4096)))
+
+
+def test_boot_file_is_found_through_gpt_and_reads_only_what_it_needs(tmp_path) -> None:
+    esp = _fat_image(tmp_path, {"EFI/BOOT/BOOTX64.EFI": b"\x33" * 50000}, 129023 - 2048 + 1)
+    disk = Bytes(_gpt_disk_from_log(esp))
+    gpt, fat, data = read_boot_file(disk)
+    assert data == b"\x33" * 50000
+    assert disk.read_total < 200_000  # of a 64 MiB disk: tables, directories, the file
+    assert isinstance(Slice(disk, 0, 10).read(5, 100), bytes)
+
+
+# --- PE -------------------------------------------------------------------------------
+
+def _pe(sections: list[tuple[str, int, bytes]], cert: bytes = b"", trailer: bytes = b"",
+        cert_entry: tuple[int, int] | None = None) -> bytes:
+    """A minimal PE32+: MZ, PE header, optional header with 16 directories, SECTIONS (name, offset, data)."""
+    opt_size = 112 + 16 * 8
+    headers = 0x200
+    out = bytearray(headers)
+    out[:2] = b"MZ"
+    struct.pack_into("<I", out, 0x3C, 0x40)
+    out[0x40:0x44] = b"PE\0\0"
+    struct.pack_into("<HHIIIHH", out, 0x44, 0x8664, len(sections), 0, 0, 0, opt_size, 0x22)
+    opt = 0x58
+    struct.pack_into("<H", out, opt, 0x20B)
+    struct.pack_into("<I", out, opt + 60, headers)  # SizeOfHeaders
+    struct.pack_into("<I", out, opt + 64, 0x12345678)  # CheckSum: excluded from the hash
+    struct.pack_into("<I", out, opt + 108, 16)
+    body = bytearray()
+    for i, (name, offset, data) in enumerate(sections):
+        struct.pack_into("<8sIIII", out, opt + opt_size + 40 * i, name.encode(), len(data), 0x1000 * (i + 1),
+                         len(data), offset)
+        end = offset - headers + len(data)
+        if len(body) < end:
+            body.extend(bytes(end - len(body)))
+        body[offset - headers:end] = data
+    image = bytes(out) + bytes(body) + trailer
+    if cert or cert_entry:
+        off, size = cert_entry or (len(image), len(cert))
+        image = bytearray(image + cert)
+        struct.pack_into("<II", image, opt + 112 + 32, off, size)
+        image = bytes(image)
+    return image
+
+
+def _authenticode_by_hand(image: bytes, cert_size: int) -> str:
+    """Headers without CheckSum (opt+64) and the Certificate Table entry (opt+144), everything up to the table."""
+    opt = 0x58
+    end = len(image) - cert_size
+    return hashlib.sha256(image[:opt + 64] + image[opt + 68:opt + 144] + image[opt + 152:end]).hexdigest()
+
+
+def test_authenticode_skips_checksum_and_certificate_entry_and_table() -> None:
+    plain = _pe([(".text", 0x200, b"A" * 0x200), (".data", 0x400, b"B" * 0x100)], trailer=b"T" * 8)
+    signed = _pe([(".text", 0x200, b"A" * 0x200), (".data", 0x400, b"B" * 0x100)], trailer=b"T" * 8,
+                 cert=b"\x08\x01\0\0" + b"S" * 0x104)
+    a, b = parse_pe(plain), parse_pe(signed)
+    assert a.authenticode_sha256() == b.authenticode_sha256() == _authenticode_by_hand(plain, 0)
+    changed = bytearray(signed)
+    struct.pack_into("<I", changed, 0x58 + 64, 1)  # another CheckSum: same hash
+    assert parse_pe(bytes(changed)).authenticode_sha256() == a.authenticode_sha256()
+    assert parse_pe(plain).section_data(".data") == b"B" * 0x100
+
+
+def test_sections_are_hashed_in_file_offset_order() -> None:
+    one = _pe([(".b", 0x400, b"B" * 0x100), (".a", 0x200, b"A" * 0x200)])
+    assert parse_pe(one).authenticode_sha256() == _authenticode_by_hand(one, 0)
+
+
+@pytest.mark.parametrize("image, message", [
+    (_pe([(".a", 0x200, b"A" * 0x200), (".b", 0x300, b"B" * 0x100)]), "overlap"),
+    (_pe([(".a", 0x200, b"A" * 0x200)], cert=b"C" * 16, cert_entry=(0x300, 0x100)), "certificate table"),
+    (_pe([(".a", 0x200, b"A" * 0x200)], cert=b"C" * 16, cert_entry=(0x210, 0x10)), "certificate table"),
+    (_pe([(".a", 0x200, b"A" * 0x200)])[:0x300], "outside the file"),
+    (b"MZ" + bytes(100), "no PE signature"),
+    (b"\x7fELF" + bytes(100), "not a PE image"),
+])
+def test_pe_refusals(image, message) -> None:
+    with pytest.raises(ImageError, match=message):
+        parse_pe(image, "test.efi")
+
+
+def test_authenticode_agrees_with_osslsigncode_on_a_signed_kernel() -> None:
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    require(bool(kernels) and shutil.which("osslsigncode") is not None,
+            "a signed kernel in /boot and osslsigncode (Debian package osslsigncode)")
+    data = kernels[-1].read_bytes()
+    out = subprocess.run(["osslsigncode", "verify", "-in", str(kernels[-1])], capture_output=True, text=True).stdout
+    calculated = [line.split(":")[1].strip().lower() for line in out.splitlines() if "Calculated message digest" in line]
+    require(bool(calculated), f"{kernels[-1]} is not signed")
+    assert parse_pe(data).authenticode_sha256() == calculated[0]
+
+
+# --- PCRs against the real logs -------------------------------------------------------
+
+def _uki(cmdline: bytes, linux: bytes, initrd: bytes, osrel: bytes = b"ID=x\n") -> bytes:
+    return _pe([(".osrel", 0x200, osrel), (".cmdline", 0x400, cmdline), (".linux", 0x600, linux),
+                (".initrd", 0x600 + len(linux), initrd)])
+
+
+def test_pcr5_is_the_logged_pcr5(tmp_path) -> None:
+    kernel = _pe([(".text", 0x200, b"K" * 0x200)])
+    gpt = parse_gpt(Bytes(_gpt_disk_from_log()))
+    p = predict_uefi_disk(gpt, _uki(GUEST_CMDLINE.encode(), kernel, b"initrd"))
+    ours = [(e.type_name, e.digest) for e in p.events if e.pcr == 5]
+    assert ours == _logged("uefi-crb", 5) == _logged("uefi-tis", 5)
+    assert replay(e for e in p.events if e.pcr == 5)[5] == _pcrs("uefi-crb")[5]
+
+
+def test_pcr4_events_match_the_log_in_type_order_and_fixed_digests() -> None:
+    kernel = _pe([(".text", 0x200, b"K" * 0x200)])
+    uki = _uki(GUEST_CMDLINE.encode(), kernel, b"initrd")
+    p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), uki)
+    ours = [(e.type_name, e.digest) for e in p.events if e.pcr == 4]
+    logged = _logged("uefi-crb", 4)
+    assert [t for t, _ in ours] == [t for t, _ in logged]
+    assert ours[:2] == logged[:2]  # the boot option action and the separator
+    assert ours[2][1] == parse_pe(uki).authenticode_sha256()
+    assert ours[3][1] == parse_pe(kernel).authenticode_sha256()
+    assert {4, 5, 8, 9, 11, 12, 13, 14} <= p.covered
+    assert replay(e for e in p.events if e.pcr == 8).get(8) is None  # nothing, as the log: PCR 8 stays zero
+    assert _pcrs("uefi-crb")[8] == "00" * 32
+
+
+def test_pcr9_load_options_and_initrd_as_linux_measures_them() -> None:
+    logged = _logged("uefi-crb", 9)
+    initrd_digest = logged[1][1]
+    p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())),
+                          _uki(GUEST_CMDLINE.encode(), _pe([(".text", 0x200, b"K" * 0x200)]), b"some initrd"))
+    ours = [(e.type_name, e.digest) for e in p.events if e.pcr == 9]
+    assert ours[0] == logged[0]  # LoadOptions: the .cmdline as UTF-16 with its NUL
+    assert ours[1][0] == logged[1][0] and ours[1][1] == hashlib.sha256(b"some initrd").hexdigest()
+    # the initrd Linux measures is the .initrd section systemd-stub measured into PCR 11
+    assert initrd_digest == _logged("uefi-crb", 11)[7][1]
+
+
+def test_pcr11_section_names_order_and_cmdline_as_systemd_stub_252() -> None:
+    logged = _logged("uefi-crb", 11)
+    events = stub_pcr11({".initrd": b"i", ".cmdline": GUEST_CMDLINE.encode(), ".linux": b"l", ".osrel": b"o",
+                         ".pcrsig": b"never measured"})
+    ours = [(e.type_name, e.digest) for e in events]
+    assert len(ours) == len(logged) == 8
+    assert [o[1] for o in ours[0::2]] == [g[1] for g in logged[0::2]]  # the names with their NUL, in order
+    assert ours[5] == logged[5]  # the .cmdline bytes
+    assert all(t == "EV_IPL" for t, _ in ours)
+
+
+def test_mangle_stub_cmdline() -> None:
+    assert mangle_stub_cmdline("a\nb  \n") == "a b"
+    assert ovmf_load_options("x", True) == "x initrd=initrd\0".encode("utf-16-le")
+
+
+def test_seabios_direct_is_the_logged_pcrs_4_5_8_9() -> None:
+    p = predict_seabios_direct()
+    pcrs = _pcrs("seabios-direct")
+    replayed = replay(p.events)
+    for pcr in (4, 5):
+        assert [(e.type_name, e.digest) for e in p.events if e.pcr == pcr] == _logged("seabios-direct", pcr)
+        assert replayed[pcr] == pcrs[pcr]
+    assert pcrs[8] == pcrs[9] == "00" * 32 and 8 not in replayed and 9 not in replayed
+
+
+def test_uefi_direct_boot_events() -> None:
+    kernel = _pe([(".text", 0x200, b"K" * 0x200)])
+    p = predict_uefi_direct(kernel, b"initrd", "console=ttyS0")
+    assert [e.type_name for e in p.events if e.pcr == 4] == ["EV_EFI_ACTION", "EV_SEPARATOR",
+                                                               "EV_EFI_BOOT_SERVICES_APPLICATION"]
+    assert [e.type_name for e in p.events if e.pcr == 5] == ["EV_SEPARATOR", "EV_EFI_ACTION", "EV_EFI_ACTION"]
+    assert [e.digest for e in p.events if e.pcr == 9] == [
+        hashlib.sha256("console=ttyS0 initrd=initrd\0".encode("utf-16-le")).hexdigest(),
+        hashlib.sha256(b"initrd").hexdigest()]
+
+
+def test_boot_file_that_is_not_a_uki_covers_pcr5_only() -> None:
+    p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), _pe([(".text", 0x200, b"K" * 0x200)]))
+    assert p.covered == {5}
+    assert 4 in dict(p.not_predicted)
