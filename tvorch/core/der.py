@@ -185,6 +185,11 @@ def read(data: bytes) -> Element:
     return element
 
 
+def read_prefix(data: bytes) -> tuple[Element, int]:
+    """The one element DATA starts with, and the offset just after it (what follows is not looked at)."""
+    return _read_at(data, 0)
+
+
 def read_all(data: bytes) -> list[Element]:
     """The elements one after the other in DATA (the content of a constructed element)."""
     out = []
