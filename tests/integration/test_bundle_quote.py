@@ -45,6 +45,7 @@ from tvorch.core.akcert import check_ak_public, make_credential
 from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log
 from tvorch.core.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
 from tvorch.core.quote import HostQuote, ak_name, verify_quote
+from tvorch.errors import TpmError
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +143,8 @@ class Evidence:
     pcrs: dict[int, bytes]
     host_quote: HostQuote
     activated: bool  # the guest's TPM released a credential bound to its AK
+    host_ek_public: bytes
+    host_activated: bool  # the host TPM released a credential bound to its AK (tvorch.adapters.tpm)
 
 
 def make_evidence(base: Path, nonce: bytes = NONCE) -> Evidence:
@@ -155,6 +158,9 @@ def make_evidence(base: Path, nonce: bytes = NONCE) -> Evidence:
         ek_public, ak_public = guest.ek_public, guest.ak_public
     with running_swtpm(base / "host-tpm") as tcti, open_tpm(tcti) as tpm:
         ak = tpm.create_ak(base / "host-state")
+        host_ek_public = tpm.ek_public()
+        blob, encrypted = make_credential(host_ek_public, ak.name, secret)
+        host_activated = tpm.activate_credential(ak, blob, encrypted) == secret
         for event in parse_event_log(HOST_LOG.read_bytes()).events:
             if event.event_type != EV_NO_ACTION and event.pcr in HOST_PCRS:
                 tpm.extend(event.pcr, {"sha256": bytes.fromhex(event.digests["sha256"])})
@@ -166,7 +172,7 @@ def make_evidence(base: Path, nonce: bytes = NONCE) -> Evidence:
     host = HostQuote(nonce=nonce, bank="sha256", pcrs=raw.pcr_values, attest=raw.attest, signature=raw.signature,
                      ak_public=ak.public, ak_pem=ak.pem.decode("ascii"), eventlog=HOST_LOG.read_bytes(),
                      ima_log=to_binary(ima))
-    return Evidence(ek_public, ak_public, attest, signature, pcrs, host, activated)
+    return Evidence(ek_public, ak_public, attest, signature, pcrs, host, activated, host_ek_public, host_activated)
 
 
 def fixture_json(ev: Evidence, nonce: bytes = NONCE) -> dict[str, object]:
@@ -181,6 +187,7 @@ def fixture_json(ev: Evidence, nonce: bytes = NONCE) -> dict[str, object]:
             "pcrs": {str(i): ev.pcrs[i].hex() for i in sorted(ev.pcrs)},
         },
         "host_quote": ev.host_quote.to_json(),
+        "host_ek_public": b64(ev.host_ek_public),
     }
 
 
@@ -192,6 +199,20 @@ def evidence(tmp_path_factory: pytest.TempPathFactory) -> Evidence:
 def test_the_guest_tpm_activates_a_credential_made_for_its_ek_and_ak(evidence: Evidence) -> None:
     assert evidence.activated
     check_ak_public(evidence.ak_public)
+
+
+def test_the_host_tpm_activates_a_credential_made_for_its_ek_and_ak(evidence: Evidence) -> None:
+    assert evidence.host_activated
+    check_ak_public(evidence.host_quote.ak_public)
+
+
+def test_the_host_tpm_refuses_a_credential_for_another_key_name(tmp_path: Path) -> None:
+    with running_swtpm(tmp_path / "host-tpm") as tcti, open_tpm(tcti) as tpm:
+        ak = tpm.create_ak(tmp_path / "host-state")
+        other_name = b"\x00\x0b" + hashlib.sha256(b"a software key").digest()
+        blob, encrypted = make_credential(tpm.ek_public(), other_name, b"s" * 32)
+        with pytest.raises(TpmError, match="TPM2_ActivateCredential"):
+            tpm.activate_credential(ak, blob, encrypted)
 
 
 def test_a_credential_bound_to_another_key_name_does_not_activate(tmp_path: Path) -> None:
@@ -222,7 +243,7 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         made = make_evidence(Path(tmp))
-    assert made.activated
+    assert made.activated and made.host_activated
     FIXTURE.parent.mkdir(exist_ok=True)
     FIXTURE.write_text(json.dumps(fixture_json(made), indent=1, sort_keys=True) + "\n")
     print(f"wrote {FIXTURE} at {datetime.now(timezone.utc).isoformat()}")

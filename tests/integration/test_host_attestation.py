@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.host_fixtures import EVENTLOG, Host, sha256, simulated_host
-from tvorch.adapters.tpm import open_tpm
+from tvorch.adapters.node_keys import load_or_create
+from tvorch.adapters.tpm import open_tpm, read_ak
+from tvorch.core.akcert import verify_host_ak_certification
 from tvorch.config import parse_config
 from tvorch.core.eventlog import parse_event_log, replay
 from tvorch.core.ima import ima_ng_entry
@@ -40,7 +43,24 @@ def baseline(host: Host) -> dict:
 def test_init_is_idempotent(host: Host):
     first, second = host.json("host", "init"), host.json("host", "init")
     assert first["ak_fingerprint"] == second["ak_fingerprint"]
+    assert first["ak_certification"] == second["ak_certification"]  # certified once per AK
     assert oct((host.root / "state" / "host" / "ak.priv").stat().st_mode & 0o777) == "0o600"
+    assert oct((host.root / "state" / "host" / "ak-cert.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_init_certifies_the_ak_by_credential_activation_against_the_tpms_ek(host: Host):
+    """Issue #13: the host section proved nothing beyond the node key; now the AK is tied to the TPM's EK."""
+    statement = host.json("host", "init")["ak_certification"]
+    identity = load_or_create(host.root / "state", "unused")
+    cert = verify_host_ak_certification(statement, identity.signing_cert.public_key())
+    ak = read_ak(host.root / "state")
+    assert ak is not None and cert.ak_public == ak.public and cert.hostname == socket.gethostname()
+    with open_tpm(host.tcti) as tpm:
+        assert cert.ek_public == tpm.ek_public()  # the EK this TPM derives, which released the credential
+    # A certification of another AK (the AK was replaced behind tvorch's back) is made again, by activation.
+    (host.root / "state" / "host" / "ak-cert.json").write_text(json.dumps({**statement, "ak_public": "AAAA"}))
+    assert host.json("host", "init")["ak_certification"]["certified_at"] >= statement["certified_at"]
+    assert json.loads((host.root / "state" / "host" / "ak-cert.json").read_text())["ak_public"] == statement["ak_public"]
 
 
 def test_quote_file_verifies_and_carries_the_logs(host: Host):

@@ -32,12 +32,15 @@ except ImportError:  # cryptography before 47
 
 from tvorch.core.akcert import (
     AkCertification,
+    HostAkCertification,
     check_ak_public,
     ek_cert_sha256,
     ek_matches_certificate,
     make_credential,
     sign_ak_certification,
+    sign_host_ak_certification,
     verify_ak_certification,
+    verify_host_ak_certification,
 )
 from tvorch.core.ekcert import ek_fingerprint, issue_ek_certificate
 from tvorch.core.quote import ak_name
@@ -49,6 +52,7 @@ FIXTURE = json.loads((Path(__file__).resolve().parent.parent / "data" / "attesta
 EK_PUBLIC = base64.b64decode(FIXTURE["guest"]["ek_public"])
 AK_PUBLIC = base64.b64decode(FIXTURE["guest"]["ak_public"])
 HOST_AK_PUBLIC = base64.b64decode(FIXTURE["host_quote"]["ak_public"])
+HOST_EK_PUBLIC = base64.b64decode(FIXTURE["host_ek_public"])
 
 
 def with_attributes(public: bytes, set_: int = 0, clear: int = 0, name_alg: int | None = None) -> bytes:
@@ -261,3 +265,42 @@ def test_the_node_refuses_to_sign_a_statement_that_could_not_verify(statement, n
     ]:
         with pytest.raises(TrustError, match=match):
             sign_ak_certification(dataclasses.replace(statement, **changes), node_key)
+
+
+# --- the host AK's certification ------------------------------------------------------
+
+def host_statement(**changes) -> HostAkCertification:
+    fields = dict(hostname="node1", ek_public=HOST_EK_PUBLIC, ak_public=HOST_AK_PUBLIC, ak_name=ak_name(HOST_AK_PUBLIC),
+                  certified_at="2025-03-01T12:00:00.000+00:00")
+    return HostAkCertification(**{**fields, **changes})
+
+
+def test_a_host_ak_certification_round_trips_and_names_the_ek() -> None:
+    key = generate_key()
+    obj = sign_host_ak_certification(host_statement(), key)
+    assert obj["format"] == "tvorch-host-ak-certification" and obj["hostname"] == "node1"
+    cert = verify_host_ak_certification(json.loads(json.dumps(obj)), key.public_key())
+    assert cert == host_statement()
+    area, _ = TPM2B_PUBLIC.unmarshal(HOST_EK_PUBLIC)
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+    assert cert.ek_fingerprint == ek_fingerprint(load_der_public_key(area.publicArea.to_der()))  # type: ignore[arg-type]
+    with pytest.raises(TrustError, match="signature does not verify"):
+        verify_host_ak_certification({**obj, "hostname": "node2"}, key.public_key())
+    with pytest.raises(TrustError, match="not a tvorch-host-ak-certification"):  # a guest's, under the host's fields
+        verify_host_ak_certification({**obj, "format": "tvorch-ak-certification"}, key.public_key())
+    with pytest.raises(TrustError, match="host AK certification fields wrong"):
+        verify_host_ak_certification(sign_ak_certification(AkCertification(
+            instance_id="i-1", uuid="u", ek_fingerprint="a" * 64, ek_cert_sha256="b" * 64, ak_public=HOST_AK_PUBLIC,
+            ak_name=ak_name(HOST_AK_PUBLIC), certified_at="2025-03-01T12:00:00.000+00:00"), key), key.public_key())
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(ek_public=HOST_AK_PUBLIC), "the EK is not a restricted decryption key"),
+    (dict(ak_public=with_attributes(HOST_AK_PUBLIC, clear=TPMA_OBJECT.FIXEDTPM)), "names an unusable AK"),
+    (dict(ak_name=ak_name(AK_PUBLIC)), "ak_name is not the name of its ak_public"),
+    (dict(certified_at="yesterday"), "not a UTC ISO-8601 time"),
+    (dict(hostname=""), "names no host"),
+])
+def test_a_host_ak_certification_that_cannot_hold_is_not_signed(changes, message) -> None:
+    with pytest.raises(TrustError, match=message):
+        sign_host_ak_certification(host_statement(**changes), generate_key())

@@ -27,7 +27,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from tvorch.core.akcert import AkCertification, ek_cert_sha256, sign_ak_certification
+from tvorch.core.akcert import (
+    AkCertification,
+    HostAkCertification,
+    ek_cert_sha256,
+    sign_ak_certification,
+    sign_host_ak_certification,
+)
 from tvorch.core.bundle import (
     BundleReport,
     GuestEvidence,
@@ -94,6 +100,14 @@ class Pieces:
     host_quote: HostQuote
     host_verdict: HostVerdict
     baseline: bytes | None
+    host_ek_public: bytes
+
+    def host_ak_certification(self, ak_public: bytes | None = None, hostname: str = "node1") -> dict[str, Any]:
+        """The node's statement of the host AK (what `tvorch host init` signs after credential activation)."""
+        ak_public = ak_public or self.host_quote.ak_public
+        return sign_host_ak_certification(HostAkCertification(
+            hostname=hostname, ek_public=self.host_ek_public, ak_public=ak_public, ak_name=ak_name(ak_public),
+            certified_at="2025-03-01T11:00:00.000+00:00"), self.signing_key)
 
     def manifest(self, instance=INSTANCE, ek_cert: x509.Certificate | None = None) -> bytes:
         ek_cert = ek_cert or self.ek_cert
@@ -127,6 +141,7 @@ class Pieces:
             "ca_cert": self.ca_cert, "manifest": self.manifest(), "ek_cert": self.ek_cert,
             "ak_certification": self.ak_certification(), "guest": self.guest, "baseline_eventlog": self.baseline,
             "host_verdict": self.host_verdict, "host_quote": self.host_quote, "created_at": NOW,
+            "host_ak_certification": self.host_ak_certification(),
         }
         args.update(changes)
         return build_bundle(**args)
@@ -163,6 +178,7 @@ def make_pieces(fixture: dict[str, Any]) -> Pieces:
                                  failures=(), policy_digest="e" * 64,
                                  quote_json=json.dumps({**fixture["host_quote"], "nonce": "ab" * 32})),
         baseline=(DATA / "eventlogs" / "uefi-tis.bin").read_bytes(),  # the first boot: the same events
+        host_ek_public=base64.b64decode(fixture["host_ek_public"]),
     )
 
 
@@ -263,10 +279,10 @@ ALTERATIONS: list[tuple[str, Mutation, set[str]]] = [
     ("nonce", lambda d, p: d.update(nonce="00" * 32), {"guest quote"}),
     ("instance", lambda d, p: d["instance"].update(uuid=OTHER_INSTANCE[2]),
      {"launch manifest", "vTPM EK certificate", "AK certification"}),
-    ("node hostname", lambda d, p: d["node"].update(hostname="node2"), set()),
+    ("node hostname", lambda d, p: d["node"].update(hostname="node2"), {"host"}),  # the host AK is node1's
     ("node ca_pem", lambda d, p: d["node"].update(ca_pem=other_node_cert(p)), set()),
     ("node signing cert", lambda d, p: d["node"].update(signing_cert_pem=other_node_cert(p)),
-     {"node certificate", "bundle signature", "AK certification"}),
+     {"node certificate", "bundle signature", "AK certification", "host"}),
     ("manifest", lambda d, p: d.update(manifest=flip_b64(d["manifest"])), {"launch manifest", "vTPM EK certificate"}),
     ("vtpm", lambda d, p: d["vtpm"].update(ek_cert_pem=other_ek_cert(p)), {"vTPM EK certificate", "AK certification"}),
     ("ak_certification", lambda d, p: d["ak_certification"].update(certified_at="2025-03-01T11:59:59.000+00:00"),
@@ -352,7 +368,7 @@ def test_a_ca_that_issued_neither_the_node_cert_nor_the_ek_fails_everything_it_a
     _, stranger, _, _ = node_identity("stranger")
     report = pieces.verify(valid, ca=stranger)
     assert set(failing(report)) == {"node certificate", "bundle signature", "launch manifest", "vTPM EK certificate",
-                                    "AK certification"}
+                                    "AK certification", "host"}
     assert "not by the CA" in failing(report)["node certificate"]
     assert failing(report)["bundle signature"].startswith("not checked: the node signing certificate")
 
@@ -672,3 +688,38 @@ def test_a_pcr_key_that_is_no_pcr_is_malformed(pieces: Pieces, valid: bytes, key
 
 def test_a_failed_check_on_good_evidence_is_not_malformed(pieces: Pieces, valid: bytes) -> None:
     assert not pieces.verify(valid, nonce=hashlib.sha256(b"another nonce").digest()).malformed
+
+
+# --- the host AK, certified by credential activation at `tvorch host init` ---------------
+
+def test_the_host_quote_must_be_by_the_host_ak_the_node_certified(pieces: Pieces) -> None:
+    detail = {c.name: c.detail for c in pieces.verify(pieces.bundle()).checks}["host"]
+    fingerprint = HostAkCertification(hostname="node1", ek_public=pieces.host_ek_public,
+                                      ak_public=pieces.host_quote.ak_public, ak_name=ak_name(pieces.host_quote.ak_public),
+                                      certified_at="2025-03-01T11:00:00.000+00:00").ek_fingerprint
+    assert f"by the host AK certified at 2025-03-01T11:00:00.000+00:00 under EK {fingerprint}" in detail
+    # Before: any AK the node put in the host quote passed. A node without its host AK certified fails.
+    report = pieces.verify(pieces.bundle(host_ak_certification=None))
+    assert failing(report) == {"host": "the host AK is not certified by the node (an AK from before tvorch "
+                                       "certified them: run `tvorch host init` on the node)"}
+    # The guest's AK (a real TPM key, but not the host's): certified for another AK than the quote's.
+    report = pieces.verify(pieces.bundle(host_ak_certification=pieces.host_ak_certification(pieces.guest.ak_public)))
+    assert failing(report) == {
+        "host": "the host AK certification certifies another AK than the one that signed the host quote"}
+    report = pieces.verify(pieces.bundle(host_ak_certification=pieces.host_ak_certification(hostname="node2")))
+    assert failing(report) == {"host": "the host AK certification is of host 'node2', not 'node1'"}
+
+
+def test_a_host_ak_certification_not_signed_by_the_node_fails(pieces: Pieces) -> None:
+    _, _, other_key, _ = node_identity("node2")
+    forged = sign_host_ak_certification(HostAkCertification(
+        hostname="node1", ek_public=pieces.host_ek_public, ak_public=pieces.host_quote.ak_public,
+        ak_name=ak_name(pieces.host_quote.ak_public), certified_at="2025-03-01T11:00:00.000+00:00"), other_key)
+    assert failing(pieces.verify(pieces.bundle(host_ak_certification=forged))) == {
+        "host": "host AK certification signature does not verify with the node signing key"}
+    doc = doc_of(pieces.bundle())
+    doc["host"]["ak_certification"]["certified_at"] = "2025-03-01T11:00:01.000+00:00"
+    assert failing(pieces.verify(pieces.resign(doc))) == {
+        "host": "host AK certification signature does not verify with the node signing key"}
+    doc["host"]["ak_certification"] = {"format": "tvorch-ak-certification"}
+    assert "host AK certification fields wrong" in failing(pieces.verify(pieces.resign(doc)))["host"]

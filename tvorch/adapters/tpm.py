@@ -65,6 +65,8 @@ from tpm2_pytss.constants import (
     TPMA_SESSION,
 )
 from tpm2_pytss.types import (
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -395,36 +397,63 @@ class Tpm:
             self._esapi.trsess_set_attributes(session, crypt | TPMA_SESSION.CONTINUESESSION)
         return session
 
+    def ek_public(self) -> bytes:
+        """The EK's TPM2B_PUBLIC, marshaled, as this TPM derives it from its EK template."""
+        with ExitStack() as stack:
+            _, public = self._ek_and_public(stack)
+        return public
+
+    def activate_credential(self, ak: AkInfo, id_object: bytes, encrypted_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential: the secret of a credential made for this TPM's EK and AK's name.
+
+        The TPM releases it only if it holds that EK and the named key is
+        loaded in it: that is what proves the AK lives here."""
+        with _tss("reading the credential"):
+            blob, _ = TPM2B_ID_OBJECT.unmarshal(id_object)
+            secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        with ExitStack() as stack:
+            ek = self._ek(stack)
+            handle = self._load_ak(stack, ek, ak)
+            session = self._endorsement_policy(stack)
+            with _tss("TPM2_ActivateCredential"):
+                return bytes(self._esapi.activate_credential(handle, ek, blob, secret, session2=session))
+
     @contextmanager
     def _loaded_ak(self, ak: AkInfo) -> Iterator[ESYS_TR]:
         """AK loaded under a freshly derived EK; both flushed on exit."""
+        with ExitStack() as stack:
+            yield self._load_ak(stack, self._ek(stack), ak)
+
+    def _load_ak(self, stack: ExitStack, ek: ESYS_TR, ak: AkInfo) -> ESYS_TR:
+        """AK loaded under EK, flushed when STACK closes."""
         with _tss("reading the AK blobs"):
             public, _ = TPM2B_PUBLIC.unmarshal(ak.public)
             private, _ = TPM2B_PRIVATE.unmarshal(ak.private)
-        with ExitStack() as stack:
-            ek = self._ek(stack)
-            session = self._endorsement_policy(stack)
-            try:
-                handle = self._esapi.load(ek, private, public, session1=session)
-            except TSS2_Exception as err:
-                if err.error == TPM2_RC.INTEGRITY:  # the blob was not wrapped by this TPM's EK
-                    raise TpmError(
-                        "the AK does not load under this TPM's EK (made on another TPM, or the endorsement "
-                        f"seed changed); remove {HOST_DIR}/{AK_PUB} and {AK_PRIV} in the state directory "
-                        "to make a new one", err.rc,
-                    ) from None
-                raise TpmError(f"TPM2_Load of the AK failed: {err}", err.rc) from None
-            stack.callback(self._flush, handle)
-            yield handle
+        session = self._endorsement_policy(stack)
+        try:
+            handle = self._esapi.load(ek, private, public, session1=session)
+        except TSS2_Exception as err:
+            if err.error == TPM2_RC.INTEGRITY:  # the blob was not wrapped by this TPM's EK
+                raise TpmError(
+                    "the AK does not load under this TPM's EK (made on another TPM, or the endorsement "
+                    f"seed changed); remove {HOST_DIR}/{AK_PUB} and {AK_PRIV} in the state directory "
+                    "to make a new one", err.rc,
+                ) from None
+            raise TpmError(f"TPM2_Load of the AK failed: {err}", err.rc) from None
+        stack.callback(self._flush, handle)
+        return handle
 
     def _ek(self, stack: ExitStack) -> ESYS_TR:
         """The EK, derived anew from its template, flushed when STACK closes."""
+        return self._ek_and_public(stack)[0]
+
+    def _ek_and_public(self, stack: ExitStack) -> tuple[ESYS_TR, bytes]:
         with _tss("reading the EK template"):
             _, template = create_ek_template(_EK_TYPE, self._nv_reader())
         with _tss("TPM2_CreatePrimary of the EK"):
-            ek, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+            ek, public, *_ = self._esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
         stack.callback(self._flush, ek)
-        return ek
+        return ek, public.marshal()
 
     def _nv_reader(self) -> Callable[[int], bytes]:
         """NVReadEK that looks up defined indices first: reading a missing one makes the TSS log errors."""

@@ -26,12 +26,13 @@ def host() -> None:
 @json_option
 @pass_ctx
 def host_init(ctx: Context, as_json: bool) -> None:
-    """Create the host attestation key (once; later calls show it)."""
+    """Create the host attestation key and certify it against the TPM's EK (once; later calls show it)."""
     from ..service import host as host_service
 
-    ak = host_service.init(ctx.node.cfg)
-    emit(as_json, {"ak_fingerprint": ak.fingerprint, "ak_pem": ak.pem.decode()},
-         f"host attestation key {ak.fingerprint}")
+    ak, certification = host_service.init(ctx.node.cfg)
+    emit(as_json, {"ak_fingerprint": ak.fingerprint, "ak_pem": ak.pem.decode(), "ak_certification": certification},
+         f"host attestation key {ak.fingerprint}, certified by credential activation at "
+         f"{certification['certified_at']}")
 
 
 @host.command(name="quote")

@@ -30,6 +30,22 @@ The node then records the result as a statement signed with its signing key
     }
 
 "format" keeps the node key's signatures on different documents apart.
+
+The host's AK is certified the same way at ``tvorch host init``: a
+credential made for the host TPM's EK (as the TPM derives it from its EK
+template) and the AK's name, activated by that TPM; the node then signs a
+``tvorch-host-ak-certification`` (``sign_host_ak_certification``)::
+
+    {
+      "format": "tvorch-host-ak-certification", "version": 1,
+      "hostname": "compute-7",
+      "ek_public": "<base64 of the host EK's TPM2B_PUBLIC>",   # for a check against its maker's EK certificate
+      "ak_public": "<base64 of the host AK's TPM2B_PUBLIC>", "ak_name": "<hex>",
+      "method": "credential-activation", "certified_at": "<UTC>", "signature": "<base64 ...>"
+    }
+
+A verifier then knows the host quote's AK is the one the node found in the
+TPM whose EK is named, not a key the node made up afterwards.
 """
 
 from __future__ import annotations
@@ -44,11 +60,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential as _tss_make_credential
 
+from tvorch.core.ekcert import ek_fingerprint
 from tvorch.core.manifest import canonical_json
 from tvorch.core.quote import ak_key, ak_name, parse_public
 from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
@@ -70,6 +87,9 @@ _EK_REQUIRED = TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDT
 _NAME_ALGORITHMS = {TPM2_ALG.SHA256: 32, TPM2_ALG.SHA384: 48, TPM2_ALG.SHA512: 64}
 _FIELDS = ("format", "version", "instance_id", "uuid", "ek_fingerprint", "ek_cert_sha256", "ak_public",
            "ak_name", "method", "certified_at", "signature")
+HOST_AK_CERT_FORMAT = "tvorch-host-ak-certification"
+_HOST_FIELDS = ("format", "version", "hostname", "ek_public", "ak_public", "ak_name", "method", "certified_at",
+                "signature")
 
 
 def check_ak_public(ak_public: bytes) -> None:
@@ -145,45 +165,103 @@ class AkCertification:
         }
 
 
+@dataclass(frozen=True, kw_only=True)
+class HostAkCertification:
+    """The node's word that this AK lives in the host TPM whose EK is EK_PUBLIC (see the module docstring)."""
+
+    hostname: str
+    ek_public: bytes  # the host EK's TPM2B_PUBLIC, marshaled
+    ak_public: bytes  # TPM2B_PUBLIC, marshaled
+    ak_name: bytes  # TPM name of ak_public
+    method: str = METHOD
+    certified_at: str  # UTC ISO-8601
+
+    @property
+    def ek_fingerprint(self) -> str:
+        """Hex sha256 of the EK's SubjectPublicKeyInfo (tvorch.core.ekcert.ek_fingerprint)."""
+        return ek_fingerprint(_ek_key(self.ek_public))
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "format": HOST_AK_CERT_FORMAT, "version": AK_CERT_VERSION, "hostname": self.hostname,
+            "ek_public": base64.b64encode(self.ek_public).decode("ascii"),
+            "ak_public": base64.b64encode(self.ak_public).decode("ascii"), "ak_name": self.ak_name.hex(),
+            "method": self.method, "certified_at": self.certified_at,
+        }
+
+
 def sign_ak_certification(cert: AkCertification, key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
     """CERT as its JSON object, signed with the node's signing KEY; refuses a statement that would not verify."""
     _check_content(cert)
-    fields = cert.to_fields()
-    signature = key.sign(canonical_json(fields), ec.ECDSA(hashes.SHA256()))
-    return {**fields, "signature": base64.b64encode(signature).decode("ascii")}
+    return _signed(cert.to_fields(), key)
+
+
+def sign_host_ak_certification(cert: HostAkCertification, key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    """The host AK's statement, signed with the node's signing KEY; refuses one that would not verify."""
+    _check_host_content(cert)
+    return _signed(cert.to_fields(), key)
 
 
 def verify_ak_certification(obj: object, signer_public_key: ec.EllipticCurvePublicKey) -> AkCertification:
     """The statement in OBJ if SIGNER_PUBLIC_KEY signed exactly it; TrustError on any change or malformation."""
+    fields = _verified(obj, _FIELDS, AK_CERT_FORMAT, "AK certification", signer_public_key)
+    cert = AkCertification(
+        instance_id=fields["instance_id"], uuid=fields["uuid"], ek_fingerprint=fields["ek_fingerprint"],
+        ek_cert_sha256=fields["ek_cert_sha256"], ak_public=_b64(fields["ak_public"], "ak_public"),
+        ak_name=_unhex_name(fields["ak_name"], "AK certification"), certified_at=fields["certified_at"],
+        method=fields["method"],
+    )
+    _check_content(cert)
+    return cert
+
+
+def verify_host_ak_certification(obj: object, signer_public_key: ec.EllipticCurvePublicKey) -> HostAkCertification:
+    """The host AK statement in OBJ if SIGNER_PUBLIC_KEY signed exactly it; TrustError otherwise."""
+    what = "host AK certification"
+    fields = _verified(obj, _HOST_FIELDS, HOST_AK_CERT_FORMAT, what, signer_public_key)
+    cert = HostAkCertification(
+        hostname=fields["hostname"], ek_public=_b64(fields["ek_public"], "ek_public", what),
+        ak_public=_b64(fields["ak_public"], "ak_public", what), ak_name=_unhex_name(fields["ak_name"], what),
+        certified_at=fields["certified_at"], method=fields["method"],
+    )
+    _check_host_content(cert)
+    return cert
+
+
+def _signed(fields: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    signature = key.sign(canonical_json(fields), ec.ECDSA(hashes.SHA256()))
+    return {**fields, "signature": base64.b64encode(signature).decode("ascii")}
+
+
+def _verified(obj: object, names: tuple[str, ...], fmt: str, what: str,
+              signer_public_key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    """OBJ's fields if it has exactly NAMES, is FMT, and SIGNER_PUBLIC_KEY signed it; TrustError naming WHAT."""
     if not isinstance(obj, dict):
-        raise TrustError("AK certification is not a JSON object")
-    if set(obj) != set(_FIELDS):
-        missing, unknown = sorted(set(_FIELDS) - set(obj)), sorted(set(obj) - set(_FIELDS))
-        raise TrustError(f"AK certification fields wrong: missing {missing}, unknown {unknown}")
-    if obj["format"] != AK_CERT_FORMAT or obj["version"] != AK_CERT_VERSION or type(obj["version"]) is not int:
-        raise TrustError(f"AK certification is not a {AK_CERT_FORMAT} version {AK_CERT_VERSION}")
-    for name in _FIELDS[2:]:
+        raise TrustError(f"{what} is not a JSON object")
+    if set(obj) != set(names):
+        missing, unknown = sorted(set(names) - set(obj)), sorted(set(obj) - set(names))
+        raise TrustError(f"{what} fields wrong: missing {missing}, unknown {unknown}")
+    if obj["format"] != fmt or obj["version"] != AK_CERT_VERSION or type(obj["version"]) is not int:
+        raise TrustError(f"{what} is not a {fmt} version {AK_CERT_VERSION}")
+    for name in names[2:]:
         if not isinstance(obj[name], str) or not obj[name]:
-            raise TrustError(f"AK certification field {name!r} is not a non-empty string")
-    signature = _b64(obj["signature"], "signature")
+            raise TrustError(f"{what} field {name!r} is not a non-empty string")
+    signature = _b64(obj["signature"], "signature", what)
     fields = {k: v for k, v in obj.items() if k != "signature"}
     if not isinstance(signer_public_key, ec.EllipticCurvePublicKey):
         raise TrustError("the node signing key is not an ECDSA key")
     try:
         signer_public_key.verify(signature, canonical_json(fields), ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
-        raise TrustError("AK certification signature does not verify with the node signing key") from None
+        raise TrustError(f"{what} signature does not verify with the node signing key") from None
+    return fields
+
+
+def _unhex_name(value: str, what: str) -> bytes:
     try:
-        name_bytes = bytes.fromhex(obj["ak_name"])
+        return bytes.fromhex(value)
     except ValueError:
-        raise TrustError("AK certification field 'ak_name' is not hex") from None
-    cert = AkCertification(
-        instance_id=obj["instance_id"], uuid=obj["uuid"], ek_fingerprint=obj["ek_fingerprint"],
-        ek_cert_sha256=obj["ek_cert_sha256"], ak_public=_b64(obj["ak_public"], "ak_public"), ak_name=name_bytes,
-        certified_at=obj["certified_at"], method=obj["method"],
-    )
-    _check_content(cert)
-    return cert
+        raise TrustError(f"{what} field 'ak_name' is not hex") from None
 
 
 def ek_cert_sha256(cert: x509.Certificate) -> str:
@@ -193,25 +271,52 @@ def ek_cert_sha256(cert: x509.Certificate) -> str:
 
 def _check_content(cert: AkCertification) -> None:
     """What must hold of a statement whoever signed it; TrustError naming the first thing wrong."""
-    if cert.method != METHOD:
-        raise TrustError(f"AK certification method {cert.method!r} is not {METHOD!r}")
     for name in ("ek_fingerprint", "ek_cert_sha256"):
         value = getattr(cert, name)
         if len(value) != 64 or value.strip("0123456789abcdef"):
             raise TrustError(f"AK certification field {name!r} is not a sha256 hex digest")
+    _check_ak("AK certification", cert.method, cert.certified_at, cert.ak_public, cert.ak_name)
+
+
+def _check_host_content(cert: HostAkCertification) -> None:
+    what = "host AK certification"
+    if not cert.hostname:
+        raise TrustError(f"{what} names no host")
+    public = parse_public(cert.ek_public, "host EK public")
+    if int(public.objectAttributes) & _EK_REQUIRED != _EK_REQUIRED:
+        raise TrustError(f"{what}: the EK is not a restricted decryption key (attributes {public.objectAttributes})")
+    _ek_key(cert.ek_public)
+    _check_ak(what, cert.method, cert.certified_at, cert.ak_public, cert.ak_name)
+
+
+def _check_ak(what: str, method: str, certified_at: str, public: bytes, name: bytes) -> None:
+    """The method, time and AK of a statement, guest's or host's."""
+    if method != METHOD:
+        raise TrustError(f"{what} method {method!r} is not {METHOD!r}")
     try:
-        moment = datetime.fromisoformat(cert.certified_at)
+        moment = datetime.fromisoformat(certified_at)
     except ValueError:
         moment = None
     if moment is None or moment.utcoffset() != timedelta(0):
-        raise TrustError(f"AK certification time {cert.certified_at!r} is not a UTC ISO-8601 time")
+        raise TrustError(f"{what} time {certified_at!r} is not a UTC ISO-8601 time")
     try:
-        check_ak_public(cert.ak_public)
-        actual = ak_name(cert.ak_public)
+        check_ak_public(public)
+        actual = ak_name(public)
     except TvorchError as err:
-        raise TrustError(f"AK certification names an unusable AK: {err}") from None
-    if actual != cert.ak_name:
-        raise TrustError("AK certification's ak_name is not the name of its ak_public")
+        raise TrustError(f"{what} names an unusable AK: {err}") from None
+    if actual != name:
+        raise TrustError(f"{what}'s ak_name is not the name of its ak_public")
+
+
+def _ek_key(ek_public: bytes) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The EK's public key for cryptography; EvidenceError when it cannot be one."""
+    try:
+        key = serialization.load_der_public_key(parse_public(ek_public, "EK public").to_der())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise EvidenceError(f"EK public key cannot be used: {err}") from None
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise EvidenceError(f"EK public key is a {type(key).__name__}, not RSA or ECC")
+    return key
 
 
 def _check_name(name: bytes) -> None:
@@ -219,8 +324,8 @@ def _check_name(name: bytes) -> None:
         raise InputError("AK name is not a SHA-256/384/512 TPM name (2-byte algorithm id, then the digest)")
 
 
-def _b64(value: str, what: str) -> bytes:
+def _b64(value: str, field: str, what: str = "AK certification") -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise TrustError(f"AK certification field {what!r} is not valid base64") from None
+        raise TrustError(f"{what} field {field!r} is not valid base64") from None

@@ -33,7 +33,8 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
                    "verdict": <core.guest_baseline BaselineVerdict.to_json()> | null},
       "host": {"verdict": {"passed": true, "failures": [...], "at": "<UTC>", "policy_digest": "<hex>",
                            "bank": "sha256", "pcrs": {"0": "<hex>", ...}} | null,   # of the quote it judged
-               "quote": <core.quote HostQuote.to_json(), over the same nonce> | null},
+               "quote": <core.quote HostQuote.to_json(), over the same nonce> | null,
+               "ak_certification": <core.akcert's signed host AK statement> | null},
       "signature": "<base64 DER ECDSA-P256-SHA256 by the node signing key over the canonical JSON
                     of every other field>"
     }
@@ -62,14 +63,16 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
 - "baseline": with a baseline event log, the boot matches it event by event
   (recomputed; each difference described) and the node's verdict says the same.
 - "host": a passing host verdict at most the verifier's maximum host age
-  older than the bundle; a host quote over the same nonce; the verdict judged
+  older than the bundle; a host quote over the same nonce, by the host AK the
+  node certified by credential activation against its TPM's EK (signed by the
+  node key, naming this host); the verdict judged
   on the same bank, PCRs and values as that quote (PCR 10 aside, whose IMA
   list must pass through the verdict's value); the quote's IMA list replays
   to its PCR 10 and starts with the boot_aggregate of its PCRs 0-9.
 
 A check whose premise did not verify (say, the AK certification when the node
 certificate does not chain to the CA) fails saying "not checked: ..." rather
-than trusting it. The host's AK is vouched for only by the bundle signature.
+than trusting it.
 A verifier may skip checks by name: they still run, are reported as skipped
 with what they found, and do not count.
 """
@@ -89,7 +92,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tvorch.core.akcert import ek_cert_sha256, verify_ak_certification
+from tvorch.core.akcert import ek_cert_sha256, verify_ak_certification, verify_host_ak_certification
 from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
 from tvorch.core.eventlog import parse_event_log, replay
 from tvorch.core.guest_baseline import compare
@@ -131,7 +134,7 @@ _INSTANCE = ("id", "name", "uuid")
 _NODE = ("hostname", "signing_cert_pem", "ca_pem")
 _GUEST = ("bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima")
 _BASELINE = ("eventlog", "verdict")
-_HOST = ("verdict", "quote")
+_HOST = ("verdict", "quote", "ak_certification")
 _HOST_VERDICT = ("passed", "failures", "at", "policy_digest", "bank", "pcrs")
 
 
@@ -223,6 +226,7 @@ def build_bundle(
     host_quote: HostQuote | None,
     created_at: datetime,
     baseline_pcrs: Iterable[int] | None = None,
+    host_ak_certification: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The bundle's canonical JSON, signed with SIGNING_KEY (see the module docstring).
 
@@ -266,6 +270,7 @@ def build_bundle(
                 "policy_digest": host_verdict.policy_digest, **_judged_pcrs(host_verdict),
             },
             "quote": None if host_quote is None else host_quote.to_json(),
+            "ak_certification": None if host_ak_certification is None else dict(host_ak_certification),
         },
     }
     signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
@@ -313,6 +318,7 @@ class _Bundle:
     baseline_verdict: dict[str, Any] | None
     host_verdict: dict[str, Any] | None  # as parsed; "pcrs" as dict[int, bytes], "at" as a datetime
     host_quote: dict[str, Any] | None
+    host_ak_certification: dict[str, Any] | None
 
 
 @dataclass
@@ -522,6 +528,7 @@ def _check_host(ctx: _Context) -> str:
         raise TrustError(f"host attestation failed at {at}: {shown or 'no failure named'}")
     quote = HostQuote.from_json(b.host_quote)
     info = quote.verify(ctx.nonce)
+    certified = _host_ak(ctx, quote)
     age = (b.created_at - verdict["at"]).total_seconds()
     if age < 0:
         raise TrustError(f"the host verdict ({at}) is dated after the bundle ({b.body['created_at']})")
@@ -534,7 +541,21 @@ def _check_host(ctx: _Context) -> str:
         raise TrustError("; ".join(problems))
     return (f"host verdict passed at {at}, {age:.0f} s before the bundle (maximum {ctx.max_host_age:.0f} s; "
             f"policy {verdict['policy_digest']}), judged on the quoted PCR values; host quote of {info.bank} "
-            f"PCRs {_pcr_list(info.pcr_selection)} over the nonce verifies{ima_shown}")
+            f"PCRs {_pcr_list(info.pcr_selection)} over the nonce verifies, {certified}{ima_shown}")
+
+
+def _host_ak(ctx: _Context, quote: HostQuote) -> str:
+    """That the node certified the host quote's AK (credential activation against its TPM's EK), shown."""
+    statement = ctx.bundle.host_ak_certification
+    if statement is None:
+        raise TrustError("the host AK is not certified by the node (an AK from before tvorch certified them: "
+                         "run `tvorch host init` on the node)")
+    cert = verify_host_ak_certification(statement, _node_key(ctx))
+    if cert.ak_public != quote.ak_public:
+        raise TrustError("the host AK certification certifies another AK than the one that signed the host quote")
+    if cert.hostname != ctx.bundle.hostname:
+        raise TrustError(f"the host AK certification is of host {cert.hostname!r}, not {ctx.bundle.hostname!r}")
+    return f"by the host AK certified at {cert.certified_at} under EK {cert.ek_fingerprint}"
 
 
 def _host_ima(quote: HostQuote) -> tuple[list[str], str]:
@@ -670,6 +691,8 @@ def _parse(data: bytes) -> _Bundle:
         baseline_verdict=_optional(baseline["verdict"], lambda v: _object(v, "baseline.verdict", None)),
         host_verdict=host_verdict,
         host_quote=_optional(host["quote"], lambda v: _object(v, "host.quote", None)),
+        host_ak_certification=_optional(host["ak_certification"],
+                                        lambda v: _object(v, "host.ak_certification", None)),
     )
 
 

@@ -204,9 +204,10 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         raise NotFoundError(f"instance '{name}' lacks its vTPM record or launch manifest")
     try:
         host_quote = host.quote(node.cfg, nonce)
+        host_ak = host.ak_certification(node.cfg)  # None: an AK from before tvorch certified them
     except TvorchError as err:  # a node without host attestation: the bundle says so, verify fails it
         log.warning("no_host_quote", reason=str(err))
-        host_quote = None
+        host_quote, host_ak = None, None
     baseline = node.store.guest_baseline(record.id)
     identity = node_identity(node.cfg)
     verdict = node.store.latest_host_verdict()
@@ -219,7 +220,7 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         manifest=manifest, ek_cert=x509.load_der_x509_certificate(vtpm.ek_cert),
         ak_certification=guest.ak_certification, guest=guest.evidence,
         baseline_eventlog=baseline[0] if baseline else None, host_verdict=verdict,
-        host_quote=host_quote, created_at=datetime.now(timezone.utc),
+        host_quote=host_quote, host_ak_certification=host_ak, created_at=datetime.now(timezone.utc),
     )
     return bundle, guest
 

@@ -8,19 +8,26 @@ for an operator to review (it is never applied by itself).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 import os
+import secrets
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import tvorch
 
 from ..adapters.files import read_bounded
 from ..adapters.store import Store, utc_now
-from ..adapters.tpm import AkInfo, open_tpm, read_ak
+from ..adapters.files import atomic_write
+from ..adapters.tpm import HOST_DIR, AkInfo, Tpm, open_tpm, read_ak
 from ..config import Config
+from ..core.akcert import HostAkCertification, check_ak_public, make_credential, sign_host_ak_certification
 from ..core.eventlog import parse_event_log, replay
 from ..core.hostpolicy import (
     DEFAULT_EXCLUDES,
@@ -45,8 +52,10 @@ from ..core.ima import (
 from ..core.quote import HostQuote
 from ..errors import ConfigError, EvidenceError, HostError, TrustError
 from ..logs import get_logger
+from .manifests import node_identity
 
 log = get_logger(__name__)
+AK_CERT = "ak-cert.json"  # beside ak.pub/ak.priv: the node's signed certification of the host AK
 # Evidence files larger than this are refused rather than read into memory.
 MAX_LOG_BYTES = 256 * 1024 * 1024
 
@@ -59,9 +68,46 @@ def must_measure(cfg: Config) -> tuple[str, ...]:
     )
 
 
-def init(cfg: Config) -> AkInfo:
+def init(cfg: Config) -> tuple[AkInfo, dict[str, Any]]:
+    """The host AK (made once) and the node's certification of it (made once per AK, see certify_ak)."""
     with open_tpm(cfg.host.tcti) as tpm:
-        return tpm.create_ak(Path(cfg.state_dir))
+        ak = tpm.create_ak(Path(cfg.state_dir))
+        statement = ak_certification(cfg)
+        if statement is None or statement.get("ak_public") != base64.b64encode(ak.public).decode("ascii"):
+            statement = certify_ak(cfg, tpm, ak)
+    return ak, statement
+
+
+def certify_ak(cfg: Config, tpm: Tpm, ak: AkInfo) -> dict[str, Any]:
+    """Prove AK lives in this TPM by credential activation against its EK, and sign that as the node.
+
+    The credential is made in software for the EK the TPM derives and the
+    AK's name; only a TPM holding both releases its secret. The signed
+    statement goes into every evidence bundle, so a verifier knows the host
+    quote's AK is this TPM's, under this EK."""
+    check_ak_public(ak.public)
+    ek_public = tpm.ek_public()
+    secret = secrets.token_bytes(32)
+    id_object, encrypted_secret = make_credential(ek_public, ak.name, secret)
+    if not hmac.compare_digest(tpm.activate_credential(ak, id_object, encrypted_secret), secret):
+        raise TrustError("the host TPM did not activate the credential: its AK is not under its EK")
+    statement = sign_host_ak_certification(HostAkCertification(
+        hostname=socket.gethostname(), ek_public=ek_public, ak_public=ak.public, ak_name=ak.name,
+        certified_at=utc_now()), node_identity(cfg).signing_key)
+    atomic_write(Path(cfg.state_dir) / HOST_DIR / AK_CERT, _json_text(statement).encode())
+    log.info("host_ak_certified", ak=ak.fingerprint)
+    return statement
+
+
+def ak_certification(cfg: Config) -> dict[str, Any] | None:
+    """The node's stored certification of the host AK, as written (None before `tvorch host init` made one)."""
+    try:
+        doc = json.loads(read_bounded(str(Path(cfg.state_dir) / HOST_DIR / AK_CERT), 1024 * 1024))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise HostError(f"cannot read the host AK certification: {err}; run `tvorch host init` again") from None
+    return doc if isinstance(doc, dict) else None
 
 
 def _read_log(path: str) -> bytes | None:
