@@ -149,8 +149,8 @@ def plain_xml(template: str, name: str, dom_uuid: str, overlay: Path, console: P
     for backend in root.iterfind("./devices/tpm/backend"):
         for encryption in backend.findall("encryption"):
             backend.remove(encryption)  # plain libvirt keeps vTPM state in clear
-    for channel in root.iterfind("./devices/channel/source"):
-        channel.set("path", str(Path(channel.get("path", "/run/tvorch/channels/x")).with_name(f"{name}.sock")))
+    for channel in root.iterfind("./devices/channel/source"):  # tvorch's channel directory is not plain libvirt's
+        channel.set("path", str(console.with_name(f"{name}.sock")))
     nvram = root.find("./os/nvram")
     if nvram is not None:  # libvirt's default path follows the new name
         root.find("os").remove(nvram)  # type: ignore[union-attr]

@@ -37,6 +37,7 @@ from .core.metadata import parse_instance_metadata
 from .core.gate import FILE_KINDS, FileEvidence, Phase, StartEvidence, nvram_path, phase_of, start_refusals
 from .core.hostverdict import host_problem
 from .core.instance import InstanceRecord
+from .service.owned_files import stranger_refusals
 from .errors import StoreError, TvorchError, describe_os_error
 
 ALLOW, REFUSE = 0, 1
@@ -160,21 +161,26 @@ def _protect_boot_files(xml: str) -> tuple[str, ...]:
 _UUID = re.compile(r"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
 
 
-def _stripped(cfg: Config, name: str, uuid: re.Match[str] | None, op: str) -> tuple[int, str | None]:
-    """A domain without tvorch metadata that is one of tvorch's instances (its UUID): its metadata was
-    removed, which would otherwise take it past every check. Refused; any other domain passes."""
-    if uuid is None or not cfg.db_path.exists():
-        return ALLOW, None
-    store = Store(cfg.db_path)
+def _stripped(cfg: Config, name: str, xml: str, uuid: re.Match[str] | None, op: str) -> tuple[int, str | None]:
+    """A domain without tvorch metadata is not an instance, so nothing of an instance's may be in it: not an
+    instance's UUID (its metadata was removed, which would otherwise take it past every check), nor a file
+    tvorch owns (a copy under a new name and UUID would run the tenant's overlay with a vTPM libvirt makes,
+    recorded nowhere: service.owned_files). Refused; any other domain passes."""
+    store = Store(cfg.db_path) if cfg.db_path.exists() else None
     try:
-        record = store.by_uuid(uuid.group(1).lower())
-        if record is None:
+        if store is not None and uuid is not None and (record := store.by_uuid(uuid.group(1).lower())):
+            reason = f"its tvorch metadata was removed (instance {record.id}); configuration changed since launch"
+            store.add_hook_event(record.id, name, op, "refused", (reason,))
+            return REFUSE, f"tvorch: refused to start {name}: {reason}"
+        reasons = stranger_refusals(cfg, store, xml, uuid.group(1).lower() if uuid is not None else None)
+        if not reasons:
             return ALLOW, None
-        reason = f"its tvorch metadata was removed (instance {record.id}); configuration changed since launch"
-        store.add_hook_event(record.id, name, op, "refused", (reason,))
-        return REFUSE, f"tvorch: refused to start {name}: {reason}"
+        if store is not None:  # under the domain's name: the instances it names did not ask for this start
+            store.add_hook_event(None, name, op, "refused", reasons)
+        return REFUSE, f"tvorch: refused to start {name}: not a tvorch instance, yet " + "; ".join(reasons)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
@@ -189,7 +195,7 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
         if phase is Phase.START and cfg.policy.require_tvorch_domains:
             return _refused_on_record(cfg, None, name, op, "not launched by tvorch (policy.require_tvorch_domains)")
         if phase is Phase.START:
-            return _stripped(cfg, name, _UUID.search(xml), op)
+            return _stripped(cfg, name, xml, _UUID.search(xml), op)
         return ALLOW, None
     store = Store(cfg.db_path, busy_timeout_ms=cfg.hook_deadline_ms)
     try:

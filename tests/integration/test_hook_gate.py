@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,9 @@ def test_domain_without_tvorch_metadata_passes(gated: Gated, tmp_path: Path):
         disk_element.remove(disk_element.find("backingStore"))
         for serial_log in root.iter("log"):
             serial_log.set("file", str(tmp_path / "plain.log"))
+        devices = root.find("devices")
+        for channel in devices.findall("channel"):  # the instance's attestation socket is tvorch's
+            devices.remove(channel)
 
     redefine(edited(gated, edit))
     try:
@@ -242,6 +246,87 @@ def test_domain_without_tvorch_metadata_passes(gated: Gated, tmp_path: Path):
     finally:
         virsh("undefine", "--nvram", "--tpm", plain, check=False)
         disk.unlink()
+
+
+def _stranger(gated: Gated, name: str) -> ET.Element:
+    """GATED's definition as someone copying it would leave it: another name and UUID, no tvorch
+    metadata, no vTPM secret (libvirt then makes the copy a vTPM of its own)."""
+    root = ET.fromstring(gated.xml.read_text())
+    root.find("name").text = name
+    root.find("uuid").text = str(uuidlib.uuid4())
+    root.remove(root.find("metadata"))
+    for backend in root.iter("backend"):
+        for encryption in backend.findall("encryption"):
+            backend.remove(encryption)
+    return root
+
+
+def _harmless(root: ET.Element, disk: Path, log: Path) -> None:
+    """Leave the stranger nothing of tvorch's: its own empty disk, no channel, its own console log."""
+    disk_element = root.find("./devices/disk")
+    disk_element.find("source").set("file", str(disk))
+    disk_element.remove(disk_element.find("backingStore"))
+    devices = root.find("devices")
+    for channel in devices.findall("channel"):
+        devices.remove(channel)
+    for serial_log in root.iter("log"):
+        serial_log.set("file", str(log))
+
+
+def _starts_and_goes(name: str, xml: str, refusal: tuple[str, ...] | None) -> None:
+    redefine(xml)
+    try:
+        if refusal is None:
+            starts_clean(name)
+        else:
+            refused(name, *refusal)
+    finally:
+        virsh("destroy", name, check=False)
+        virsh("undefine", "--nvram", "--tpm", name, check=False)
+
+
+def test_copy_of_an_instance_without_metadata_is_refused(tv: Tv, gated: Gated):
+    """Issue #13: the instance's definition stripped of <metadata>, <uuid> and <encryption> and defined
+    under another name would run the tenant's overlay with a vTPM libvirt made, recorded nowhere."""
+    copy = f"{PREFIX}copy-{secrets.token_hex(2)}"
+    root = _stranger(gated, copy)
+    _starts_and_goes(copy, ET.tostring(root, encoding="unicode"),
+                     (gated.record["overlay"], f"tvorch instance {gated.record['id']}"))
+    assert [e["verdict"] for e in tv.json("events", copy) if e["operation"] == "prepare begin"] == ["refused"]
+
+
+@pytest.mark.parametrize("case", ["base-read-write", "instance-nvram", "overlay-dir", "state-dir", "base-read-only"])
+def test_stranger_using_tvorch_files_is_refused(tv: Tv, gated: Gated, tmp_path: Path, case: str):
+    """A domain that is not the instance may not touch what tvorch owns; a trusted image it may only read."""
+    name = f"{PREFIX}stranger-{secrets.token_hex(2)}"
+    disk = Path(f"/var/lib/libvirt/images/{name}.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    planted = tv.overlay_dir / f"{name}.qcow2" if case == "overlay-dir" else tv.state_dir / f"{name}.qcow2"
+    root = _stranger(gated, name)
+    _harmless(root, disk, tmp_path / "console.log")
+    source = root.find("./devices/disk/source")
+    refusal: tuple[str, ...] | None
+    if case.startswith("base-"):
+        source.set("file", str(gated.base))
+        if case == "base-read-only":
+            ET.SubElement(source, "seclabel", model="dac", relabel="no")  # leave the base's owner alone
+            ET.SubElement(root.find("./devices/disk"), "readonly")
+        refusal = None if case == "base-read-only" else (
+            f"{gated.base} is the image of tvorch instance {gated.record['id']}", "opened writable")
+    elif case == "instance-nvram":
+        nvram = f"/var/lib/libvirt/qemu/nvram/{gated.name}_VARS.fd"
+        assert Path(nvram).exists()
+        ET.SubElement(root.find("os"), "nvram").text = nvram
+        refusal = (nvram, f"tvorch instance {gated.record['id']}")
+    else:
+        shutil.copyfile(disk, planted)
+        source.set("file", str(planted))
+        refusal = (str(planted), "tvorch's")
+    try:
+        _starts_and_goes(name, ET.tostring(root, encoding="unicode"), refusal)
+    finally:
+        disk.unlink()
+        planted.unlink(missing_ok=True)
 
 
 def _restart_libvirtd() -> None:

@@ -291,6 +291,100 @@ def test_known_instance_with_its_metadata_removed_is_refused(node: Node, capfd: 
     assert decide(node, "release", "end", capfd, xml=stripped) == (0, None)  # only starts are refused
 
 
+def stranger(node: Node, name: str = "tvtest-copy") -> ET.Element:
+    """NODE's domain as a copy would carry it: another name and UUID, no tvorch metadata."""
+    root = ET.fromstring(node.xml)
+    root.remove(root.find("metadata"))  # type: ignore[arg-type]
+    root.find("name").text = name  # type: ignore[union-attr]
+    root.find("uuid").text = "6b1d2c3e-4f50-4a61-8b72-0000000000ff"  # type: ignore[union-attr]
+    return root
+
+
+def test_copy_of_an_instance_under_a_new_name_and_uuid_is_refused(node: Node,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """Issue #13: no metadata, no known UUID, but the instance's overlay: not a tvorch instance, so refused."""
+    copy = ET.tostring(stranger(node), encoding="unicode")
+    status, line = call(node.cfg, copy, "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None
+    assert line.startswith("tvorch: refused to start tvtest-copy: not a tvorch instance, yet <source> ")
+    assert f"{node.overlay} belongs to tvorch instance {INSTANCE}" in line
+    # On file under the copy's name, not the instance's: its own stop/start records stay as they were.
+    assert [e[:3] for e in hook_events_of_domain(node.cfg, "tvtest-copy")] == [(None, "prepare begin", "refused")]
+    assert node.events() == []
+    for operation, sub in (("release", "end"), ("reconnect", "begin")):
+        assert call(node.cfg, copy, "tvtest-copy", operation, sub, capfd) == (0, None)
+
+
+def test_instances_image_layer_may_be_lent_read_only_only(node: Node, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    root = stranger(node)
+    disk = root.find("./devices/disk")
+    assert disk is not None
+    disk.remove(disk.find("backingStore"))  # type: ignore[arg-type]
+    disk.find("source").set("file", str(node.layer))  # type: ignore[union-attr]
+    for log in root.iter("log"):
+        log.set("file", str(tmp_path / "stranger.log"))
+    status, line = call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None and f"{node.layer} is the image of tvorch instance {INSTANCE}" in line
+    assert "opened writable" in line
+    ET.SubElement(disk, "readonly")
+    assert call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd) == (0, None)
+
+
+def test_a_symbolic_link_or_a_storage_volume_does_not_hide_the_overlay(
+    node: Node, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tvorch.service import owned_files
+
+    link = tmp_path / "innocent.qcow2"
+    link.symlink_to(node.overlay)
+    root = stranger(node)
+    root.find("./devices/disk/source").set("file", str(link))  # type: ignore[union-attr]
+    status, line = call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None and f"{node.overlay} belongs to tvorch instance {INSTANCE}" in line
+
+    pools = tmp_path / "pools"
+    pools.mkdir()
+    (pools / "p.xml").write_text(f"<pool type='dir'><name>p</name><target><path>{node.overlay.parent}</path>"
+                                 "</target></pool>")
+    monkeypatch.setattr(owned_files, "POOL_DIRS", (str(pools),))
+    disk = root.find("./devices/disk")
+    assert disk is not None
+    disk.set("type", "volume")
+    source = disk.find("source")
+    assert source is not None
+    source.attrib.clear()
+    source.attrib.update(pool="p", volume=node.overlay.name)
+    status, line = call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None and f"{node.overlay} belongs to tvorch instance {INSTANCE}" in line
+    source.set("pool", "unknown")
+    status, line = call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None and "storage pool unknown, whose target path cannot be read" in line
+
+
+def test_a_destroyed_instances_kept_vtpm_state_is_not_given_to_another_domain(
+    node: Node, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """libvirt picks a vTPM's state by UUID: a new domain with a destroyed instance's UUID would inherit it."""
+    node.write_vtpm(b"kept state")
+    s = node.store()
+    try:
+        s.update_instance(INSTANCE, state=InstanceState.DESTROYED, event=("destroyed", "vTPM state kept"))
+    finally:
+        s.close()
+    root = stranger(node)
+    root.find("uuid").text = UUID  # type: ignore[union-attr]
+    disk = root.find("./devices/disk")
+    assert disk is not None
+    disk.remove(disk.find("backingStore"))  # type: ignore[arg-type]
+    disk.find("source").set("file", str(tmp_path / "elsewhere.qcow2"))  # type: ignore[union-attr]
+    for log in root.iter("log"):
+        log.set("file", str(tmp_path / "stranger.log"))
+    status, line = call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None
+    assert f"its UUID selects the vTPM state {node.vtpm} kept for destroyed tvorch instance {INSTANCE}" in line
+
+
 def test_known_instance_under_another_domain_name_is_refused(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
     """A copy of a tvorch domain defined under a new name must not pass as the original."""
     status, line = decide(node, "prepare", "begin", capfd, name="tvtest-impostor")
