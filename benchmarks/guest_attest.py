@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from tvorch.adapters.guest_channel import GuestChannel
+from tvorch.service.attest import channel_path
 from tvorch.adapters.store import Store
 from tvorch.config import load_config
 from tvorch.core.agent_protocol import pcr_list
@@ -65,7 +66,7 @@ def main() -> int:
     store.close()
     if record is None:
         raise SystemExit(f"guest_attest: no instance named {args.name} (make demo)")
-    socket_path = Path(cfg.guest.channel_dir) / f"{record.id}.sock"
+    socket_path = channel_path(cfg, record)
     ca = Path(tempfile.mkdtemp(prefix="tvbench-")) / "ca.pem"
     ca.write_text(subprocess.run([TVORCH, "ca", "show", "--pem"], capture_output=True, text=True,
                                  check=True).stdout)

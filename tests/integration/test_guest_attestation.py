@@ -14,6 +14,7 @@ import base64
 import json
 import secrets
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,38 @@ def test_attest_then_verify_offline(node: Host, guest, ca: Path, tmp_path: Path)
     assert events.count("ak-certified") == 1 and "baseline-learned" in events
     assert attest(node, name, tmp_path / "again.json", secrets.token_hex(16)).returncode == 0
     assert [e["kind"] for e in node.json("show", name)["events"]].count("ak-certified") == 1
+
+
+_CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except OSError as err:
+    print(type(err).__name__)
+    sys.exit(3)
+print("connected")
+"""
+
+
+def channel_socket(name: str) -> str:
+    root = ET.fromstring(virsh("dumpxml", name).stdout)
+    paths = [c.find("source").get("path") for c in root.iter("channel") if c.get("type") == "unix"]
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_no_qemu_can_reach_an_instance_attestation_channel(node: Host, guest, booted_guest: BootedGuest,
+                                                          tmp_path: Path):
+    """Issue #13: every QEMU runs as libvirt-qemu; one that connects to another VM's attestation socket
+    (QEMU serves one client at a time) makes that VM's `tvorch attest` fail. Only tvorch may connect."""
+    name, _, _ = guest
+    for domain in (name, booted_guest.name):
+        path = channel_socket(domain)
+        proc = subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "/usr/bin/python3", "-c", _CONNECT, path],
+                              capture_output=True, text=True, timeout=30)
+        assert (proc.returncode, proc.stdout.strip()) == (3, "PermissionError"), (domain, path, proc)
+    assert attest(node, name, tmp_path / "bundle.json", secrets.token_hex(16)).returncode == 0
 
 
 def test_the_service_attests_every_boot(node: Host, guest, tv: Tv, tmp_path: Path):

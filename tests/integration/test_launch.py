@@ -131,6 +131,7 @@ def test_lifecycle_stop_start_destroy_keeps_vtpm(tv: Tv, guest_dir: Path):
     assert destroyed["state"] == "destroyed" and destroyed["vtpm_purged"] is False
     assert name not in our_domains()
     assert not Path(record["overlay"]).exists()
+    assert not Path(f"/run/tvorch/channels/{record['id']}").exists()  # the channel socket's own directory
     assert tpm_dir.is_dir(), "destroy without --purge-vtpm keeps the vTPM state"
     assert tv.run("show", name, check=False).returncode == 5
 

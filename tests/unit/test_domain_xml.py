@@ -100,7 +100,7 @@ SCENARIOS: dict[str, DomainSpec] = {
     ),
     "efi-manifest": _scenario("efi-manifest", 8, manifest_digest=MANIFEST),
     "efi-vtpm-secret": _scenario("efi-vtpm-secret", 9, vtpm_secret="7d0e1c2b-3a4f-4b5c-8d6e-9f0a1b2c3d4e"),
-    "efi-guest-channel": _scenario("efi-guest-channel", 10, guest_channel="/run/tvorch/channels/i-efi-guest-channel.sock"),
+    "efi-guest-channel": _scenario("efi-guest-channel", 10, guest_channel="/run/tvorch/channels/i-efi-guest-channel/attest.sock"),
 }
 
 

@@ -8,13 +8,57 @@ same id; answers to earlier requests that timed out are skipped.
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 
 from ..core.agent_protocol import MAX_LINE, Response, parse_response, request_line
-from ..errors import EvidenceError, OperationTimeout, TvorchError
+from ..core.domain_xml import guest_channel_path
+from ..errors import ConfigError, EvidenceError, OperationTimeout, TvorchError
+from .files import ensure_private_dir
+
+
+SOCKET_NAME = "attest.sock"
+
+
+def socket_path(channel_dir: Path, instance_id: str, domain_xml: str = "") -> Path:
+    """An instance's channel socket: where its domain XML binds it (instances launched before the
+    per-instance directories keep <channel_dir>/<id>.sock), else <channel_dir>/<id>/attest.sock."""
+    named = guest_channel_path(domain_xml) if domain_xml else None
+    return Path(named) if named else channel_dir / instance_id / SOCKET_NAME
+
+
+def prepare_socket_dir(socket_path: Path, channel_dir: Path) -> None:
+    """Make the directory an instance's channel socket is bound in: root's own, 0700, inside CHANNEL_DIR.
+
+    libvirtd (root) binds the socket and hands QEMU the listening descriptor,
+    so QEMU never needs the path. Every QEMU runs as the same user
+    (libvirt-qemu): one that could reach another VM's socket could hold it
+    (QEMU serves one client at a time) and make that VM's attestation fail.
+    So only root, i.e. tvorch, can reach it. A socket directly in CHANNEL_DIR
+    (instances launched before this layout) is left as it is.
+    """
+    ensure_private_dir(channel_dir, 0o711)
+    directory = socket_path.parent
+    if directory == channel_dir:
+        return
+    ensure_private_dir(directory, 0o700)
+    try:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise NotADirectoryError(20, "not a directory")
+        os.chmod(directory, 0o700)
+    except OSError as err:
+        raise ConfigError(f"cannot make {directory} private: {err.strerror}") from None
+
+
+def remove_socket_dir(socket_path: Path, channel_dir: Path) -> None:
+    """Remove an instance's socket directory (and what libvirt left in it); the shared CHANNEL_DIR stays."""
+    if socket_path.parent != channel_dir and socket_path.parent.parent == channel_dir:
+        shutil.rmtree(socket_path.parent, ignore_errors=True)
 
 
 class GuestAgentError(TvorchError):

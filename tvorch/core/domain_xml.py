@@ -210,6 +210,19 @@ def _render_devices(devices: ET.Element, spec: DomainSpec) -> None:
         ET.SubElement(_find(devices, "tpm/backend"), "encryption", secret=_xml_value(spec.vtpm_secret, "vTPM secret"))
 
 
+def guest_channel_path(xml: str) -> str | None:
+    """The host socket of the guest attestation channel in a domain XML tvorch rendered; None without one."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise InputError(f"domain XML is not well-formed: {err}") from err
+    for channel in root.iterfind("./devices/channel"):
+        source = channel.find("source")
+        if channel.find(f"target[@name='{GUEST_CHANNEL_NAME}']") is not None and source is not None:
+            return source.get("path")
+    return None
+
+
 def _backing_store(chain: tuple[DiskLayer, ...]) -> ET.Element:
     """The overlay's backing chain as nested <backingStore>, ending in an empty one.
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from cryptography import x509
 
-from ..adapters.guest_channel import GuestChannel
+from ..adapters.guest_channel import GuestChannel, socket_path
 from ..adapters.store import utc_now
 from ..config import Config
 from ..core.agent_protocol import Response, parse_pcr_values, pcr_list
@@ -94,7 +94,7 @@ def parse_nonce(text: str) -> bytes:
 
 
 def channel_path(cfg: Config, record: InstanceRecord) -> Path:
-    return Path(cfg.guest.channel_dir) / f"{record.id}.sock"
+    return socket_path(Path(cfg.guest.channel_dir), record.id, record.domain_xml)
 
 
 def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = None) -> GuestAttestation:

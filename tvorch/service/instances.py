@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import imagefiles
-from ..adapters.files import ensure_private_dir
+from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.locks import instance_lock
 from ..core.instance import InstanceRecord, InstanceState, validate_name
 from ..errors import ConflictError, NotFoundError
@@ -66,13 +66,17 @@ def _require_domain(node: Node, name: str) -> InstanceRecord:
     return record
 
 
+def _channel(node: Node, record: InstanceRecord) -> Path:
+    return socket_path(Path(node.cfg.guest.channel_dir), record.id, record.domain_xml)
+
+
 def start(node: Node, name: str) -> tuple[InstanceRecord, bool]:
     """Start a stopped instance; (record, False) when it was already running."""
     with instance_lock(Path(node.cfg.state_dir), name):
         record = _require_domain(node, name)
         if record.state is InstanceState.RUNNING:
             return record, False
-        ensure_private_dir(Path(node.cfg.guest.channel_dir), 0o711)  # /run is empty after a reboot
+        prepare_socket_dir(_channel(node, record), Path(node.cfg.guest.channel_dir))  # /run is empty after a reboot
         with vtpm.unlocked(node, record):
             node.hypervisor.start(name)
         return node.store.update_instance(record.id, state=InstanceState.RUNNING,
@@ -137,6 +141,7 @@ def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> Ins
         # libvirt removed the state with the domain, or the domain was gone already; the key goes too.
         vtpm.remove_state(node, record)
     imagefiles.remove_overlay(record.overlay)
+    remove_socket_dir(_channel(node, record), Path(node.cfg.guest.channel_dir))
     kept = "purged" if purge_vtpm else f"kept in {node.cfg.swtpm_state_dir}/{record.uuid}"
     return node.store.update_instance(
         record.id, state=InstanceState.DESTROYED, event=("destroyed", f"vTPM state {kept}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..adapters import imagefiles
 from ..adapters.files import ensure_private_dir
+from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.hostcaps import is_executable, probe_kvm
 from ..adapters.locks import instance_lock
 from ..adapters.store import utc_now
@@ -153,6 +154,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
 
         instance_id = new_instance_id()
         overlay_dir, log_dir = Path(cfg.overlay_dir), Path(cfg.console_log_dir)
+        channel = socket_path(Path(cfg.guest.channel_dir), instance_id)
         spec = DomainSpec(
             name=name,
             uuid=str(uuidlib.uuid4()),
@@ -171,7 +173,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             direct_boot=DirectBoot(kernel, initrd, req.cmdline) if kernel else None,
             firmware_images=firmware_images,
             backing_chain=tuple(DiskLayer(layer.path, layer.format.value) for layer in reversed(chain.layers)),
-            guest_channel=str(Path(cfg.guest.channel_dir) / f"{instance_id}.sock"),
+            guest_channel=str(channel),
         )
         measured = judge(cfg, node.store, measure_launch(cfg, node.store, spec, chain, req.rehash),
                          req.allow_untrusted_image)
@@ -213,7 +215,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             # libvirt's qemu user must traverse to the overlay; the log dir is virtlogd's (root).
             ensure_private_dir(overlay_dir, 0o711)
             ensure_private_dir(log_dir)
-            ensure_private_dir(Path(cfg.guest.channel_dir), 0o711)  # libvirt binds the channel sockets there
+            prepare_socket_dir(channel, Path(cfg.guest.channel_dir))  # libvirt binds the socket there
             imagefiles.create_overlay(chain, spec.disk_path)
             node.store.set_overlay_identity(instance_id, imagefiles.file_identity(spec.disk_path))
             crash_point("overlay")
@@ -251,3 +253,4 @@ def _roll_back_launch(node: Node, record: InstanceRecord, defined: bool) -> None
                 log.error("rollback_step_failed", name=record.name, error=str(err))
     vtpm.remove_state(node, record)
     imagefiles.remove_overlay(record.overlay)
+    remove_socket_dir(socket_path(Path(node.cfg.guest.channel_dir), record.id), Path(node.cfg.guest.channel_dir))
