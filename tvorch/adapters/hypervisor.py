@@ -182,6 +182,15 @@ class Hypervisor:
         flags |= libvirt.VIR_DOMAIN_UNDEFINE_TPM if purge_tpm else libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM
         self._call(f"undefine '{name}'", lambda: dom.undefineFlags(flags))
 
+    def dump_memory(self, name: str, path: str) -> None:
+        """Write the guest's memory (ELF, no device state) to PATH; the guest is paused meanwhile.
+
+        For firmware reference VMs, whose event log lives in guest memory.
+        """
+        dom = self._lookup(name)
+        self._call(f"dump the memory of '{name}'", lambda: dom.coreDumpWithFormat(
+            path, libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, libvirt.VIR_DUMP_MEMORY_ONLY))
+
     # -- vTPM secrets ------------------------------------------------------
 
     @contextmanager
