@@ -57,7 +57,10 @@ class Duration(click.ParamType):
 
 @cli.command()
 @click.argument("bundle", metavar="BUNDLE")
-@click.option("--ca", required=True, metavar="CA.pem", help="The node CA certificate (`tvorch ca show --pem`).")
+@click.option("--ca", required=True, metavar="CA.pem",
+              help="The node CA certificate (`tvorch ca show --pem`), or the fleet's root above it.")
+@click.option("--chain", metavar="CHAIN.pem",
+              help="More intermediates towards --ca than the bundle carries (`tvorch ca show --chain --pem`).")
 @click.option("--nonce", required=True, metavar="HEX", help="The nonce given to `tvorch attest`.")
 @click.option("--uuid", metavar="UUID", help="The VM the bundle must be about (its libvirt UUID).")
 @click.option("--max-age", type=Duration(), metavar="DURATION",
@@ -69,8 +72,8 @@ class Duration(click.ParamType):
               help="Report this check as SKIPPED and do not count it (repeatable), e.g. host on a node "
                    "without measured boot.")
 @json_option
-def verify(bundle: str, ca: str, nonce: str, uuid: str | None, max_age: int | None, max_host_age: int | None,
-           skip: tuple[str, ...], as_json: bool) -> None:
+def verify(bundle: str, ca: str, chain: str | None, nonce: str, uuid: str | None, max_age: int | None,
+           max_host_age: int | None, skip: tuple[str, ...], as_json: bool) -> None:
     """Check every link of an evidence bundle offline; exit 0 only if every check not skipped passes.
 
     Reads no config or state. Exit 13 when the bundle or evidence in it does not parse, 12 when a check fails.
@@ -81,7 +84,7 @@ def verify(bundle: str, ca: str, nonce: str, uuid: str | None, max_age: int | No
     if max_host_age is None:
         max_host_age = HostAttestation.verdict_max_age  # the default, not this machine's config
     report = verify_file(bundle, ca, parse_nonce(nonce), uuid, max_age=max_age, max_host_age=max_host_age,
-                         skip=skip)
+                         skip=skip, chain_path=chain)
     emit(as_json, report.to_json(), report.table)
     if not report.passed:
         failed = f"evidence bundle {bundle} failed: {', '.join(c.name for c in report.failures())}"

@@ -33,15 +33,17 @@ def image() -> None:
 @click.option("--label", help="A name for the image (default: its file name).")
 @click.option("--signature", metavar="SIG", help="Detached signature over the image (raw or base64).")
 @click.option("--cert", metavar="CERT", help="Certificate of the signing key (PEM or DER).")
+@click.option("--chain", metavar="CHAIN.pem",
+              help="Intermediates between --cert and policy.image_signing_ca (PEM, any order).")
 @click.option("--rehash", is_flag=True, help="Hash again instead of trusting the digest cache.")
 @json_option
 @pass_ctx
 def image_trust(ctx: Context, path: str, label: str | None, signature: str | None, cert: str | None,
-                rehash: bool, as_json: bool) -> None:
+                chain: str | None, rehash: bool, as_json: bool) -> None:
     """Trust every layer of the image at PATH."""
     from ..service import trust
 
-    done = trust.trust_image(ctx.node, path, label, signature, cert, rehash)
+    done = trust.trust_image(ctx.node, path, label, signature, cert, rehash, chain)
     for warning in (w for t in done for w in t.warnings):
         click.echo(f"tvorch: warning: {warning}", err=True)
     emit(as_json, [t.to_json() for t in done], lambda: "\n".join(
@@ -149,13 +151,16 @@ def manifest_show(ctx: Context, name: str, out: str | None, as_json: bool) -> No
 
 @manifest.command(name="verify")
 @click.argument("file")
-@click.option("--ca", "ca_path", required=True, metavar="CA.pem", help="The node CA certificate.")
+@click.option("--ca", "ca_path", required=True, metavar="CA.pem",
+              help="The node CA certificate, or the fleet's root above it.")
+@click.option("--chain", "chain_path", metavar="CHAIN.pem",
+              help="More intermediates towards --ca than the manifest carries (`tvorch ca show --chain --pem`).")
 @json_option
-def manifest_verify(file: str, ca_path: str, as_json: bool) -> None:
-    """Verify a manifest FILE with nothing but the node CA certificate."""
+def manifest_verify(file: str, ca_path: str, chain_path: str | None, as_json: bool) -> None:
+    """Verify a manifest FILE with nothing but the node CA certificate (or the fleet's root)."""
     from ..service import manifests
 
-    m = manifests.verify_file(file, ca_path)
+    m = manifests.verify_file(file, ca_path, chain_path)
     emit(as_json, {"valid": True, "instance_id": m.instance_id, "name": m.name, "node": m.node,
                    "config_digest": m.config_digest, "measurements": len(m.measurements)},
          f"valid: manifest of {m.name} ({m.instance_id}) signed on {m.node}, {len(m.measurements)} measurements")
@@ -163,26 +168,56 @@ def manifest_verify(file: str, ca_path: str, as_json: bool) -> None:
 
 @cli.group()
 def ca() -> None:
-    """The node CA that signs manifests (and, later, vTPM EK certificates)."""
+    """The node CA that issues the node signing and vTPM EK certificates; in a fleet, under its root."""
 
 
 @ca.command(name="show")
 @click.option("--pem", is_flag=True, help="Print the CA certificate in PEM.")
+@click.option("--chain", "with_chain", is_flag=True,
+              help="With --pem: the CA certificate, then the chain above it to the fleet's root "
+                   "(openssl verify's -untrusted).")
 @json_option
 @pass_ctx
-def ca_show(ctx: Context, pem: bool, as_json: bool) -> None:
-    """Show the node CA certificate."""
-    from cryptography.hazmat.primitives import hashes
+def ca_show(ctx: Context, pem: bool, with_chain: bool, as_json: bool) -> None:
+    """Show the node CA certificate, and in a fleet the chain above it."""
+    from ..service import fleet
 
-    from ..service import manifests
-
-    identity = manifests.node_identity(ctx.node.cfg)
-    cert = identity.ca_cert
-    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    info = fleet.ca_info(ctx.node.cfg)
     if pem:
-        click.echo(identity.ca_pem().decode(), nl=False)
+        click.echo(info["chain_pem" if with_chain else "pem"], nl=False)
         return
-    emit(as_json, {"subject": cert.subject.rfc4514_string(), "sha256_fingerprint": fingerprint,
-                   "not_after": cert.not_valid_after_utc.isoformat(), "pem": identity.ca_pem().decode()},
-         f"subject:     {cert.subject.rfc4514_string()}\nfingerprint: sha256:{fingerprint}\n"
-         f"not after:   {cert.not_valid_after_utc.isoformat()}")
+    emit(as_json, info, lambda: "\n".join(
+        [f"subject:     {info['subject']}", f"issuer:      {info['issuer']}",
+         f"fingerprint: sha256:{info['sha256_fingerprint']}", f"not after:   {info['not_after']}"]
+        + [f"chain:       {line}" for line in info["chain_lines"] or ["none (self-signed: no fleet root installed)"]]))
+
+
+@ca.command(name="csr")
+@click.option("--out", metavar="FILE", help="Write the request here (PEM; default: stdout).")
+@json_option
+@pass_ctx
+def ca_csr(ctx: Context, out: str | None, as_json: bool) -> None:
+    """A PKCS#10 request for the node CA key (CA, pathlen 0) for the fleet's CA to sign."""
+    from ..service import fleet
+
+    pem = fleet.csr_pem(ctx.node.cfg)
+    if out is None:
+        click.echo(pem.decode(), nl=False)
+        return
+    write_output(out, pem)
+    emit(as_json, {"out": out}, f"certificate request for the node CA key written to {out}")
+
+
+@ca.command(name="install")
+@click.argument("cert", metavar="CERT.pem")
+@click.option("--chain", "chain_path", required=True, metavar="CHAIN.pem",
+              help="The certificates from CERT's issuer up to the fleet's self-signed root (PEM).")
+@json_option
+@pass_ctx
+def ca_install(ctx: Context, cert: str, chain_path: str, as_json: bool) -> None:
+    """Replace the self-signed node CA certificate with CERT, issued by the fleet for the same key."""
+    from ..service import fleet
+
+    info = fleet.install(ctx.node.cfg, cert, chain_path)
+    emit(as_json, info, lambda: "installed node CA: " + " <- ".join(
+        [f"'{info['subject']}'"] + [f"'{c['subject']}'" for c in info["chain"]]))

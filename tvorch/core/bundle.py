@@ -18,7 +18,7 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
       "instance": {"id": "i-...", "name": "vm1", "uuid": "<libvirt UUID>"},
       "node": {"hostname": "compute-7",
                "signing_cert_pem": "<PEM of the node signing certificate>",
-               "ca_pem": "<PEM of the node CA>"},           # informational: the verifier uses its own CA
+               "ca_pem": "<PEM of the node CA>"},           # then, in a fleet, the chain above it (README)
       "manifest": "<base64 of the signed launch manifest file>",
       "vtpm": {"ek_cert_pem": "<PEM of the vTPM's RSA EK certificate>"},
       "ak_certification": {...},                           # core.akcert's signed object
@@ -48,7 +48,10 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
 - "format": JSON object, format "tvorch-evidence", version 1, every field
   present and of its type and encoding. If this fails, it is the only check.
 - "node certificate": the signing certificate chains to the verifier's CA
-  (ECDSA P-256, digitalSignature, documentSigning), valid at the time given.
+  (ECDSA P-256, digitalSignature, documentSigning), valid at the time given:
+  issued by it, or (a fleet root) by a node CA that ``node.ca_pem`` and the
+  verifier's extra intermediates lead up to it (``core.chain``). That node CA
+  is the CA the manifest and the EK certificate are then checked against.
 - "bundle signature": the node signing key signed everything else.
 - "bundle age": shows created_at; fails when it is more than CLOCK_SKEW after
   the verifier's time, or older than the verifier's maximum age if given.
@@ -82,7 +85,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -93,6 +96,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tvorch.core.akcert import ek_cert_sha256, verify_ak_certification, verify_host_ak_certification
+from tvorch.core.chain import issuer_under
 from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
 from tvorch.core.eventlog import parse_event_log, replay
 from tvorch.core.guest_baseline import compare
@@ -217,6 +221,7 @@ def build_bundle(
     signing_key: ec.EllipticCurvePrivateKey,
     signing_cert: x509.Certificate,
     ca_cert: x509.Certificate,
+    ca_chain: Sequence[x509.Certificate] = (),
     manifest: bytes,
     ek_cert: x509.Certificate,
     ak_certification: Mapping[str, Any],
@@ -250,7 +255,7 @@ def build_bundle(
         "created_at": created_at.astimezone(timezone.utc).isoformat(timespec="milliseconds"),
         "nonce": nonce.hex(),
         "instance": {"id": instance_id, "name": name, "uuid": uuid},
-        "node": {"hostname": hostname, "signing_cert_pem": _pem(signing_cert), "ca_pem": _pem(ca_cert)},
+        "node": {"hostname": hostname, "signing_cert_pem": _pem(signing_cert), "ca_pem": "".join(_pem(c) for c in (ca_cert, *ca_chain))},
         "manifest": _b64(manifest),
         "vtpm": {"ek_cert_pem": _pem(ek_cert)},
         "ak_certification": dict(ak_certification),
@@ -334,16 +339,20 @@ class _Context:
     node_cert: x509.Certificate | None = None
     manifest: LaunchManifest | None = None
     ek_cert: x509.Certificate | None = None
+    untrusted: tuple[x509.Certificate, ...] = ()  # the verifier's extra intermediates
+    node_ca: x509.Certificate | None = None  # the CA that issued the node certificate, once it chains
 
 
 def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime, *, max_host_age: float,
-                  max_age: float | None = None, skip: Iterable[str] = ()) -> BundleReport:
+                  max_age: float | None = None, skip: Iterable[str] = (),
+                  untrusted: Sequence[x509.Certificate] = ()) -> BundleReport:
     """Run every check of the bundle in DATA against CA, NONCE and the time AT; never raises for bad DATA.
 
     MAX_AGE (seconds) bounds the bundle's age at AT (None: any age, shown);
     MAX_HOST_AGE how much older than the bundle its host verdict may be. The
     checks named in SKIP still run, but are reported as skipped and do not
     count; a name that is no check is an InputError naming the valid ones.
+    UNTRUSTED are intermediates the verifier adds to those the bundle carries.
     """
     if at.tzinfo is None:
         raise ValueError("a timezone-aware datetime is required")
@@ -352,7 +361,7 @@ def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime,
         bundle = _parse(data)
     except (_Malformed, TvorchError) as err:
         return BundleReport((Check("format", False, _one_line(err), malformed=True),))
-    ctx = _Context(bundle, ca, nonce, at, max_age, max_host_age)
+    ctx = _Context(bundle, ca, nonce, at, max_age, max_host_age, untrusted=tuple(untrusted))
     checks = [Check("format", True, f"{BUNDLE_FORMAT} version {BUNDLE_VERSION}")]
     for name, check in _CHECKS:
         try:
@@ -379,12 +388,23 @@ def check_names(names: Iterable[str]) -> frozenset[str]:
 
 def _check_node_certificate(ctx: _Context) -> str:
     cert = _certificate(ctx.bundle.signing_cert_pem, "node signing certificate")
-    verify_chain(cert, ctx.ca, ctx.at, purpose=DOCUMENT_SIGNING)
+    pool = () if cert.issuer == ctx.ca.subject else (*_carried(ctx), *ctx.untrusted)
+    issuer = issuer_under(cert, ctx.ca, pool, ctx.at)
+    verify_chain(cert, issuer, ctx.at, purpose=DOCUMENT_SIGNING)
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
         raise TrustError("node signing certificate does not hold a P-256 key")
-    ctx.node_cert = cert
-    return f"'{cert.subject.rfc4514_string()}' issued by '{ctx.ca.subject.rfc4514_string()}'"
+    ctx.node_cert, ctx.node_ca = cert, issuer
+    under = "" if issuer is ctx.ca else f", under the root '{ctx.ca.subject.rfc4514_string()}'"
+    return f"'{cert.subject.rfc4514_string()}' issued by '{issuer.subject.rfc4514_string()}'{under}"
+
+
+def _carried(ctx: _Context) -> tuple[x509.Certificate, ...]:
+    """The node CA and the chain above it that the bundle carries (``node.ca_pem``)."""
+    try:
+        return tuple(x509.load_pem_x509_certificates(ctx.bundle.body["node"]["ca_pem"].encode("utf-8")))
+    except ValueError:
+        raise TrustError("bundle field 'node.ca_pem' is not PEM certificates") from None
 
 
 def _check_signature(ctx: _Context) -> str:
@@ -412,7 +432,7 @@ def _check_age(ctx: _Context) -> str:
 
 def _check_manifest(ctx: _Context) -> str:
     b = ctx.bundle
-    manifest = verify_manifest(b.manifest, ctx.ca, ctx.at)
+    manifest = verify_manifest(b.manifest, ctx.node_ca or ctx.ca, ctx.at)  # the same node CA as the bundle's
     _same_instance("launch manifest", manifest.instance_id, manifest.uuid, b)
     ctx.manifest = manifest
     return f"names {manifest.instance_id} ({manifest.uuid}); sha256 {manifest_digest(b.manifest)}"
@@ -420,7 +440,7 @@ def _check_manifest(ctx: _Context) -> str:
 
 def _check_ek(ctx: _Context) -> str:
     cert = _certificate(ctx.bundle.ek_cert_pem, "EK certificate")
-    verify_ek_certificate(cert, ctx.ca, ctx.at)
+    verify_ek_certificate(cert, ctx.node_ca or ctx.ca, ctx.at)
     ctx.ek_cert = cert
     if ctx.manifest is None:
         raise TrustError("EK certificate chains to the CA, but without a verified launch manifest it is not "

@@ -2,7 +2,9 @@
 
 The signature is over the image file's bytes with SHA-256, made with an RSA
 key (PSS padding, MGF1-SHA-256) or an ECDSA key, by a certificate that chains
-to the CA the operator configured (`policy.image_signing_ca`). We verify
+to the CA the operator configured (`policy.image_signing_ca`): issued by it
+directly, or by an intermediate under it that the operator hands over with
+the signature (`tvorch image trust --chain`; ``core.chain``). We verify
 against the digest tvorch already measured, so the image is read once.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from datetime import datetime
 
 from cryptography import x509
@@ -19,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ..errors import TrustError
+from .chain import issuer_under
 from .signing import verify_chain
 
 
@@ -31,10 +35,14 @@ def decode_signature(data: bytes) -> bytes:
 
 
 def verify_image_signature(
-    digest_hex: str, signature: bytes, cert: x509.Certificate, ca_cert: x509.Certificate, at: datetime
+    digest_hex: str, signature: bytes, cert: x509.Certificate, ca_cert: x509.Certificate, at: datetime,
+    intermediates: Sequence[x509.Certificate] = (),
 ) -> str:
-    """Check SIGNATURE over the image whose SHA-256 is DIGEST_HEX; return the signer's subject."""
-    verify_chain(cert, ca_cert, at)
+    """Check SIGNATURE over the image whose SHA-256 is DIGEST_HEX; return the signer's subject.
+
+    CERT is issued by CA_CERT, or by one of INTERMEDIATES on a path up to it.
+    """
+    verify_chain(cert, issuer_under(cert, ca_cert, intermediates, at), at)
     digest = bytes.fromhex(digest_hex)
     key = cert.public_key()
     try:

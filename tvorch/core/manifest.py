@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import uuid as uuid_module
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from tvorch.core.chain import MAX_PATH, issuer_under
 from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
 from tvorch.errors import TrustError
 
@@ -148,9 +149,13 @@ def manifest_from_dict(data: object) -> LaunchManifest:
     )
 
 
-def sign_manifest(manifest: LaunchManifest, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bytes:
+def sign_manifest(manifest: LaunchManifest, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate,
+                  chain: Sequence[x509.Certificate] = ()) -> bytes:
     """The signed manifest file: the manifest and an ECDSA P-256 signature over its canonical JSON.
 
+    CHAIN (the node CA and the certificates above it, in a fleet) is carried
+    in ``signature.chain`` so a verifier needs only the fleet's root; without
+    it the file is exactly what it was before fleets.
     Refuses (TrustError) a manifest that ``verify_manifest`` would refuse, and
     a key that is not the certificate's, so a bad file is never written.
     """
@@ -162,16 +167,14 @@ def sign_manifest(manifest: LaunchManifest, key: ec.EllipticCurvePrivateKey, cer
         raise TrustError(f"the signing key is on curve {key.curve.name}, not P-256")
     r, s = decode_dss_signature(key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256())))
     signature = encode_dss_signature(r, min(s, _P256_ORDER - s))
-    return canonical_json(
-        {
-            "manifest": body,
-            "signature": {
-                "algorithm": SIGNATURE_ALGORITHM,
-                "value": base64.b64encode(signature).decode("ascii"),
-                "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-            },
-        }
-    )
+    signed: dict[str, Any] = {
+        "algorithm": SIGNATURE_ALGORITHM,
+        "value": base64.b64encode(signature).decode("ascii"),
+        "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+    }
+    if chain:
+        signed["chain"] = [c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in chain]
+    return canonical_json({"manifest": body, "signature": signed})
 
 
 def manifest_digest(file_bytes: bytes) -> str:
@@ -179,8 +182,15 @@ def manifest_digest(file_bytes: bytes) -> str:
     return hashlib.sha256(file_bytes).hexdigest()
 
 
-def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime) -> LaunchManifest:
-    """The manifest in FILE_BYTES, if the file is canonical and signed by a key the CA vouches for at AT."""
+def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime,
+                    untrusted: Sequence[x509.Certificate] = ()) -> LaunchManifest:
+    """The manifest in FILE_BYTES, if the file is canonical and signed by a key the CA vouches for at AT.
+
+    CA_CERT is the verifier's anchor: the node CA, or a fleet root above it,
+    reached through the file's ``signature.chain`` and UNTRUSTED (more
+    intermediates the verifier has, say for a manifest made before its node
+    joined the fleet) by ``core.chain.issuer_under``.
+    """
     try:
         parsed = json.loads(
             file_bytes.decode("utf-8"),
@@ -201,11 +211,12 @@ def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime) 
     if canonical != file_bytes:
         raise TrustError("manifest is not in canonical form")
     top = _object(parsed, "file", _FILE_FIELDS)
-    sig = _object(top["signature"], "signature", _SIGNATURE_FIELDS)
+    sig = _object(top["signature"], "signature", _SIGNATURE_FIELDS, optional=("chain",))
     if sig["algorithm"] != SIGNATURE_ALGORITHM:
         raise TrustError(f"manifest signature algorithm {sig['algorithm']!r} is not {SIGNATURE_ALGORITHM!r}")
     cert = _certificate(sig["certificate"])
-    verify_chain(cert, ca_cert, at, purpose=DOCUMENT_SIGNING)
+    carried = _chain(sig["chain"]) if "chain" in sig else ()
+    verify_chain(cert, issuer_under(cert, ca_cert, (*carried, *untrusted), at), at, purpose=DOCUMENT_SIGNING)
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
         raise TrustError("manifest signing certificate does not hold a P-256 key")
@@ -233,17 +244,23 @@ _MANIFEST_FIELDS = (
 _MEASUREMENT_FIELDS = ("kind", "path", "digest", "size", "details")
 
 
-def _certificate(pem: object) -> x509.Certificate:
+def _certificate(pem: object, where: str = "certificate") -> x509.Certificate:
     if not isinstance(pem, str):
-        raise TrustError("manifest signature field 'certificate': must be a PEM string")
+        raise TrustError(f"manifest signature field '{where}': must be a PEM string")
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("utf-8"))
     except ValueError:
-        raise TrustError("manifest signature field 'certificate': not a PEM certificate") from None
+        raise TrustError(f"manifest signature field '{where}': not a PEM certificate") from None
     # The PEM must be the one encoding of the certificate, so no byte of it can change unnoticed.
     if cert.public_bytes(serialization.Encoding.PEM).decode("ascii") != pem:
-        raise TrustError("manifest signature field 'certificate': PEM is not in canonical form")
+        raise TrustError(f"manifest signature field '{where}': PEM is not in canonical form")
     return cert
+
+
+def _chain(value: object) -> tuple[x509.Certificate, ...]:
+    if not isinstance(value, list) or not value or len(value) > MAX_PATH:
+        raise TrustError(f"manifest signature field 'chain': must be a list of 1 to {MAX_PATH} PEM certificates")
+    return tuple(_certificate(pem, f"chain[{i}]") for i, pem in enumerate(value))
 
 
 def _signature(value: object) -> bytes:
@@ -284,14 +301,14 @@ def _measurement(data: object, where: str) -> Measurement:
     return Measurement(kind=kind, path=path, digest=_digest(fields["digest"], f"{where}.digest"), size=size, details=details)
 
 
-def _object(data: object, where: str, names: tuple[str, ...]) -> dict[str, Any]:
+def _object(data: object, where: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TrustError(f"manifest {where}: must be a JSON object")
     for name in names:
         if name not in data:
             raise TrustError(f"manifest {where}: missing field '{name}'")
     for name in data:
-        if name not in names:
+        if name not in names and name not in optional:
             raise TrustError(f"manifest {where}: unknown field '{name}'")
     return data
 

@@ -6,7 +6,8 @@ node's manifest-signing certificate today and the vTPMs' EK certificates
 later, so a verifier needs nothing but the CA certificate
 (``<state_dir>/pki/ca.pem``).
 
-Chains are one level deep (CA, then leaf) and are checked by hand in
+Chains here are one level deep (CA, then leaf; the path from a node CA up to
+a fleet root is ``tvorch.core.chain``'s) and are checked by hand in
 ``verify_chain``: ``cryptography.x509.verification`` implements the Web PKI
 profile (its client verifier demands the clientAuth EKU), and bending it to
 a private CA needs custom extension policies (cryptography 45 and later),

@@ -54,7 +54,7 @@ from ..core.instance import InstanceRecord, InstanceState, validate_name
 from ..core.quote import QuoteInfo, ak_name, verify_quote
 from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, TrustError, TvorchError
 from ..logs import get_logger
-from .manifests import node_identity, read_with_ca
+from .manifests import node_identity, read_chain, read_with_ca
 from .node import Node
 
 log = get_logger(__name__)
@@ -217,6 +217,7 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
     bundle = build_bundle(
         nonce=nonce, instance_id=record.id, name=record.name, uuid=record.uuid, hostname=socket.gethostname(),
         signing_key=identity.signing_key, signing_cert=identity.signing_cert, ca_cert=identity.ca_cert,
+        ca_chain=identity.chain,
         manifest=manifest, ek_cert=x509.load_der_x509_certificate(vtpm.ek_cert),
         ak_certification=guest.ak_certification, guest=guest.evidence,
         baseline_eventlog=baseline[0] if baseline else None, host_verdict=verdict,
@@ -226,12 +227,13 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
 
 
 def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None, *, max_host_age: float,
-                max_age: float | None = None, skip: Iterable[str] = ()) -> BundleReport:
+                max_age: float | None = None, skip: Iterable[str] = (),
+                chain_path: str | None = None) -> BundleReport:
     """The bundle's report; with UUID, one more check: that the bundle is about that VM."""
     skip = check_names(skip)  # an unknown name is refused before anything is read
     data, ca = read_with_ca(path, ca_path, 256 * 1024 * 1024)
     report = verify_bundle(data, ca, nonce, datetime.now(timezone.utc), max_host_age=max_host_age,
-                           max_age=max_age, skip=skip)
+                           max_age=max_age, skip=skip, untrusted=read_chain(chain_path))
     if uuid is None:
         return report
     about = Check("instance", report.uuid == uuid.lower(),

@@ -38,7 +38,7 @@ def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured) -> bytes:
         config_digest=config_digest(render_domain_xml(spec)),
         policy_digest=measured.policy_digest,
     )
-    return sign_manifest(manifest, identity.signing_key, identity.signing_cert)
+    return sign_manifest(manifest, identity.signing_key, identity.signing_cert, identity.carried_chain())
 
 
 def manifest_of(node: Node, name: str) -> bytes:
@@ -62,6 +62,20 @@ def read_with_ca(path: str, ca_path: str, limit: int) -> tuple[bytes, x509.Certi
         raise InputError(f"{ca_path} is not a PEM certificate") from None
 
 
-def verify_file(path: str, ca_path: str) -> LaunchManifest:
+def read_chain(chain_path: str | None) -> tuple[x509.Certificate, ...]:
+    """The intermediates a verifier adds (`--chain`, e.g. `tvorch ca show --chain --pem` of the node)."""
+    if chain_path is None:
+        return ()
+    try:
+        data = read_bounded(chain_path, 1024 * 1024)
+    except OSError as err:
+        raise InputError(f"cannot read {chain_path}: {err.strerror or err}") from None
+    try:
+        return tuple(x509.load_pem_x509_certificates(data))
+    except ValueError:
+        raise InputError(f"{chain_path} is not PEM certificates") from None
+
+
+def verify_file(path: str, ca_path: str, chain_path: str | None = None) -> LaunchManifest:
     body, ca = read_with_ca(path, ca_path, 16 * 1024 * 1024)
-    return verify_manifest(body, ca, datetime.now(timezone.utc))
+    return verify_manifest(body, ca, datetime.now(timezone.utc), read_chain(chain_path))

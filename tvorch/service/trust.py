@@ -16,6 +16,7 @@ from ..core.image_signature import decode_signature, verify_image_signature
 from ..core.images import UNSAFE_IMAGE_POLICIES, layer_writers
 from ..core.references import REFERENCE_KINDS, ReferenceValue
 from ..errors import InputError, NotFoundError, TrustError
+from .manifests import read_chain
 from .node import Node
 from .measure import file_measurement
 
@@ -46,15 +47,20 @@ def _read_cert(path: str, what: str) -> x509.Certificate:
 
 
 def trust_image(
-    node: Node, image: str, label: str | None, signature: str | None, cert: str | None, rehash: bool
+    node: Node, image: str, label: str | None, signature: str | None, cert: str | None, rehash: bool,
+    intermediates_path: str | None = None,
 ) -> list[Trusted]:
     """Trust every layer of IMAGE's backing chain (base first).
 
     With a detached signature the image must be a single file: a signature
-    over the top layer says nothing about the layers below it.
+    over the top layer says nothing about the layers below it. INTERMEDIATES_PATH
+    (a PEM file, `--chain`) holds the certificates between the signer and the
+    image signing CA.
     """
     if (signature is None) != (cert is None):
         raise InputError("refused: --signature and --cert go together")
+    if intermediates_path is not None and signature is None:
+        raise InputError("refused: --chain goes with --signature and --cert")
     chain = imagefiles.inspect_image(image, node.cfg.max_backing_depth)
     signer: str | None = None
     if signature is not None and cert is not None:
@@ -63,6 +69,7 @@ def trust_image(
         if not node.cfg.policy.image_signing_ca:
             raise TrustError("refused --signature: no image signing CA configured (policy.image_signing_ca)")
         ca = _read_cert(node.cfg.policy.image_signing_ca, "image signing CA")
+        intermediates = read_chain(intermediates_path)
         try:
             sig = decode_signature(Path(signature).read_bytes())
         except OSError as err:
@@ -71,7 +78,7 @@ def trust_image(
     layers = [file_measurement(node.store, "image-layer", layer.path, rehash) for layer in chain.layers]
     if signature is not None and cert is not None:
         signer = verify_image_signature(layers[0].digest, sig, _read_cert(cert, "certificate"), ca,
-                                        datetime.now(timezone.utc))
+                                        datetime.now(timezone.utc), intermediates)
     for layer, measured in zip(chain.layers, layers):
         ref = ReferenceValue(
             kind="image", digest=measured.digest, label=label or os.path.basename(measured.path or ""),
