@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -28,6 +29,7 @@ from tvorch.core.bootpredict import (
     predict_seabios_direct,
     predict_uefi_direct,
     predict_uefi_disk,
+    qemu_patched_kernel,
     stub_pcr11,
 )
 from tvorch.core.eventlog import parse_event_log
@@ -74,6 +76,8 @@ def _gpt_disk_from_log(esp: bytes = b"") -> bytes:
     assert count == 1
     array = entries + bytes(127 * 128)
     disk = bytearray(131072 * 512)
+    disk[446:462] = bytes.fromhex("00 000200 ee ffffff 01000000 ffff0100".replace(" ", ""))  # protective MBR
+    disk[510:512] = b"\x55\xaa"
     disk[512:512 + 92] = header
     disk[1024:1024 + len(array)] = array
     disk[2048 * 512:2048 * 512 + len(esp)] = esp
@@ -347,18 +351,135 @@ def test_seabios_direct_is_the_logged_pcrs_4_5_8_9() -> None:
     assert pcrs[8] == pcrs[9] == "00" * 32 and 8 not in replayed and 9 not in replayed
 
 
-def test_uefi_direct_boot_events() -> None:
-    kernel = _pe([(".text", 0x200, b"K" * 0x200)])
-    p = predict_uefi_direct(kernel, b"initrd", "console=ttyS0")
-    assert [e.type_name for e in p.events if e.pcr == 4] == ["EV_EFI_ACTION", "EV_SEPARATOR",
-                                                               "EV_EFI_BOOT_SERVICES_APPLICATION"]
-    assert [e.type_name for e in p.events if e.pcr == 5] == ["EV_SEPARATOR", "EV_EFI_ACTION", "EV_EFI_ACTION"]
-    assert [e.digest for e in p.events if e.pcr == 9] == [
-        hashlib.sha256("console=ttyS0 initrd=initrd\0".encode("utf-16-le")).hexdigest(),
-        hashlib.sha256(b"initrd").hexdigest()]
+def _bzimage(pe: bytes, protocol: int = 0x20F, xlf: int = 0x7F, initrd_addr_max: int = 0x7FFFFFFF) -> bytes:
+    """A PE that is also a bzImage: the setup header fields QEMU reads, inside its headers."""
+    k = bytearray(pe)
+    k[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", k, 0x206, protocol)
+    k[0x211] = 0x01  # LOADED_HIGH
+    struct.pack_into("<I", k, 0x22C, initrd_addr_max)
+    struct.pack_into("<H", k, 0x236, xlf)
+    return bytes(k)
+
+
+def test_uefi_direct_boot_is_the_logged_order_and_fixed_digests() -> None:
+    """tests/data/eventlogs/ovmf-direct.bin: the test guest's kernel, initrd and cmdline under OVMF, 512 MiB."""
+    kernel = _bzimage(_pe([(".text", 0x200, b"K" * 0x200)]))
+    p = predict_uefi_direct(kernel, b"initrd", GUEST_CMDLINE, 512 << 20)
+    for pcr in (4, 5, 9):
+        ours = [(e.type_name, e.digest) for e in p.events if e.pcr == pcr]
+        logged = _logged("ovmf-direct", pcr)
+        assert [t for t, _ in ours] == [t for t, _ in logged], pcr
+        if pcr == 5:
+            assert ours == logged
+    assert [e.digest for e in p.events if e.pcr == 4][1:] == [d for _, d in _logged("ovmf-direct", 4)][1:]
+    assert [e.digest for e in p.events if e.pcr == 9][0] == _logged("ovmf-direct", 9)[0][1]
+
+
+def test_qemu_patches_the_setup_header_as_x86_load_linux() -> None:
+    kernel = _bzimage(_pe([(".text", 0x200, b"K" * 0x200)]))
+    patched = qemu_patched_kernel(kernel, 4570690, "console=ttyS0 vga=ask", 512 << 20)
+    assert patched[0x210] == 0xB0 and patched[0x211] == 0x81
+    assert struct.unpack_from("<H", patched, 0x224)[0] == 0xFE00  # heap end: cmdline 0x20000 - setup 0x10000 - 0x200
+    assert struct.unpack_from("<I", patched, 0x228)[0] == 0x20000
+    # 512 MiB below 4 GiB, less QEMU's 0x28000 of ACPI data, the initrd page-aligned under that
+    assert struct.unpack_from("<II", patched, 0x218) == (((512 << 20) - 0x28000 - 1 - 4570690) & ~4095, 4570690)
+    assert struct.unpack_from("<H", patched, 0x1FA)[0] == 0xFFFD
+    assert patched != qemu_patched_kernel(kernel, 4570690, "console=ttyS0", 1024 << 20)  # memory moves the initrd
+    no_initrd = qemu_patched_kernel(kernel, None, "", 512 << 20)
+    assert no_initrd[0x218:0x220] == kernel[0x218:0x220]  # no initrd: QEMU leaves them as the file has them
+    with pytest.raises(ImageError, match="no Linux boot protocol header"):
+        qemu_patched_kernel(_pe([(".text", 0x200, b"K" * 0x200)]), None, "", 512 << 20)
+    with pytest.raises(ImageError, match="older than 2.02"):
+        qemu_patched_kernel(_bzimage(kernel, protocol=0x201), None, "", 512 << 20)
 
 
 def test_boot_file_that_is_not_a_uki_covers_pcr5_only() -> None:
     p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), _pe([(".text", 0x200, b"K" * 0x200)]))
     assert p.covered == {5}
     assert 4 in dict(p.not_predicted)
+
+
+# --- `tvorch predict` on bad input: one line, exit 4 (image refused), nothing written ---
+
+def _disk_with(tmp_path: Path, boot: bytes | None, damage=None) -> Path:
+    files = {"EFI/BOOT/BOOTX64.EFI": boot} if boot is not None else {"EFI/OTHER.EFI": b"x"}
+    esp = _fat_image(tmp_path, files, 129023 - 2048 + 1)
+    if damage:
+        esp = damage(esp)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(_gpt_disk_from_log(esp))
+    return path
+
+
+def _cut(path: Path, size: int) -> Path:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return path
+
+
+def _loop(esp: bytes) -> bytes:
+    fat = Fat(Bytes(esp))
+    first = _first_cluster(fat, esp)
+    return _set_fat16(esp, fat, fat._next(first), first)
+
+
+def _uki_ok() -> bytes:
+    return _uki(b"console=ttyS0", _pe([(".text", 0x200, b"K" * 0x200)]), b"initrd")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: (t / "mbr.raw").write_bytes(bytes(510) + b"\x55\xaa" + bytes(1 << 20)) and t / "mbr.raw",
+     "the disk has no GPT"),
+    (lambda t: _disk_with(t, None), r"EFI system partition has no directory \\EFI\\BOOT$"),
+    (lambda t: _disk_with(t, _uki_ok(), _loop), "loops back to cluster"),
+    (lambda t: _disk_with(t, _uki_ok(), lambda e: e[:32] + struct.pack("<I", 200000) + e[36:]),
+     r"FAT file system \(102400000 bytes\) is larger than its partition"),
+    (lambda t: _cut(_disk_with(t, _uki_ok()), 40 << 20), r"EFI system partition ends at byte \d+, past the disk's"),
+    (lambda t: _disk_with(t, _pe([(".a", 0x200, b"A" * 0x200), (".b", 0x300, b"B" * 0x100)])), "overlap"),
+    (lambda t: _disk_with(t, _pe([(".a", 0x200, b"A" * 0x200)], cert=b"C" * 16, cert_entry=(0x300, 0x100))),
+     "certificate table"),
+])
+def test_predict_refuses_bad_images_in_one_line(tmp_path, monkeypatch, capsys, make, message) -> None:
+    from tvorch.cli import main
+
+    config = tmp_path / "tvorch.toml"
+    config.write_text("")
+    monkeypatch.setenv("TVORCH_CONFIG", str(config))
+    image = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["predict", str(image)])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert err.count("\n") == 1 and err.startswith("tvorch: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_predict_without_esp_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from tvorch.cli import main
+
+    config = tmp_path / "tvorch.toml"
+    config.write_text("")
+    monkeypatch.setenv("TVORCH_CONFIG", str(config))
+    disk = bytearray(_disk_with(tmp_path, _uki_ok()).read_bytes())
+    disk[1024:1040] = bytes.fromhex("af3dc60f838472478e793d69d8477de4")
+    disk[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(disk[1024:1024 + 128 * 128])))
+    hdr = bytearray(disk[512:512 + 92])
+    hdr[16:20] = bytes(4)
+    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    (tmp_path / "noesp.raw").write_bytes(bytes(disk))
+    assert main(["predict", str(tmp_path / "noesp.raw")]) == 4
+    assert capsys.readouterr().err == "tvorch: error: the disk's GPT has no EFI system partition\n"
+
+
+def test_stub_dropins_leave_pcrs_9_12_13_unpredicted(tmp_path) -> None:
+    from tvorch.service.predict import _stub_dropins
+
+    plain = Fat(Bytes(_fat_image(tmp_path, {"EFI/BOOT/BOOTX64.EFI": b"x"}, 131072)))
+    assert not _stub_dropins(plain, r"\EFI\BOOT\BOOTX64.EFI")
+    with_creds = Fat(Bytes(_fat_image(tmp_path, {"EFI/BOOT/BOOTX64.EFI": b"x",
+                                                 "EFI/BOOT/BOOTX64.EFI.extra.d/a.cred": b"secret"}, 131072)))
+    assert _stub_dropins(with_creds, r"\EFI\BOOT\BOOTX64.EFI")
+    p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), _uki_ok(), stub_dropins=True)
+    assert {9, 12, 13} <= dict(p.not_predicted).keys() and not {9, 12, 13} & p.covered

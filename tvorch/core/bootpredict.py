@@ -23,10 +23,15 @@ OVMF, disk boot of a unified kernel image (systemd-stub 252, Linux 6.1):
   PCR 12 nothing while the stub finds no credentials and takes no load
          options; PCR 13 nothing while it finds no system extensions
   PCR 14 nothing (no shim: nothing measures MOK lists)
-OVMF, direct kernel boot: PCR 4 as above with the kernel as the only
-  application; PCR 5 without the GPT event; PCR 9 the load options OVMF
-  gives the kernel (the command line, plus " initrd=initrd" when there is
-  an initrd, UTF-16 with its NUL) and the initrd.
+OVMF, direct kernel boot (QEMU -kernel on q35): PCR 4 the kernel's
+  Authenticode first (OVMF loads it before ReadyToBoot), then the boot
+  option action and the separator. The kernel measured is not the file:
+  QEMU 7.2's x86_load_linux patches its setup header (loader type, heap,
+  command line address, and the initrd's address and size; the address
+  follows the guest's memory below 4 GiB), see ``qemu_patched_kernel``.
+  PCR 5 without the GPT event; PCR 9 the load options OVMF gives the kernel
+  (the command line, plus " initrd=initrd" when there is an initrd, UTF-16
+  with its NUL) and the initrd.
 SeaBIOS, direct kernel boot: PCR 4 EV_ACTION "Calling INT 19h" and
   EV_SEPARATOR 0xffffffff; PCR 5 only that separator; PCRs 8 and 9 nothing
   (QEMU's linuxboot option ROM measures neither kernel nor initrd).
@@ -37,6 +42,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from ..errors import ImageError
 from .bootdisk import DEFAULT_BOOT_PATH, Gpt
 from .pe import PeImage, parse_pe
 from .prediction import PredictedEvent
@@ -167,13 +173,67 @@ def ovmf_load_options(cmdline: str, has_initrd: bool) -> bytes:
     return _utf16z(cmdline + (" initrd=initrd" if has_initrd else ""))
 
 
-def predict_uefi_direct(kernel: bytes, initrd: bytes | None, cmdline: str) -> BootPrediction:
-    """OVMF's direct kernel boot (QEMU -kernel/-initrd/-append)."""
-    image = parse_pe(kernel, "kernel")
-    events = _uefi_pcr4_head()
-    events.append(_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", image.authenticode_sha256(), "kernel (Authenticode)"))
+# QEMU 7.2 hw/i386/x86.c x86_load_linux, for a bzImage (boot protocol >= 2.02, loaded high).
+_QEMU_REAL_ADDR, _QEMU_CMDLINE_ADDR = 0x10000, 0x20000
+_QEMU_ACPI_DATA_SIZE = 0x20000 + 0x8000  # pc machines since 2.x: what x86_load_linux keeps free below 4 GiB
+_XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
+_VGA_MODES = {"normal": 0xFFFF, "ext": 0xFFFE, "ask": 0xFFFD}
+
+
+def q35_below_4g(memory_bytes: int) -> int:
+    """QEMU's q35 split of guest memory: what lies below 4 GiB (pc_q35_init)."""
+    lowmem = 0x80000000 if memory_bytes >= 0xB0000000 else 0xB0000000
+    return min(memory_bytes, lowmem)
+
+
+def qemu_patched_kernel(kernel: bytes, initrd_size: int | None, cmdline: str, memory_bytes: int) -> bytes:
+    """The kernel as QEMU hands it to OVMF through fw_cfg: the file with its setup header filled in."""
+    k = bytearray(kernel)
+    if len(k) < 0x260 or k[0x202:0x206] != b"HdrS":
+        raise ImageError("the kernel has no Linux boot protocol header (HdrS): its direct boot cannot be predicted")
+    protocol = int.from_bytes(k[0x206:0x208], "little")
+    if protocol < 0x202 or not k[0x211] & 0x01:
+        raise ImageError(f"the kernel's boot protocol {protocol >> 8}.{protocol & 0xff:02} is older than "
+                         "2.02 or not loaded high: its direct boot cannot be predicted")
+    k[0x228:0x22C] = _QEMU_CMDLINE_ADDR.to_bytes(4, "little")
+    for word in cmdline.split():
+        if word.startswith("vga="):
+            value = word[4:]
+            try:
+                mode = _VGA_MODES.get(value) or int(value, 0)
+            except ValueError:
+                mode = 0  # QEMU's strtol of a bad value
+            k[0x1FA:0x1FC] = (mode & 0xFFFF).to_bytes(2, "little")
+    k[0x210] = 0xB0
+    k[0x211] |= 0x80
+    k[0x224:0x226] = (_QEMU_CMDLINE_ADDR - _QEMU_REAL_ADDR - 0x200).to_bytes(2, "little")
+    if initrd_size is not None:
+        xlf = int.from_bytes(k[0x236:0x238], "little")
+        if protocol >= 0x20C and xlf & _XLF_CAN_BE_LOADED_ABOVE_4G:
+            initrd_max = 0xFFFFFFFF
+        elif protocol >= 0x203:
+            initrd_max = int.from_bytes(k[0x22C:0x230], "little")
+        else:
+            initrd_max = 0x37FFFFFF
+        below = q35_below_4g(memory_bytes)
+        if initrd_max >= below - _QEMU_ACPI_DATA_SIZE:
+            initrd_max = below - _QEMU_ACPI_DATA_SIZE - 1
+        if initrd_size >= initrd_max:
+            raise ImageError(f"the initrd ({initrd_size} bytes) does not fit below the guest's memory limit")
+        k[0x218:0x21C] = ((initrd_max - initrd_size) & ~4095).to_bytes(4, "little")
+        k[0x21C:0x220] = initrd_size.to_bytes(4, "little")
+    return bytes(k)
+
+
+def predict_uefi_direct(kernel: bytes, initrd: bytes | None, cmdline: str, memory_bytes: int) -> BootPrediction:
+    """OVMF's direct kernel boot (QEMU -kernel/-initrd/-append on q35, MEMORY_BYTES of guest memory)."""
+    patched = qemu_patched_kernel(kernel, len(initrd) if initrd is not None else None, cmdline, memory_bytes)
+    image = parse_pe(patched, "kernel")
+    events = [_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", image.authenticode_sha256(),
+                  "kernel as QEMU passes it (Authenticode)")]
+    events += _uefi_pcr4_head()
     events += _uefi_pcr5(None)
-    events += _linux_pcr9(ovmf_load_options(cmdline, bool(initrd)), initrd)
+    events += _linux_pcr9(ovmf_load_options(cmdline, initrd is not None), initrd)
     return BootPrediction(tuple(events), frozenset(DIRECT_BOOT_PCRS), ())
 
 

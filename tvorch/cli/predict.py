@@ -1,0 +1,48 @@
+"""`tvorch predict IMAGE`: the sha256 events and PCR values a launch would produce, computed before any boot."""
+
+from __future__ import annotations
+
+import click
+
+from .common import Context, emit, json_option, pass_ctx
+from .group import cli
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--firmware", type=click.Choice(["efi", "bios"]), help="Firmware [config launch.firmware].")
+@click.option("--secure-boot/--no-secure-boot", default=None, help="UEFI Secure Boot [config launch.secure_boot].")
+@click.option("--firmware-profile", metavar="NAME", help="Named OVMF code/vars from config [firmware_profiles].")
+@click.option("--tpm-model", type=click.Choice(["crb", "tis"]), help="vTPM interface [config launch.tpm_model].")
+@click.option("--kernel", metavar="PATH", help="Direct kernel boot: kernel image.")
+@click.option("--initrd", metavar="PATH", help="Direct kernel boot: initrd.")
+@click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel command line.")
+@click.option("--memory", type=int, help="Memory in MiB [config launch.memory_mib].")
+@click.option("--vcpus", type=int, help="Virtual CPUs [config launch.vcpus].")
+@json_option
+@pass_ctx
+def predict(ctx: Context, image: str, firmware: str | None, secure_boot: bool | None, firmware_profile: str | None,
+            tpm_model: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
+            memory: int | None, vcpus: int | None, as_json: bool) -> None:
+    """The boot measurements (PCR, event type, sha256, what) launching IMAGE would produce, and the PCR values."""
+    from ..config import load_config
+    from ..service.predict import PredictRequest, predict as run
+
+    d = load_config(ctx.config_path).launch
+    req = PredictRequest(
+        image=image, firmware=firmware or d.firmware, secure_boot=d.secure_boot if secure_boot is None else secure_boot,
+        firmware_profile=firmware_profile, tpm_model=tpm_model or d.tpm_model, kernel=kernel, initrd=initrd,
+        cmdline=cmdline, memory_mib=memory or d.memory_mib, vcpus=vcpus or d.vcpus,
+    )
+    result = run(req)
+
+    def text() -> str:
+        p = result.prediction
+        lines = [f"scenario: {result.scenario}", "events (sha256):"]
+        lines += [f"  PCR{e.pcr:<2} {e.type_name:<34} {e.digest}  {e.what}" for e in p.events]
+        lines.append("PCRs (sha256):")
+        lines += [f"  {pcr:>2}: {value}" for pcr, value in p.pcrs.items()]
+        lines += [f"  {pcr:>2}: not predicted ({why})" for pcr, why in result.not_predicted]
+        return "\n".join(lines)
+
+    emit(as_json, result.to_json(), text)
