@@ -341,11 +341,12 @@ def test_mangle_stub_cmdline() -> None:
     assert ovmf_load_options("x", True) == "x initrd=initrd\0".encode("utf-16-le")
 
 
-def test_seabios_direct_is_the_logged_pcrs_4_5_8_9() -> None:
+def test_seabios_direct_is_the_logged_pcrs_0_3_to_9() -> None:
     p = predict_seabios_direct()
     pcrs = _pcrs("seabios-direct")
     replayed = replay(p.events)
-    for pcr in (4, 5):
+    assert {1, 2} == dict(p.not_predicted).keys() and not {1, 2} & p.covered
+    for pcr in (0, 3, 4, 5, 6, 7):
         assert [(e.type_name, e.digest) for e in p.events if e.pcr == pcr] == _logged("seabios-direct", pcr)
         assert replayed[pcr] == pcrs[pcr]
     assert pcrs[8] == pcrs[9] == "00" * 32 and 8 not in replayed and 9 not in replayed

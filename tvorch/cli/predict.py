@@ -34,7 +34,7 @@ def predict(ctx: Context, image: str, firmware: str | None, secure_boot: bool | 
         firmware_profile=firmware_profile, tpm_model=tpm_model or d.tpm_model, kernel=kernel, initrd=initrd,
         cmdline=cmdline, memory_mib=memory or d.memory_mib, vcpus=vcpus or d.vcpus,
     )
-    result = run(req)
+    result = run(req, lambda: ctx.node)
 
     def text() -> str:
         p = result.prediction

@@ -33,8 +33,9 @@ OVMF, direct kernel boot (QEMU -kernel on q35): PCR 4 the kernel's
   (the command line, plus " initrd=initrd" when there is an initrd, UTF-16
   with its NUL) and the initrd.
 SeaBIOS, direct kernel boot: PCR 4 EV_ACTION "Calling INT 19h" and
-  EV_SEPARATOR 0xffffffff; PCR 5 only that separator; PCRs 8 and 9 nothing
-  (QEMU's linuxboot option ROM measures neither kernel nor initrd).
+  EV_SEPARATOR 0xffffffff; PCRs 0, 3, 5, 6 and 7 only that separator; PCRs 8
+  and 9 nothing (QEMU's linuxboot option ROM measures neither kernel nor
+  initrd).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class BootPrediction:
     events: tuple[PredictedEvent, ...]
     covered: frozenset[int]
     not_predicted: tuple[tuple[int, str], ...]  # (PCR, reason) for PCRs this side cannot compute
+    # The boot applications the firmware itself loads (and verifies under Secure Boot), in load order:
+    # (name, PE bytes as loaded, Authenticode sha256), what PCR 7's db authority events follow.
+    firmware_loads: tuple[tuple[str, bytes, str], ...] = ()
 
 
 def _uefi_pcr4_head() -> list[PredictedEvent]:
@@ -140,8 +144,10 @@ def predict_uefi_disk(gpt: Gpt, boot_file: bytes, *, stub_dropins: bool = False,
                       boot_path: str = DEFAULT_BOOT_PATH) -> BootPrediction:
     """OVMF booting BOOT_FILE from the ESP of the disk with GPT; a UKI is followed into its stub."""
     app = parse_pe(boot_file, boot_path)
+    app_hash = app.authenticode_sha256()
+    loads = ((boot_path, boot_file, app_hash),)
     events = _uefi_pcr4_head()
-    events.append(_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", app.authenticode_sha256(), f"{boot_path} (Authenticode)"))
+    events.append(_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", app_hash, f"{boot_path} (Authenticode)"))
     events += _uefi_pcr5(gpt)
     sections = uki_sections(app)
     if ".linux" not in sections:
@@ -149,7 +155,7 @@ def predict_uefi_disk(gpt: Gpt, boot_file: bytes, *, stub_dropins: bool = False,
             (4, f"{boot_path} is not a unified kernel image: what it loads next is not known"),
             (8, "not a unified kernel image"), (9, "not a unified kernel image"),
             (11, "not a unified kernel image"), (12, "not a unified kernel image"),
-            (13, "not a unified kernel image"), (14, "not a unified kernel image")))
+            (13, "not a unified kernel image"), (14, "not a unified kernel image")), loads)
     kernel = parse_pe(sections[".linux"], f"{boot_path} .linux section")
     events.append(_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", kernel.authenticode_sha256(),
                       f"{boot_path} .linux section (Authenticode)"))
@@ -165,7 +171,7 @@ def predict_uefi_disk(gpt: Gpt, boot_file: bytes, *, stub_dropins: bool = False,
         events += _linux_pcr9(load_options, sections.get(".initrd"))
         covered |= {9, 12, 13}
     events += stub_pcr11(sections)
-    return BootPrediction(tuple(events), frozenset(covered), tuple(not_predicted))
+    return BootPrediction(tuple(events), frozenset(covered), tuple(not_predicted), loads)
 
 
 def ovmf_load_options(cmdline: str, has_initrd: bool) -> bytes:
@@ -229,17 +235,25 @@ def predict_uefi_direct(kernel: bytes, initrd: bytes | None, cmdline: str, memor
     """OVMF's direct kernel boot (QEMU -kernel/-initrd/-append on q35, MEMORY_BYTES of guest memory)."""
     patched = qemu_patched_kernel(kernel, len(initrd) if initrd is not None else None, cmdline, memory_bytes)
     image = parse_pe(patched, "kernel")
-    events = [_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", image.authenticode_sha256(),
-                  "kernel as QEMU passes it (Authenticode)")]
+    kernel_hash = image.authenticode_sha256()
+    events = [_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", kernel_hash, "kernel as QEMU passes it (Authenticode)")]
     events += _uefi_pcr4_head()
     events += _uefi_pcr5(None)
     events += _linux_pcr9(ovmf_load_options(cmdline, initrd is not None), initrd)
-    return BootPrediction(tuple(events), frozenset(DIRECT_BOOT_PCRS), ())
+    return BootPrediction(tuple(events), frozenset(DIRECT_BOOT_PCRS), (), (("kernel", patched, kernel_hash),))
 
 
 def predict_seabios_direct() -> BootPrediction:
-    """SeaBIOS's direct kernel boot: nothing of the kernel is measured, only INT 19h and separators."""
-    events = [_ev(4, "EV_ACTION", sha256(SEABIOS_INT19), SEABIOS_INT19.decode()),
-              _ev(4, "EV_SEPARATOR", sha256(BIOS_SEPARATOR), "separator"),
-              _ev(5, "EV_SEPARATOR", sha256(BIOS_SEPARATOR), "separator")]
-    return BootPrediction(tuple(events), frozenset(DIRECT_BOOT_PCRS), ())
+    """SeaBIOS's direct kernel boot: nothing of the kernel is measured, only INT 19h and separators.
+
+    SeaBIOS also measures nothing but its separator into PCRs 0, 3, 6 and 7
+    (no S-CRTM, no Secure Boot), so those are predicted here too; PCRs 1 and
+    2 (SMBIOS tables, option ROMs) follow the platform and are not.
+    """
+    separator = sha256(BIOS_SEPARATOR)
+    events = [_ev(pcr, "EV_SEPARATOR", separator, "separator") for pcr in (0, 3, 6, 7)]
+    events += [_ev(4, "EV_ACTION", sha256(SEABIOS_INT19), SEABIOS_INT19.decode()),
+               _ev(4, "EV_SEPARATOR", separator, "separator"),
+               _ev(5, "EV_SEPARATOR", separator, "separator")]
+    reason = "SeaBIOS measures the platform's SMBIOS tables and option ROMs here"
+    return BootPrediction(tuple(events), frozenset(DIRECT_BOOT_PCRS) | {0, 3, 6, 7}, ((1, reason), (2, reason)))

@@ -8,7 +8,9 @@ firmware reference when one exists, and is listed as not predicted when not.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..adapters.diskread import DiskImage
 from ..core.bootdisk import DEFAULT_BOOT_PATH, Fat, read_boot_file
@@ -21,7 +23,10 @@ from ..core.bootpredict import (
     predict_uefi_disk,
 )
 from ..core.prediction import PredictedEvent, Prediction
-from ..errors import InputError
+from ..errors import InputError, NotFoundError
+
+if TYPE_CHECKING:
+    from .node import Node
 
 FIRMWARE_PCRS = (0, 1, 2, 3, 6, 7)
 MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than 1 GiB is not a kernel or initrd
@@ -98,16 +103,36 @@ def predict_disk_side(req: PredictRequest) -> tuple[BootPrediction, str, int]:
     return predict_uefi_disk(gpt, boot_file, stub_dropins=dropins), "ovmf-disk", read
 
 
-def _firmware_side(req: PredictRequest) -> tuple[tuple[PredictedEvent, ...], frozenset[int], tuple[tuple[int, str], ...]]:
-    """The firmware reference's events, if the firmware side of tvorch offers them yet."""
-    reason = "firmware side (PCRs 0-3, 6, 7): no firmware reference"
-    return (), frozenset(), tuple((p, reason) for p in FIRMWARE_PCRS)
+def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[], Node] | None
+                   ) -> tuple[tuple[PredictedEvent, ...], tuple[tuple[int, str], ...]]:
+    """PCRs 0-3, 6 and 7 from the firmware reference (never booted here), or PCR 7 alone without one."""
+    if req.firmware == "bios":
+        return (), ()  # the SeaBIOS prediction has its own (core.bootpredict.predict_seabios_direct)
+    if node is None:
+        return (), tuple((p, "firmware side not asked for") for p in FIRMWARE_PCRS)
+    from ..core.secureboot import pcr7_events
+    from ..core.uefi_vars import parse_vars_file
+    from .firmware_reference import choice_from_options, firmware_events, reference_key
+
+    n = node()
+    choice = choice_from_options(n.cfg, memory_mib=req.memory_mib, vcpus=req.vcpus, secure_boot=req.secure_boot,
+                                 firmware_profile=req.firmware_profile, tpm_model=req.tpm_model)
+    try:
+        return tuple(firmware_events(n, choice, disk.firmware_loads, create=False)), ()
+    except NotFoundError as err:
+        missing = tuple((p, f"{err} (tvorch firmware reference create)") for p in FIRMWARE_PCRS if p != 7)
+    _key, resolved = reference_key(n.cfg, choice)
+    assert resolved.vars_template is not None  # reference_key refuses firmware without one
+    store = parse_vars_file(_read_file(resolved.vars_template, "vars template"), resolved.vars_template)
+    return tuple(pcr7_events(store, disk.firmware_loads)), missing
 
 
-def predict(req: PredictRequest) -> PredictResult:
+def predict(req: PredictRequest, node: Callable[[], Node] | None = None) -> PredictResult:
+    """Disk side always; the firmware side from NODE (a factory: only a prediction that gets that far opens it)."""
     disk, scenario, read = predict_disk_side(req)
-    fw_events, fw_covered, fw_missing = _firmware_side(req)
+    fw_events, fw_missing = _firmware_side(req, disk, node)
     events = sorted(tuple(fw_events) + disk.events, key=lambda e: e.pcr)  # stable: each PCR keeps its order
-    prediction = Prediction(events=tuple(events), covered=disk.covered | fw_covered)
+    covered = disk.covered | {e.pcr for e in fw_events}
+    prediction = Prediction(events=tuple(events), covered=covered)
     missing = tuple(sorted(set(disk.not_predicted) | set(fw_missing)))
     return PredictResult(prediction, missing, scenario, read)
