@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapters.diskread import DiskImage
@@ -52,12 +53,14 @@ class PredictResult:
     not_predicted: tuple[tuple[int, str], ...]
     scenario: str
     bytes_read: int
+    cached: bool = False  # the disk side came from the prediction cache (state_dir/predictions/)
 
     def to_json(self) -> dict[str, object]:
         out = self.prediction.to_json()
         out["scenario"] = self.scenario
         out["not_predicted"] = {str(p): why for p, why in sorted(self.not_predicted)}
         out["image_bytes_read"] = self.bytes_read
+        out["cached"] = self.cached
         return out
 
 
@@ -75,16 +78,20 @@ def _stub_dropins(fat: Fat, boot_path: str) -> bool:
     return fat.has_directory(boot_path + STUB_DROPIN_SUFFIX) or any(fat.has_directory(d) for d in STUB_DROPIN_DIRS)
 
 
-def predict_disk_side(req: PredictRequest) -> tuple[BootPrediction, str, int]:
-    """The computed events, the scenario's name, and the image bytes read to get them."""
+def _check_options(req: PredictRequest) -> None:
     if req.firmware not in ("efi", "bios"):
         raise InputError(f"firmware {req.firmware!r} is not efi or bios")
-    direct = req.kernel is not None
-    if not direct and (req.initrd is not None or req.cmdline is not None):
+    if req.kernel is None and (req.initrd is not None or req.cmdline is not None):
         raise InputError("--initrd and --cmdline need --kernel")
+    if req.firmware == "bios" and req.kernel is None:
+        raise InputError("a SeaBIOS boot from disk is not predicted: only direct kernel boot (--kernel)")
+
+
+def predict_disk_side(req: PredictRequest) -> tuple[BootPrediction, str, int]:
+    """The computed events, the scenario's name, and the image bytes read to get them."""
+    _check_options(req)
+    direct = req.kernel is not None
     if req.firmware == "bios":
-        if not direct:
-            raise InputError("a SeaBIOS boot from disk is not predicted: only direct kernel boot (--kernel)")
         with DiskImage(req.image):  # the image is still opened and vetted as launch would
             pass
         return predict_seabios_direct(), "seabios-direct", 0
@@ -127,12 +134,93 @@ def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[],
     return tuple(pcr7_events(store, disk.firmware_loads)), missing
 
 
+# --- the disk side, cached by the image's layer digests -------------------------------
+
+CACHE_VERSION = 1  # bump when what the disk side computes changes: older entries are then never found
+
+
+def _cache_key(req: PredictRequest, node: Node) -> str | None:
+    """The disk side's cache key: the image's layer digests from the digest cache, and the options.
+
+    None when a layer's digest is not cached (predict never hashes a whole
+    image: launch and `image trust` do, and fill the cache) or when the
+    firmware side needs the boot file's bytes (Secure Boot: its signer).
+    """
+    import hashlib
+
+    from ..adapters.digests import measure_file
+    from ..adapters.imagefiles import inspect_image
+    from ..core.manifest import canonical_json
+    from ..core.measurements import DigestKey
+
+    if req.secure_boot and req.firmware == "efi":
+        return None
+    layers = []
+    for layer in inspect_image(req.image).layers:
+        st = os.stat(layer.path)
+        digest = node.store.get(DigestKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        if digest is None:
+            return None
+        layers.append(digest)
+    files = {what: measure_file(path, node.store).digest
+             for what, path in (("kernel", req.kernel), ("initrd", req.initrd)) if path}
+    body = {"version": CACHE_VERSION, "layers": layers, "files": files, "firmware": req.firmware,
+            "cmdline": req.cmdline, "memory_mib": req.memory_mib if files else None}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def _cache_path(node: Node, key: str) -> Path:
+    return Path(node.cfg.state_dir) / "predictions" / f"{key}.json"
+
+
+def _cached(node: Node, key: str) -> tuple[BootPrediction, str] | None:
+    import json
+
+    try:
+        raw = json.loads(_cache_path(node, key).read_bytes())
+        events = tuple(PredictedEvent(int(e["pcr"]), str(e["type"]), str(e["digest"]), str(e["what"]))
+                       for e in raw["events"])
+        missing = tuple((int(p), str(why)) for p, why in raw["not_predicted"])
+        return BootPrediction(events, frozenset(int(p) for p in raw["covered"]), missing), str(raw["scenario"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged entry is computed again and replaced
+
+
+def _store(node: Node, key: str, disk: BootPrediction, scenario: str) -> None:
+    from ..adapters.files import atomic_write, ensure_private_dir
+    from ..core.manifest import canonical_json
+
+    path = _cache_path(node, key)
+    ensure_private_dir(path.parent)
+    body = {"scenario": scenario, "covered": sorted(disk.covered), "not_predicted": [list(m) for m in disk.not_predicted],
+            "events": [{"pcr": e.pcr, "type": e.type_name, "digest": e.digest, "what": e.what} for e in disk.events]}
+    atomic_write(path, canonical_json(body))
+
+
 def predict(req: PredictRequest, node: Callable[[], Node] | None = None) -> PredictResult:
-    """Disk side always; the firmware side from NODE (a factory: only a prediction that gets that far opens it)."""
-    disk, scenario, read = predict_disk_side(req)
+    """Disk side (cached by image digest when NODE is given), then the firmware side from NODE.
+
+    NODE is a factory: a request refused on its options never opens the store.
+    """
+    _check_options(req)
+    key = None
+    hit = None
+    if node is not None:
+        key = _cache_key(req, node())
+        hit = _cached(node(), key) if key else None
+    if hit is not None:
+        disk, scenario = hit
+        read, cached = 0, True
+    else:
+        disk, scenario, read = predict_disk_side(req)
+        cached = False
+        if key is not None and node is not None:
+            _store(node(), key, disk, scenario)
     fw_events, fw_missing = _firmware_side(req, disk, node)
     events = sorted(tuple(fw_events) + disk.events, key=lambda e: e.pcr)  # stable: each PCR keeps its order
     covered = disk.covered | {e.pcr for e in fw_events}
     prediction = Prediction(events=tuple(events), covered=covered)
     missing = tuple(sorted(set(disk.not_predicted) | set(fw_missing)))
-    return PredictResult(prediction, missing, scenario, read)
+    return PredictResult(prediction, missing, scenario, read, cached)
