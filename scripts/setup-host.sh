@@ -13,6 +13,8 @@ PACKAGES=(
     mtools dosfstools fdisk binutils openssl
     # tests: a raw ext4 image without a partition table (mkfs.ext4)
     e2fsprogs
+    # tests: an independent PE Authenticode hash for tvorch predict's
+    osslsigncode
 )
 
 missing=()
