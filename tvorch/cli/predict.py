@@ -6,19 +6,11 @@ import click
 
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
+from .instances import launch
 
 
 @cli.command()
 @click.argument("image")
-@click.option("--firmware", type=click.Choice(["efi", "bios"]), help="Firmware [config launch.firmware].")
-@click.option("--secure-boot/--no-secure-boot", default=None, help="UEFI Secure Boot [config launch.secure_boot].")
-@click.option("--firmware-profile", metavar="NAME", help="Named OVMF code/vars from config [firmware_profiles].")
-@click.option("--tpm-model", type=click.Choice(["crb", "tis"]), help="vTPM interface [config launch.tpm_model].")
-@click.option("--kernel", metavar="PATH", help="Direct kernel boot: kernel image.")
-@click.option("--initrd", metavar="PATH", help="Direct kernel boot: initrd.")
-@click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel command line.")
-@click.option("--memory", type=int, help="Memory in MiB [config launch.memory_mib].")
-@click.option("--vcpus", type=int, help="Virtual CPUs [config launch.vcpus].")
 @json_option
 @pass_ctx
 def predict(ctx: Context, image: str, firmware: str | None, secure_boot: bool | None, firmware_profile: str | None,
@@ -46,3 +38,9 @@ def predict(ctx: Context, image: str, firmware: str | None, secure_boot: bool | 
         return "\n".join(lines)
 
     emit(as_json, result.to_json(), text)
+
+
+# The launch options that decide what is measured, the very Option objects `tvorch launch` takes.
+LAUNCH_OPTIONS = ("memory", "vcpus", "firmware", "secure_boot", "firmware_profile", "tpm_model", "kernel", "initrd",
+                  "cmdline")
+predict.params[1:1] = [p for p in launch.params if p.name in LAUNCH_OPTIONS]
