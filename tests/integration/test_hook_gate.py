@@ -273,7 +273,9 @@ def _harmless(root: ET.Element, disk: Path, log: Path) -> None:
         serial_log.set("file", str(log))
 
 
-def _starts_and_goes(name: str, xml: str, refusal: tuple[str, ...] | None) -> None:
+def _starts_and_goes(name: str, xml: str, refusal: tuple[str, ...] | None, keep_nvram: bool = False) -> None:
+    """KEEP_NVRAM: the domain names an instance's NVRAM file, which `undefine --nvram` would delete (and
+    the instance's next start would then be refused: its UEFI variables reset to the template)."""
     redefine(xml)
     try:
         if refusal is None:
@@ -282,7 +284,7 @@ def _starts_and_goes(name: str, xml: str, refusal: tuple[str, ...] | None) -> No
             refused(name, *refusal)
     finally:
         virsh("destroy", name, check=False)
-        virsh("undefine", "--nvram", "--tpm", name, check=False)
+        virsh("undefine", "--keep-nvram" if keep_nvram else "--nvram", "--tpm", name, check=False)
 
 
 def test_copy_of_an_instance_without_metadata_is_refused(tv: Tv, gated: Gated):
@@ -323,7 +325,7 @@ def test_stranger_using_tvorch_files_is_refused(tv: Tv, gated: Gated, tmp_path: 
         source.set("file", str(planted))
         refusal = (str(planted), "tvorch's")
     try:
-        _starts_and_goes(name, ET.tostring(root, encoding="unicode"), refusal)
+        _starts_and_goes(name, ET.tostring(root, encoding="unicode"), refusal, keep_nvram=case == "instance-nvram")
     finally:
         disk.unlink()
         planted.unlink(missing_ok=True)
