@@ -268,7 +268,7 @@ def _record_undecided(cfg: Config, args: list[str], xml: str, reason: str, secon
             store.refuse_start(instance_id, name, f"{operation} {sub_operation}", (reason,))
         finally:
             store.close()
-    except (DeadlineExceeded, TvorchError):
+    except Exception:  # noqa: BLE001 - the deadline, a store that cannot be opened: the refusal stands anyway
         pass
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
