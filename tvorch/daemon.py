@@ -142,6 +142,13 @@ class Daemon:
         record = self.node.store.by_uuid(event.uuid)
         if record is None:
             return  # not one of ours
+        if event.change is not None:  # the running configuration changed: the hook never sees it (#13)
+            try:
+                self.node.store.add_event(record.id, "live-change", event.change)
+            except TvorchError as err:
+                log.error("record_failed", name=record.name, error=str(err))
+            log.warning("live_change", name=record.name, change=event.change)
+            return
         state, why = interpret(event.event, event.detail)
         if is_boot(event.event, event.detail):
             self._watch_boot(record.name)

@@ -14,6 +14,7 @@ import base64
 import json
 import secrets
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -78,14 +79,14 @@ def test_attest_then_verify_offline(node: Host, guest, ca: Path, tmp_path: Path)
     rc, result = verify(node, bundle, ca, nonce)
     assert rc == 0, result
     assert result["passed"] and [c["name"] for c in result["checks"]] == [
-        "format", "node certificate", "bundle signature", "bundle age", "launch manifest", "vTPM EK certificate",
-        "AK certification", "guest quote", "guest event log", "baseline", "host"]
+        "format", "node certificate", "bundle signature", "bundle age", "launch manifest", "live configuration",
+        "vTPM EK certificate", "AK certification", "guest quote", "guest event log", "baseline", "host"]
     host_detail = result["checks"][-1]["detail"]  # the host AK certified at `host init`, IMA's boot_aggregate
     assert result["created_at"] and "by the host AK certified at" in host_detail
     assert "boot_aggregate is the quoted PCRs 0-9" in host_detail
     # The text form is a table, one line per check.
     table = node.run("verify", str(bundle), "--ca", str(ca), "--nonce", nonce, "--max-age", "10m").stdout
-    assert table.count("PASS") == 11 and "FAIL" not in table
+    assert table.count("PASS") == 12 and "FAIL" not in table
 
     doc = json.loads(bundle.read_text())
     assert doc["instance"] == {"id": record["id"], "name": name, "uuid": record["uuid"]}
@@ -134,6 +135,45 @@ def test_no_qemu_can_reach_an_instance_attestation_channel(node: Host, guest, bo
                               capture_output=True, text=True, timeout=30)
         assert (proc.returncode, proc.stdout.strip()) == (3, "PermissionError"), (domain, path, proc)
     assert attest(node, name, tmp_path / "bundle.json", secrets.token_hex(16)).returncode == 0
+
+
+def test_a_disk_hot_plugged_into_the_running_vm_fails_verify(node: Host, guest, ca: Path, tmp_path: Path, tv: Tv):
+    """Issue #13: `virsh attach-disk --live` changes what runs; the hook never sees it, so the bundle must
+    (and `tvorch serve` records it as it happens)."""
+    from .test_daemon import start_daemon, stop_daemon, wait_until
+
+    name, record, _ = guest
+    disk = Path(f"/var/lib/libvirt/images/{PREFIX}hotplug-{secrets.token_hex(3)}.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    nonce = secrets.token_hex(16)
+    service = Tv(config=node.config, state_dir=tv.state_dir, overlay_dir=tv.overlay_dir, log_dir=tv.log_dir)
+    proc, _ = start_daemon(service, tmp_path)
+    try:
+        virsh("attach-disk", name, str(disk), "sdz", "--targetbus", "usb", "--subdriver", "qcow2", "--live")
+        wait_until(lambda: any(e["kind"] == "live-change" and "added" in e["detail"]
+                               for e in node.json("show", name)["events"]), what="the hot-plug recorded")
+        assert attest(node, name, tmp_path / "changed.json", nonce).returncode == 0
+        rc, result = verify(node, tmp_path / "changed.json", ca, nonce)
+        assert rc == ExitCode.TRUST_REFUSED and failed_checks(result) == ["live configuration"], result
+        assert "changed while running" in [c for c in result["checks"] if c["name"] == "live configuration"][0][
+            "detail"]
+        assert "live-config-differs" in [e["kind"] for e in node.json("show", name)["events"]]
+    finally:
+        virsh("detach-disk", name, "sdz", "--live", check=False)
+        for _ in range(50):
+            if str(disk) not in virsh("dumpxml", name).stdout:
+                break
+            time.sleep(0.2)
+        disk.unlink()
+        try:
+            wait_until(lambda: any(e["kind"] == "live-change" and "removed" in e["detail"]
+                                   for e in node.json("show", name)["events"]), what="the unplug recorded")
+        finally:
+            assert stop_daemon(proc) == 0
+    # Unplugged again: the VM runs as launched, and the bundle says so.
+    assert attest(node, name, tmp_path / "again.json", nonce).returncode == 0
+    rc, result = verify(node, tmp_path / "again.json", ca, nonce)
+    assert rc == 0, result
 
 
 def test_the_service_attests_every_boot(node: Host, guest, tv: Tv, tmp_path: Path):

@@ -60,8 +60,8 @@ FIXTURE = json.loads((DATA / "attestation" / "evidence.json").read_text())
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 INSTANCE = ("i-0123456789ab", "vm1", "0f8fad5b-d9cb-469f-a165-70867728950e")
 OTHER_INSTANCE = ("i-ba9876543210", "vm2", "11111111-2222-3333-4444-555555555555")
-CHECKS = ["format", "node certificate", "bundle signature", "bundle age", "launch manifest", "vTPM EK certificate",
-          "AK certification", "guest quote", "guest event log", "baseline", "host"]
+CHECKS = ["format", "node certificate", "bundle signature", "bundle age", "launch manifest", "live configuration",
+          "vTPM EK certificate", "AK certification", "guest quote", "guest event log", "baseline", "host"]
 MAX_HOST_AGE = 900  # host.verdict_max_age's default, what `tvorch verify` uses unless told
 
 
@@ -142,6 +142,7 @@ class Pieces:
             "ak_certification": self.ak_certification(), "guest": self.guest, "baseline_eventlog": self.baseline,
             "host_verdict": self.host_verdict, "host_quote": self.host_quote, "created_at": NOW,
             "host_ak_certification": self.host_ak_certification(),
+            "live_config_digest": "c" * 64,  # the manifest's: the VM runs as launched
         }
         args.update(changes)
         return build_bundle(**args)
@@ -218,8 +219,9 @@ def test_the_bundle_is_canonical_json_in_the_documented_shape(pieces: Pieces, va
     doc = doc_of(valid)
     assert canonical_json(doc) == valid
     assert list(doc) == sorted(["format", "version", "created_at", "nonce", "instance", "node", "manifest", "vtpm",
-                                "ak_certification", "guest", "baseline", "host", "signature"])
-    assert (doc["format"], doc["version"], doc["nonce"]) == ("tvorch-evidence", 2, pieces.nonce.hex())
+                                "ak_certification", "guest", "baseline", "host", "live", "signature"])
+    assert (doc["format"], doc["version"], doc["nonce"]) == ("tvorch-evidence", 3, pieces.nonce.hex())
+    assert doc["live"] == {"config_digest": "c" * 64}
     assert doc["created_at"] == "2025-03-01T12:00:00.000+00:00"
     assert doc["instance"] == {"id": INSTANCE[0], "name": INSTANCE[1], "uuid": INSTANCE[2]}
     assert set(doc["guest"]) == {"bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima"}
@@ -278,12 +280,13 @@ ALTERATIONS: list[tuple[str, Mutation, set[str]]] = [
      {"bundle age", "host"}),
     ("nonce", lambda d, p: d.update(nonce="00" * 32), {"guest quote"}),
     ("instance", lambda d, p: d["instance"].update(uuid=OTHER_INSTANCE[2]),
-     {"launch manifest", "vTPM EK certificate", "AK certification"}),
+     {"launch manifest", "live configuration", "vTPM EK certificate", "AK certification"}),
     ("node hostname", lambda d, p: d["node"].update(hostname="node2"), {"host"}),  # the host AK is node1's
     ("node ca_pem", lambda d, p: d["node"].update(ca_pem=other_node_cert(p)), set()),
     ("node signing cert", lambda d, p: d["node"].update(signing_cert_pem=other_node_cert(p)),
      {"node certificate", "bundle signature", "AK certification", "host"}),
-    ("manifest", lambda d, p: d.update(manifest=flip_b64(d["manifest"])), {"launch manifest", "vTPM EK certificate"}),
+    ("manifest", lambda d, p: d.update(manifest=flip_b64(d["manifest"])),
+     {"launch manifest", "live configuration", "vTPM EK certificate"}),
     ("vtpm", lambda d, p: d["vtpm"].update(ek_cert_pem=other_ek_cert(p)), {"vTPM EK certificate", "AK certification"}),
     ("ak_certification", lambda d, p: d["ak_certification"].update(certified_at="2025-03-01T11:59:59.000+00:00"),
      {"AK certification"}),
@@ -298,6 +301,7 @@ ALTERATIONS: list[tuple[str, Mutation, set[str]]] = [
     ("host verdict", lambda d, p: d["host"]["verdict"].update(passed=False, failures=["PCR 7 differs"]), {"host"}),
     ("host quote", lambda d, p: d["host"]["quote"].update(attest=flip_b64(d["host"]["quote"]["attest"], 50)),
      {"host"}),
+    ("live configuration", lambda d, p: d["live"].update(config_digest="e" * 64), {"live configuration"}),
 ]
 
 
@@ -313,6 +317,15 @@ def test_every_altered_field_breaks_the_signature_and_its_own_check(
     resigned = pieces.verify(pieces.resign(doc))
     assert set(failing(resigned)) == expected, resigned.table()
     assert resigned.passed is (not expected)
+
+
+def test_a_vm_changed_while_running_fails_the_live_configuration_check(pieces: Pieces) -> None:
+    """Issue #13: a disk hot-plugged (or memory, vCPUs set) on the running VM; the manifest is still the launch's."""
+    report = pieces.verify(pieces.bundle(live_config_digest="e" * 64))
+    assert set(failing(report)) == {"live configuration"}
+    assert "it was changed while running" in failing(report)["live configuration"]
+    unverified = pieces.verify(pieces.bundle(manifest=b"not a manifest"))
+    assert failing(unverified)["live configuration"] == "not checked: the launch manifest does not verify"
 
 
 def test_a_changed_signature_fails_the_signature_check_only(pieces: Pieces, valid: bytes) -> None:
@@ -346,6 +359,7 @@ def test_the_manifest_or_ak_certification_of_another_vm_fails(pieces: Pieces) ->
     report = pieces.verify(pieces.bundle(manifest=pieces.manifest(OTHER_INSTANCE)))
     assert failing(report) == {"launch manifest": f"launch manifest is of instance {OTHER_INSTANCE[0]} "
                                                   f"({OTHER_INSTANCE[2]}), not {INSTANCE[0]} ({INSTANCE[2]})",
+                               "live configuration": "not checked: the launch manifest does not verify",
                                "vTPM EK certificate": failing(report)["vTPM EK certificate"]}
     assert "without a verified launch manifest" in failing(report)["vTPM EK certificate"]
     report = pieces.verify(pieces.bundle(ak_certification=pieces.ak_certification(OTHER_INSTANCE)))
@@ -367,7 +381,8 @@ def test_a_ca_that_issued_neither_the_node_cert_nor_the_ek_fails_everything_it_a
                                                                                       valid: bytes) -> None:
     _, stranger, _, _ = node_identity("stranger")
     report = pieces.verify(valid, ca=stranger)
-    assert set(failing(report)) == {"node certificate", "bundle signature", "launch manifest", "vTPM EK certificate",
+    assert set(failing(report)) == {"node certificate", "bundle signature", "launch manifest", "live configuration",
+                                    "vTPM EK certificate",
                                     "AK certification", "host"}
     assert "not by the CA" in failing(report)["node certificate"]
     assert failing(report)["bundle signature"].startswith("not checked: the node signing certificate")
@@ -493,8 +508,9 @@ MALFORMED: list[tuple[str, Callable[[bytes], bytes], str]] = [
 ]
 MALFORMED_FIELDS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("format", swap(["format"], "tvorch-vtpm-backup"), "not a tvorch-evidence bundle"),
-    ("version", swap(["version"], 1), "bundle version 1 is not 2"),
-    ("boolean version", swap(["version"], True), "bundle version True is not 2"),
+    ("version", swap(["version"], 1), "bundle version 1 is not 3"),
+    ("boolean version", swap(["version"], True), "bundle version True is not 3"),
+    ("live digest", swap(["live", "config_digest"], "C" * 64), "live.config_digest is not a sha256 digest"),
     ("missing field", swap(["host"], KeyError), "missing ['host']"),
     ("unknown field", swap(["extra"], 1), "unknown ['extra']"),
     ("bad base64", swap(["guest", "attest"], "not base64!"), "'guest.attest' is not valid base64"),

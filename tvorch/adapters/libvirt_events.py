@@ -10,12 +10,14 @@ the store.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
+from collections.abc import Callable
 
 import libvirt
 
-from ..core.lifecycle import LifecycleEvent
+from ..core.lifecycle import LIVE_CHANGE, LifecycleEvent
 from ..errors import LibvirtError
 
 _loop_lock = threading.Lock()
@@ -44,7 +46,7 @@ class LifecycleFeed:
         self.events = events
         self.lost = threading.Event()
         self._conn: libvirt.virConnect | None = None
-        self._callback_id: int | None = None
+        self._callback_ids: list[int] = []
 
     def connect(self) -> None:
         """Open, keep alive, subscribe; raises LibvirtError when libvirtd is not there."""
@@ -53,9 +55,15 @@ class LifecycleFeed:
             conn = libvirt.open(self.uri)
             conn.setKeepAlive(5, 3)
             conn.registerCloseCallback(self._closed, None)
-            self._callback_id = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None
-            )
+            self._callback_ids = [conn.domainEventRegisterAny(None, event_id, callback, None) for event_id, callback in (
+                (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle),
+                # Live changes the hook never sees (issue #13): hot-plug, unplug, balloon, tunables, metadata.
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._device("added")),
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device("removed")),
+                (libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, self._balloon),
+                (libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, self._tunable),
+                (libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata),
+            )]
         except libvirt.libvirtError as err:
             raise LibvirtError(f"cannot subscribe to libvirt at {self.uri}: {err.get_error_message()}") from None
         self._conn = conn
@@ -68,6 +76,23 @@ class LifecycleFeed:
     def _lifecycle(self, _conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
         self.events.put(LifecycleEvent(dom.UUIDString(), dom.name(), event, detail))
 
+    def _change(self, dom: libvirt.virDomain, what: str) -> None:
+        self.events.put(LifecycleEvent(dom.UUIDString(), dom.name(), LIVE_CHANGE, 0, what))
+
+    def _device(self, how: str) -> Callable[[object, libvirt.virDomain, str, object], None]:
+        def callback(_conn: object, dom: libvirt.virDomain, alias: str, _opaque: object) -> None:
+            self._change(dom, f"device {alias} {how} while running")
+        return callback
+
+    def _balloon(self, _conn: object, dom: libvirt.virDomain, actual: int, _opaque: object) -> None:
+        self._change(dom, f"memory balloon set to {actual} KiB while running")
+
+    def _tunable(self, _conn: object, dom: libvirt.virDomain, params: dict[str, object], _opaque: object) -> None:
+        self._change(dom, "tunables set while running: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+
+    def _metadata(self, _conn: object, dom: libvirt.virDomain, _kind: int, uri: str | None, _opaque: object) -> None:
+        self._change(dom, f"metadata {uri or ''} changed".replace("  ", " "))
+
     def _closed(self, _conn: object, _reason: int, _opaque: object) -> None:
         self.lost.set()
 
@@ -75,8 +100,9 @@ class LifecycleFeed:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        for step in (lambda: conn.domainEventDeregisterAny(self._callback_id),
-                     conn.unregisterCloseCallback, conn.close):
+        ids, self._callback_ids = self._callback_ids, []
+        steps: list[Callable[[], object]] = [functools.partial(conn.domainEventDeregisterAny, i) for i in ids]
+        for step in (*steps, conn.unregisterCloseCallback, conn.close):
             try:
                 step()
             except libvirt.libvirtError:

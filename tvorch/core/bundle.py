@@ -12,7 +12,7 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
 
     {
       "format": "tvorch-evidence",
-      "version": 2,
+      "version": 3,
       "created_at": "2025-03-01T12:00:00.000+00:00",      # UTC, when the node made it
       "nonce": "<hex>",                                    # the verifier's nonce, quoted by guest and host
       "instance": {"id": "i-...", "name": "vm1", "uuid": "<libvirt UUID>"},
@@ -35,6 +35,7 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
                            "bank": "sha256", "pcrs": {"0": "<hex>", ...}} | null,   # of the quote it judged
                "quote": <core.quote HostQuote.to_json(), over the same nonce> | null,
                "ak_certification": <core.akcert's signed host AK statement> | null},
+      "live": {"config_digest": "<hex>"},                  # canonical configuration of the running domain
       "signature": "<base64 DER ECDSA-P256-SHA256 by the node signing key over the canonical JSON
                     of every other field>"
     }
@@ -56,6 +57,10 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
 - "bundle age": shows created_at; fails when it is more than CLOCK_SKEW after
   the verifier's time, or older than the verifier's maximum age if given.
 - "launch manifest": verifies with the CA and names this instance (id, uuid).
+- "live configuration": the canonical configuration (core.canonical) of the
+  domain as it ran when the node made the bundle is the manifest's: a device
+  attached, memory or vCPUs changed on the running VM fail it, though the
+  next start would be refused by the hook anyway.
 - "vTPM EK certificate": an EK certificate the CA issued, whose sha256 (and
   EK fingerprint) is the manifest's ``vtpm-ek`` measurement.
 - "AK certification": signed by the node key, names this instance, this EK
@@ -128,12 +133,12 @@ from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
 from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
 
 BUNDLE_FORMAT = "tvorch-evidence"
-BUNDLE_VERSION = 2  # 2: the host verdict names the bank and PCR values it was judged on
+BUNDLE_VERSION = 3  # 2: the host verdict names the bank and PCR values it was judged on; 3: "live"
 # How far the node's clock may run ahead of the verifier's before a bundle "made in the future" is refused.
 CLOCK_SKEW = 300
 
 _TOP = ("format", "version", "created_at", "nonce", "instance", "node", "manifest", "vtpm", "ak_certification",
-        "guest", "baseline", "host", "signature")
+        "guest", "baseline", "host", "live", "signature")
 _INSTANCE = ("id", "name", "uuid")
 _NODE = ("hostname", "signing_cert_pem", "ca_pem")
 _GUEST = ("bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima")
@@ -232,6 +237,7 @@ def build_bundle(
     created_at: datetime,
     baseline_pcrs: Iterable[int] | None = None,
     host_ak_certification: Mapping[str, Any] | None = None,
+    live_config_digest: str,
 ) -> bytes:
     """The bundle's canonical JSON, signed with SIGNING_KEY (see the module docstring).
 
@@ -239,7 +245,8 @@ def build_bundle(
     guest's event log (on BASELINE_PCRS, default all), so it always says what
     the logs say. HOST_QUOTE must be over NONCE. HOST_VERDICT carries the PCR
     values of the quote it was judged on, which ``verify_bundle`` holds
-    against HOST_QUOTE's.
+    against HOST_QUOTE's. LIVE_CONFIG_DIGEST is the running domain's canonical
+    configuration digest, read by the node when it made the bundle.
     """
     if signing_cert.public_key() != signing_key.public_key():
         raise TrustError(f"the signing key does not match certificate '{signing_cert.subject.rfc4514_string()}'")
@@ -277,6 +284,7 @@ def build_bundle(
             "quote": None if host_quote is None else host_quote.to_json(),
             "ak_certification": None if host_ak_certification is None else dict(host_ak_certification),
         },
+        "live": {"config_digest": live_config_digest},
     }
     signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
     return canonical_json({**body, "signature": _b64(signature)})
@@ -324,6 +332,7 @@ class _Bundle:
     host_verdict: dict[str, Any] | None  # as parsed; "pcrs" as dict[int, bytes], "at" as a datetime
     host_quote: dict[str, Any] | None
     host_ak_certification: dict[str, Any] | None
+    live_config_digest: str
 
 
 @dataclass
@@ -436,6 +445,17 @@ def _check_manifest(ctx: _Context) -> str:
     _same_instance("launch manifest", manifest.instance_id, manifest.uuid, b)
     ctx.manifest = manifest
     return f"names {manifest.instance_id} ({manifest.uuid}); sha256 {manifest_digest(b.manifest)}"
+
+
+def _check_live(ctx: _Context) -> str:
+    live = ctx.bundle.live_config_digest
+    if ctx.manifest is None:
+        raise TrustError("not checked: the launch manifest does not verify")
+    if live != ctx.manifest.config_digest:
+        raise TrustError(f"the running domain's configuration (sha256 {live[:16]}...) is not the launch "
+                         f"manifest's ({ctx.manifest.config_digest[:16]}...): it was changed while running "
+                         "(a device attached or detached, memory or vCPUs set)")
+    return f"the running domain's configuration is the manifest's (sha256 {live[:16]}...)"
 
 
 def _check_ek(ctx: _Context) -> str:
@@ -628,6 +648,7 @@ _CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
     ("bundle signature", _check_signature),
     ("bundle age", _check_age),
     ("launch manifest", _check_manifest),
+    ("live configuration", _check_live),
     ("vTPM EK certificate", _check_ek),
     ("AK certification", _check_ak_certification),
     ("guest quote", _check_guest_quote),
@@ -683,6 +704,7 @@ def _parse(data: bytes) -> _Bundle:
     guest = _object(top["guest"], "guest", _GUEST)
     baseline = _object(top["baseline"], "baseline", _BASELINE)
     host = _object(top["host"], "host", _HOST)
+    live = _object(top["live"], "live", ("config_digest",))
     _text(node["ca_pem"], "node.ca_pem")
     bank = _text(guest["bank"], "guest.bank")
     digest_size(bank)  # EvidenceError for a bank tvorch does not know
@@ -713,6 +735,7 @@ def _parse(data: bytes) -> _Bundle:
         host_quote=_optional(host["quote"], lambda v: _object(v, "host.quote", None)),
         host_ak_certification=_optional(host["ak_certification"],
                                         lambda v: _object(v, "host.ak_certification", None)),
+        live_config_digest=_digest_hex(live["config_digest"], "live.config_digest"),
     )
 
 
@@ -747,6 +770,13 @@ def _unb64(value: object, where: str) -> bytes:
         return base64.b64decode(_text(value, where), validate=True)
     except (binascii.Error, ValueError):
         raise _Malformed(f"bundle field '{where}' is not valid base64") from None
+
+
+def _digest_hex(value: object, where: str) -> str:
+    raw = _unhex(value, where)
+    if len(raw) != 32 or raw.hex() != value:
+        raise _Malformed(f"{where} is not a sha256 digest in lowercase hex")
+    return raw.hex()
 
 
 def _unhex(value: object, where: str) -> bytes:

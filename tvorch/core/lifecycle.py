@@ -24,6 +24,13 @@ class LifecycleEvent:
     name: str
     event: int
     detail: int
+    # A change to the running configuration libvirt reported (a device added or removed, the
+    # balloon set ...), in words; EVENT and DETAIL are then LIVE_CHANGE and 0. The hook never sees
+    # these, so they are recorded as they happen; `tvorch attest` compares the whole live configuration.
+    change: str | None = None
+
+
+LIVE_CHANGE = -1  # not a virDomainEventType: the event of a LifecycleEvent that carries a change
 
 
 def interpret(event: int, detail: int) -> tuple[InstanceState | None, str]:
@@ -41,6 +48,8 @@ def interpret(event: int, detail: int) -> tuple[InstanceState | None, str]:
         return InstanceState.CRASHED, "guest crashed (panic)"
     if event == _SHUTDOWN:
         return None, "guest is shutting down"
+    if event == LIVE_CHANGE:
+        return None, "running configuration changed"
     return None, f"libvirt event {event}/{detail}"
 
 

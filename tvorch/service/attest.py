@@ -48,6 +48,7 @@ from ..core.bundle import (
     replay_problems,
     verify_bundle,
 )
+from ..core.canonical import autoselection_hint, config_digest
 from ..core.eventlog import parse_event_log
 from ..core.guest_baseline import BaselineVerdict, compare
 from ..core.instance import InstanceRecord, InstanceState, validate_name
@@ -208,6 +209,7 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
     except TvorchError as err:  # a node without host attestation: the bundle says so, verify fails it
         log.warning("no_host_quote", reason=str(err))
         host_quote, host_ak = None, None
+    live_digest = _live_config_digest(node, record, manifest)
     baseline = node.store.guest_baseline(record.id)
     identity = node_identity(node.cfg)
     verdict = node.store.latest_host_verdict()
@@ -222,8 +224,24 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         ak_certification=guest.ak_certification, guest=guest.evidence,
         baseline_eventlog=baseline[0] if baseline else None, host_verdict=verdict,
         host_quote=host_quote, host_ak_certification=host_ak, created_at=datetime.now(timezone.utc),
+        live_config_digest=live_digest,
     )
     return bundle, guest
+
+
+def _live_config_digest(node: Node, record: InstanceRecord, manifest: bytes) -> str:
+    """The canonical configuration digest of the domain as it runs now; a live change (a hot-plugged
+    device, memory or vCPUs set) that makes it differ from the manifest's is recorded, and the bundle
+    carries it for verify's "live configuration" check."""
+    measurements = json.loads(manifest)["manifest"]["measurements"]
+    live = config_digest(node.hypervisor.domain_xml(record.name),
+                         autoselection_hint(record.domain_xml, measurements))
+    launched = json.loads(manifest)["manifest"]["config_digest"]
+    if live != launched:
+        detail = f"running configuration sha256:{live[:16]}... is not the manifest's sha256:{launched[:16]}..."
+        node.store.add_event(record.id, "live-config-differs", detail)
+        log.warning("live_config_differs", name=record.name, live=live, manifest=launched)
+    return live
 
 
 def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None, *, max_host_age: float,

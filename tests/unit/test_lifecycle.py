@@ -1,0 +1,20 @@
+"""tvorch.core.lifecycle: what libvirt's events mean for an instance's record."""
+
+from __future__ import annotations
+
+from tvorch.core.instance import InstanceState
+from tvorch.core.lifecycle import LIVE_CHANGE, LifecycleEvent, interpret, is_boot
+
+
+def test_a_live_change_moves_no_state_and_is_no_boot() -> None:
+    """Issue #13: a hot-plug is recorded as it happens; the instance stays as it is."""
+    change = LifecycleEvent("u", "vm1", LIVE_CHANGE, 0, "device ua-disk1 added while running")
+    assert interpret(change.event, change.detail) == (None, "running configuration changed")
+    assert not is_boot(change.event, change.detail)
+
+
+def test_lifecycle_events_carry_no_change() -> None:
+    event = LifecycleEvent("u", "vm1", 2, 0)
+    assert event.change is None
+    assert interpret(event.event, event.detail) == (InstanceState.RUNNING, "started: booted")
+    assert is_boot(event.event, event.detail)
