@@ -60,15 +60,17 @@ def direct(tv_clear: Tv, guest_dir: Path, hook_for, tv: Tv) -> Direct:
         if source is not None:
             shutil.copyfile(source, copy)
         os.chmod(copy, 0o644)
-    tv.run("image", "trust", str(base), "--label", "direct boot test base")
     name = f"{PREFIX}direct-{secrets.token_hex(2)}"
-    record = tv.launch(base, name, "--firmware", "bios", "--tpm-model", "tis", "--kernel", str(kernel),
-                       "--initrd", str(initrd), "--cmdline", "console=ttyS0")
-    wait_for_ready(Path(record["console_log"]))
-    tv.run("stop", "--force", name)
-    yield Direct(name, record, base, kernel, initrd)
-    tv.run("destroy", "--purge-vtpm", name, check=False)
-    shutil.rmtree(images, ignore_errors=True)
+    try:  # a 1 GiB layer left behind by a failed set-up would fill the disk run by run
+        tv.run("image", "trust", str(base), "--label", "direct boot test base")
+        record = tv.launch(base, name, "--firmware", "bios", "--tpm-model", "tis", "--kernel", str(kernel),
+                           "--initrd", str(initrd), "--cmdline", "console=ttyS0")
+        wait_for_ready(Path(record["console_log"]))
+        tv.run("stop", "--force", name)
+        yield Direct(name, record, base, kernel, initrd)
+    finally:
+        tv.run("destroy", "--purge-vtpm", name, check=False)
+        shutil.rmtree(images, ignore_errors=True)
 
 
 def _boot_and_stop(name: str, console_log: Path) -> None:
@@ -163,10 +165,12 @@ def uefi(tv_clear: Tv, guest_dir: Path, hook_for, tv: Tv) -> str:
     """A UEFI instance (auto-selected OVMF) launched and stopped at once: libvirt made its NVRAM from the template."""
     hook_for(tv.config)
     name = f"{PREFIX}nvram-{secrets.token_hex(2)}"
-    tv_clear.launch(guest_dir / "guest.qcow2", name)
-    tv_clear.run("stop", "--force", name)
-    yield name
-    tv_clear.run("destroy", "--purge-vtpm", name, check=False)
+    try:
+        tv_clear.launch(guest_dir / "guest.qcow2", name)
+        tv_clear.run("stop", "--force", name)
+        yield name
+    finally:
+        tv_clear.run("destroy", "--purge-vtpm", name, check=False)
 
 
 def test_replaced_nvram_is_refused(tv: Tv, uefi: str, tmp_path: Path):
