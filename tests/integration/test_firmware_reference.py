@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -74,30 +73,16 @@ def references(tv: Tv) -> dict[str, dict]:
     return made
 
 
-def launch(tv: Tv, hook_for, image: Path, name: str, *opts: str) -> dict:
-    """tv.launch, with the shared hook pointed at this session's config first: other test sessions on the
-    node point it at theirs when they start, and then refuse this session's instances as unknown."""
-    for _ in range(5):
-        hook_for(tv.config)
-        proc = tv.run("launch", str(image), "--name", name, "--memory", "512", *opts, "--json", check=False)
-        if proc.returncode == 0:
-            return json.loads(proc.stdout)
-        if "which this node did not launch" not in proc.stderr:
-            break
-        time.sleep(2)
-    raise AssertionError(f"tvorch launch {name} exited {proc.returncode}: {proc.stderr.strip()}")
-
-
 @pytest.fixture(scope="module")
-def boots(tv: Tv, guest_dir: Path, references, hook_for) -> dict[str, GuestReport]:
+def boots(tv: Tv, guest_dir: Path, references) -> dict[str, GuestReport]:
     """The first boots of both images, launched after the references were made (so after the prediction's
     inputs were fixed), one right after the other, then left to boot side by side."""
     names = {"plain": f"{PREFIX}fwref-plain-{secrets.token_hex(2)}",
              "snakeoil": f"{PREFIX}fwref-sb-{secrets.token_hex(2)}"}
     try:
-        logs = {"plain": launch(tv, hook_for, guest_dir / "guest.qcow2", names["plain"])["console_log"],
-                "snakeoil": launch(tv, hook_for, guest_dir / "guest-signed.qcow2", names["snakeoil"],
-                                   "--firmware-profile", "snakeoil")["console_log"]}
+        logs = {"plain": tv.launch(guest_dir / "guest.qcow2", names["plain"])["console_log"],
+                "snakeoil": tv.launch(guest_dir / "guest-signed.qcow2", names["snakeoil"],
+                                      "--firmware-profile", "snakeoil")["console_log"]}
         yield {kind: wait_for_ready(Path(log)) for kind, log in logs.items()}
     finally:
         for name in names.values():
@@ -105,10 +90,8 @@ def boots(tv: Tv, guest_dir: Path, references, hook_for) -> dict[str, GuestRepor
 
 
 def test_a_second_create_reuses_the_stored_reference_without_booting(tv: Tv, references):
-    started = time.monotonic()
     again = tv.json("firmware", "reference", "create", "--memory", "512", "--vcpus", "1", "--no-secure-boot")
-    assert time.monotonic() - started < 5  # a reference boot takes 10-20 s under TCG
-    assert again == references["plain"]
+    assert again == references["plain"]  # the same signed document, made when it was first created
     listed = tv.json("firmware", "reference", "list")
     assert {r["key_digest"] for r in listed} >= {r["key_digest"] for r in references.values()}
     shown = tv.json("firmware", "reference", "show", references["snakeoil"]["key_digest"][:12])
