@@ -362,6 +362,25 @@ def test_a_symbolic_link_or_a_storage_volume_does_not_hide_the_overlay(
     assert status == 1 and line is not None and "storage pool unknown, whose target path cannot be read" in line
 
 
+def test_the_host_tpm_that_seals_the_vtpm_keys_is_not_passed_through(node: Node, tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """With vtpm.key_protection = "host-tpm" (the default), a domain holding the host TPM could unseal every key."""
+    root = stranger(node)
+    disk = root.find("./devices/disk")
+    assert disk is not None
+    disk.remove(disk.find("backingStore"))  # type: ignore[arg-type]
+    disk.find("source").set("file", str(tmp_path / "elsewhere.qcow2"))  # type: ignore[union-attr]
+    for log in root.iter("log"):
+        log.set("file", str(tmp_path / "stranger.log"))
+    tpm = root.find("./devices/tpm")
+    assert tpm is not None and node.cfg.host.tcti == "device:/dev/tpmrm0"
+    tpm.remove(tpm.find("backend"))  # type: ignore[arg-type]
+    ET.SubElement(ET.SubElement(tpm, "backend", type="passthrough"), "device", path="/dev/tpm0")
+    status, line = call(node.cfg, ET.tostring(root, encoding="unicode"), "tvtest-copy", "prepare", "begin", capfd)
+    assert status == 1 and line is not None
+    assert line.endswith("<device> /dev/tpm0 belongs to the host TPM that seals the vTPM keys")
+
+
 def test_a_destroyed_instances_kept_vtpm_state_is_not_given_to_another_domain(
     node: Node, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -88,6 +88,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
+from tvorch.core.gate import LIBVIRT_NVRAM_DIR
 from tvorch.errors import InputError
 
 # libvirt's memory units, in bytes (its virScaleInteger table).
@@ -113,8 +114,6 @@ _ESCAPES = str.maketrans(
     {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
      "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
 )  # fmt: skip
-# Fixed in libvirt's build (its localstatedir), not a qemu.conf setting.
-_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,7 @@ def _normalise_os(os_element: ET.Element, root: ET.Element) -> None:
         if nvram is not None:
             nvram.attrib.pop("template", None)
     if nvram is not None:
-        if nvram.text == f"{_NVRAM_DIR}/{root.findtext('name')}_VARS.fd":
+        if nvram.text == f"{LIBVIRT_NVRAM_DIR}/{root.findtext('name')}_VARS.fd":
             nvram.text = None
         if not nvram.attrib and not nvram.text and len(nvram) == 0:
             os_element.remove(nvram)

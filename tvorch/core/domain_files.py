@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 from tvorch.errors import InputError
 
-# Where libvirt keeps a domain's UEFI variable store unless its <nvram> says otherwise.
-LIBVIRT_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 # Attributes that name a host file, directory or socket even when relative; any
 # other attribute or text that starts with "/" is taken as a path as well.
 _PATH_ATTRIBUTES = frozenset({"file", "path", "dir", "socket", "template"})

@@ -19,7 +19,6 @@ from ..adapters.files import read_bounded
 from ..adapters.store import Store
 from ..config import Config
 from ..core.domain_files import (
-    LIBVIRT_NVRAM_DIR,
     FileUse,
     OwnedFiles,
     OwnedPath,
@@ -27,6 +26,7 @@ from ..core.domain_files import (
     owned_file_uses,
     volume_path,
 )
+from ..core.gate import LIBVIRT_NVRAM_DIR
 from ..core.instance import InstanceRecord, InstanceState
 from ..errors import TvorchError
 
