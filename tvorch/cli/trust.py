@@ -189,7 +189,8 @@ def ca_show(ctx: Context, pem: bool, with_chain: bool, as_json: bool) -> None:
     emit(as_json, info, lambda: "\n".join(
         [f"subject:     {info['subject']}", f"issuer:      {info['issuer']}",
          f"fingerprint: sha256:{info['sha256_fingerprint']}", f"not after:   {info['not_after']}"]
-        + [f"chain:       {line}" for line in info["chain_lines"] or ["none (self-signed: no fleet root installed)"]]))
+        + [f"chain:       '{c['subject']}' (not after {c['not_after']}{'' if c['valid_now'] else ', NOT VALID NOW'})"
+           for c in info["chain"]] + ([] if info["chain"] else ["chain:       none (self-signed: no fleet root installed)"])))
 
 
 @ca.command(name="csr")

@@ -58,8 +58,6 @@ def ca_info(cfg: Config) -> dict[str, Any]:
         "not_after": cert.not_valid_after_utc.isoformat(),
         "pem": identity.ca_pem().decode(),
         "chain": chain,
-        "chain_lines": [f"'{c['subject']}' (not after {c['not_after']}"
-                        f"{'' if c['valid_now'] else ', NOT VALID NOW'})" for c in chain],
         # The node CA and the chain above it: what `openssl verify -untrusted` and `tvorch verify --chain` take.
         "chain_pem": pem_list((cert, *identity.chain)).decode(),
     }
