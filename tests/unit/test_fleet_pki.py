@@ -325,6 +325,17 @@ def test_a_manifest_whose_node_ca_is_outside_the_root_or_whose_chain_is_wrong_na
         verify_manifest(manifest_of(node, dataclasses.replace(identity, chain=(stale,))), root, now())
 
 
+def test_an_old_self_signed_node_ca_among_the_intermediates_does_not_hide_the_path(capsys, fleet: Fleet, nodes) -> None:
+    node = nodes[0]
+    before = node.identity()
+    old_manifest = manifest_of(node, before)
+    node.join(capsys, fleet)
+    after = node.identity()
+    # A verifier that keeps both certificates of the node CA (same name, same key) in its --chain.
+    pool = (before.ca_cert, after.ca_cert, *after.chain)
+    assert verify_manifest(old_manifest, load(fleet.root), now(), pool).name == "vm1"
+
+
 def fleet_pieces(node: Node):
     """The bundle fixtures of test_bundle, made by NODE's keys under its fleet node CA."""
     identity = node.identity()

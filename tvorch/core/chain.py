@@ -107,8 +107,12 @@ def _issuer_of(
     child: x509.Certificate, untrusted: Sequence[x509.Certificate], anchor: x509.Certificate | None
 ) -> x509.Certificate:
     issuer = child.issuer.rfc4514_string()
-    named = [c for c in ([anchor] if anchor is not None else []) + list(untrusted)
-             if c.subject == child.issuer and not _same(c, child)]
+    named = [c for c in untrusted if c.subject == child.issuer and not _same(c, child)]
+    # The anchor first; a self-signed certificate of the name last: with the same key as a fleet-issued
+    # one (a node CA before and after `ca install`) it also verifies, but leads to no other root.
+    named.sort(key=is_self_signed)
+    if anchor is not None and anchor.subject == child.issuer and not _same(anchor, child):
+        named.insert(0, anchor)
     for candidate in named:
         if _signed_by(child, candidate):
             return candidate
