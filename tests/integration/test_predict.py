@@ -1,0 +1,125 @@
+"""`tvorch predict` before a first boot equals what the vTPM holds at that boot (real OVMF, SeaBIOS, swtpm).
+
+Per scenario the prediction is made before the launch, then the guest's own
+event log (which replays to its PCRs 0-9, checked) is compared with it event
+by event on every PCR the prediction covers, and its PCRs 0-9 with the
+predicted values:
+
+  UKI on GPT under OVMF (guest.qcow2)       PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  the same with another .cmdline (raw disk) PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  OVMF direct kernel boot                   PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  SeaBIOS direct kernel boot, TPM TIS       PCRs 4, 5, 8, 9, 11, 12, 13, 14
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tvorch.core.eventlog import parse_event_log
+from tvorch.core.pe import parse_pe
+
+from .conftest import PREFIX, BootedGuest, Tv
+from .guest import GuestReport, wait_for_ready
+
+pytestmark = pytest.mark.integration
+
+GUEST_CMDLINE = b"console=ttyS0 panic=-1"
+
+
+def _check(prediction: dict, report: GuestReport) -> None:
+    log = parse_event_log(report.eventlog)
+    covered = prediction["covered"]
+    assert set(covered) >= {4, 5, 8, 9, 11, 12, 13, 14}
+    for pcr in covered:
+        predicted = [(e["type"], e["digest"]) for e in prediction["events"] if e["pcr"] == pcr]
+        found = [(e.type_name, e.digests["sha256"]) for e in log.events if e.pcr == pcr and "sha256" in e.digests]
+        assert predicted == found, f"PCR {pcr}"
+        if pcr in report.pcrs:
+            assert prediction["pcrs"][str(pcr)] == report.pcrs[pcr], f"PCR {pcr}"
+
+
+def _launch_and_check(tv: Tv, image: Path, launch: tuple[str, ...], predict: tuple[str, ...] = ()) -> None:
+    prediction = tv.json("predict", str(image), "--memory", "512", *launch, *predict)  # tv.launch: 512 MiB
+    name = f"{PREFIX}predict-{secrets.token_hex(2)}"
+    try:
+        record = tv.launch(image, name, *launch)
+        _check(prediction, wait_for_ready(Path(record["console_log"])))
+    finally:
+        tv.destroy(name)
+
+
+def test_uki_on_gpt_under_ovmf(tv: Tv, booted_guest: BootedGuest, guest_dir: Path) -> None:
+    # booted_guest is a first boot of guest.qcow2 with the defaults (OVMF, CRB): predict it now, unchanged files.
+    _check(tv.json("predict", str(guest_dir / "guest.qcow2")), booted_guest.report)
+
+
+def test_another_build_with_a_changed_cmdline_section(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """The test guest with .cmdline "console=ttyS0 panic=-2": another UKI, on a raw disk this time."""
+    raw = tmp_path / "guest-cmdline.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(guest_dir / "guest.qcow2"), str(raw)],
+                   check=True)
+    disk = bytearray(raw.read_bytes())
+    at = disk.find(GUEST_CMDLINE + b"\0")  # the .cmdline section (VirtualSize 22, zero padded)
+    assert at > 0 and disk.find(GUEST_CMDLINE + b"\0", at + 1) < 0
+    disk[at:at + len(GUEST_CMDLINE)] = b"console=ttyS0 panic=-2"
+    raw.write_bytes(bytes(disk))
+    raw.chmod(0o644)
+    tmp_path.chmod(0o755)
+    image = Path(tv.overlay_dir) / f"cmdline-{secrets.token_hex(2)}.raw"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    raw.replace(image)
+    tv.run("image", "trust", str(image), "--label", "test guest, another .cmdline")
+    before = tv.json("predict", str(guest_dir / "guest.qcow2"))
+    after = tv.json("predict", str(image))
+    assert before["pcrs"]["11"] != after["pcrs"]["11"] and before["pcrs"]["4"] != after["pcrs"]["4"]
+    assert before["pcrs"]["5"] == after["pcrs"]["5"]
+    _launch_and_check(tv, image, ())
+
+
+def test_ovmf_direct_kernel_boot(tv: Tv, guest_dir: Path) -> None:
+    _launch_and_check(tv, guest_dir / "guest.qcow2", (
+        "--firmware", "efi", "--kernel", str(guest_dir / "vmlinuz"), "--initrd", str(guest_dir / "initrd.img"),
+        "--cmdline", "console=ttyS0 panic=-1"))
+
+
+def test_seabios_direct_kernel_boot_with_tis(tv: Tv, guest_dir: Path) -> None:
+    _launch_and_check(tv, guest_dir / "guest.qcow2", (
+        "--firmware", "bios", "--tpm-model", "tis", "--kernel", str(guest_dir / "vmlinuz"),
+        "--initrd", str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0 panic=-1"))
+
+
+def test_authenticode_agrees_with_osslsigncode_on_the_boot_files(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """Every boot file predicted: the signed UKI from the disk, and the kernel (its .linux and direct boot)."""
+    from tvorch.adapters.diskread import DiskImage
+    from tvorch.core.bootdisk import read_boot_file
+
+    with DiskImage(str(guest_dir / "guest-signed.qcow2")) as disk:
+        _, _, uki = read_boot_file(disk)
+    files = {"uki-signed.efi": uki, "vmlinuz": (guest_dir / "vmlinuz").read_bytes()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        out = subprocess.run(["osslsigncode", "verify", "-in", str(tmp_path / name)], capture_output=True,
+                             text=True).stdout
+        calculated = [ln.split(":")[1].strip().lower() for ln in out.splitlines() if "Calculated message digest" in ln]
+        assert calculated and parse_pe(data).authenticode_sha256() == calculated[0], name
+
+
+def test_predict_is_cached_by_image_digest(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """guest.qcow2 is trusted (its digest cached): a second predict reads none of it; another image misses."""
+    first = tv.json("predict", str(guest_dir / "guest.qcow2"))
+    again = tv.json("predict", str(guest_dir / "guest.qcow2"))
+    assert again["cached"] is True and again["image_bytes_read"] == 0
+    assert {k: v for k, v in again.items() if k not in ("cached", "image_bytes_read")} == \
+        {k: v for k, v in first.items() if k not in ("cached", "image_bytes_read")}
+    entries = list((tv.state_dir / "predictions").iterdir())
+    assert entries and all(p.stat().st_mode & 0o777 == 0o600 for p in entries)
+    assert (tv.state_dir / "predictions").stat().st_mode & 0o777 == 0o700
+    # a copy is another inode whose digest is not cached yet: computed, not looked up
+    copy = tmp_path / "copy.qcow2"
+    copy.write_bytes((guest_dir / "guest.qcow2").read_bytes())
+    other = tv.json("predict", str(copy))
+    assert other["cached"] is False and other["image_bytes_read"] > 0 and other["pcrs"] == first["pcrs"]
