@@ -331,6 +331,30 @@ def test_stranger_using_tvorch_files_is_refused(tv: Tv, gated: Gated, tmp_path: 
         planted.unlink(missing_ok=True)
 
 
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def test_stranger_passing_qemu_the_overlay_on_its_command_line_is_refused(gated: Gated, tmp_path: Path):
+    """<qemu:commandline> hands QEMU arguments libvirt never reads: while the instance runs, its overlay is
+    libvirt-qemu's, and another QEMU given `-drive file=<overlay>` would read the tenant's disk."""
+    name = f"{PREFIX}argv-{secrets.token_hex(2)}"
+    disk = Path(f"/var/lib/libvirt/images/{name}.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    root = _stranger(gated, name)
+    _harmless(root, disk, tmp_path / "console.log")
+    commandline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-drive", f"file={gated.record['overlay']},format=qcow2,if=none,id=tenant,readonly=on,"
+                          "file.locking=off"):
+        ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
+    virsh("start", gated.name)
+    try:
+        _starts_and_goes(name, ET.tostring(root, encoding="unicode"),
+                         (gated.record["overlay"], f"tvorch instance {gated.record['id']}"))
+    finally:
+        virsh("destroy", gated.name, check=False)
+        disk.unlink()
+
+
 def _restart_libvirtd() -> None:
     if Path("/run/systemd/system").is_dir():
         subprocess.run(["systemctl", "restart", "libvirtd.service"], check=True)

@@ -71,8 +71,25 @@ def test_every_element_that_names_a_path_counts():
 
 
 def test_paths_are_normalised_and_relative_ones_taken_from_the_root():
-    found = uses("<disk type='file'><source file='var//lib/../lib/tvorch/./x.qcow2'/></disk>")
-    assert found == (FileUse("/var/lib/tvorch/x.qcow2", "source", True),)
+    found = uses("<disk type='file'><source file='var//lib/../lib/tvorch/./x.qcow2'/></disk>"
+                 "<disk type='file'><source file='//var/lib/tvorch/y.qcow2'/></disk>")
+    assert found == (FileUse("/var/lib/tvorch/x.qcow2", "source", True),
+                     FileUse("/var/lib/tvorch/y.qcow2", "source", True))
+
+
+def test_paths_handed_to_qemu_unread_count_wherever_they_stand_in_a_value():
+    """<qemu:commandline> and <qemu:override>: libvirt passes them to QEMU without reading them."""
+    found = file_uses(
+        "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>d</name><devices/>"
+        "<qemu:commandline><qemu:arg value='-drive'/>"
+        "<qemu:arg value='file=/var/lib/x/a.qcow2,format=qcow2,if=none'/>"
+        "<qemu:env name='X' value='/etc/tvorch/tvorch.toml'/></qemu:commandline>"
+        "<qemu:override><qemu:device alias='x'><qemu:frontend>"
+        "<qemu:property name='p' type='string' value='path=//var/../var/lib/tvorch/k'/>"
+        "</qemu:frontend></qemu:device></qemu:override></domain>")
+    assert found == (FileUse("/var/lib/x/a.qcow2", "qemu:arg", True),
+                     FileUse("/etc/tvorch/tvorch.toml", "qemu:env", True),
+                     FileUse("/var/lib/tvorch/k", "qemu:property", True))
 
 
 def test_a_storage_volume_is_named_by_its_pool():

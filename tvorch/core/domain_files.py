@@ -9,12 +9,13 @@ any check or record. So every path in the XML counts, wherever it appears
 not just the elements tvorch renders: an element this module does not know is
 still read as "opens that path for writing".
 
-Imports nothing but ElementTree: the hook imports it on every start.
+Imports nothing but ElementTree and re: the hook imports it on every start.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ _PATH_ATTRIBUTES = frozenset({"file", "path", "dir", "socket", "template"})
 _PATH_TEXT = frozenset({"loader", "nvram", "kernel", "initrd", "dtb", "emulator", "table", "backend"})
 # Elements QEMU or libvirt only read from.
 _READ_ONLY_TEXT = frozenset({"kernel", "initrd", "dtb", "emulator", "table", "backend"})
+# libvirt's namespace for arguments and properties handed to QEMU unread (<qemu:commandline>,
+# <qemu:override>): any absolute path in their values counts, e.g. "file=/path,format=qcow2".
+_QEMU_NAMESPACE = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+_PATH_IN_ARGUMENT = re.compile(r"(?<![\w.~-])/[^\s,=;'\"]+")
 # Free text, and tvorch's own record of the instance: never a file libvirt opens.
 _NOT_CONFIGURATION = frozenset({"description", "title", "metadata"})
 
@@ -65,7 +70,9 @@ class OwnedFiles:
 def file_uses(xml: str) -> tuple[FileUse, ...]:
     """Every host path the domain XML names, in document order, with whether it may be written.
 
-    Read-only: anything in a <backingStore>; a disk with <readonly/> (libvirt
+    In <qemu:commandline> and <qemu:override>, whose values libvirt hands
+    QEMU without reading them, every absolute path in a value counts,
+    writable. Read-only: anything in a <backingStore>; a disk with <readonly/> (libvirt
     writes it for every cdrom); a <loader readonly='yes'>; an nvram template;
     kernel, initrd, dtb, emulator, ACPI tables and rng sources. Everything else
     is taken as writable.
@@ -83,6 +90,13 @@ def _walk(element: ET.Element, read_only: bool, uses: list[FileUse]) -> None:
     tag = element.tag
     if not isinstance(tag, str) or tag in _NOT_CONFIGURATION:
         return
+    if tag.startswith(_QEMU_NAMESPACE):
+        shown = "qemu:" + tag[len(_QEMU_NAMESPACE):]
+        for value in (*element.attrib.values(), element.text or ""):
+            uses.extend(FileUse(_normal(p), shown, True) for p in _PATH_IN_ARGUMENT.findall(value))
+        for child in element:
+            _walk(child, read_only, uses)
+        return
     if tag == "backingStore" or (tag == "disk" and element.find("readonly") is not None):
         read_only = True
     for name, value in element.attrib.items() if tag != "target" else ():  # <target>: the guest's side
@@ -99,8 +113,8 @@ def _walk(element: ET.Element, read_only: bool, uses: list[FileUse]) -> None:
 
 
 def _normal(value: str) -> str:
-    """libvirtd runs in /, so a relative path is taken from there."""
-    return posixpath.normpath(posixpath.join("/", value.strip()))
+    """libvirtd runs in /, so a relative path is taken from there; "//x" is "/x" to the kernel."""
+    return "/" + posixpath.normpath(posixpath.join("/", value.strip())).lstrip("/")
 
 
 def volume_path(pool_xml: str, volume: str) -> str | None:
