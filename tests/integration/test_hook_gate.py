@@ -126,13 +126,26 @@ def _more_memory(root: ET.Element) -> None:
         root.find(tag).text = str(int(root.find(tag).text) * 2)
 
 
-@pytest.mark.parametrize("case", ["disk-swapped", "tpm-removed", "firmware-changed", "memory-changed"])
+def _cpu_feature(root: ET.Element) -> None:
+    """Nested virtualisation asked of libvirt's TCG CPU (qemu64): the guest would see VMX."""
+    cpu = root.find("cpu")
+    assert cpu is not None and cpu.findtext("model") == "qemu64"
+    ET.SubElement(cpu, "feature", policy="require", name="vmx")
+
+
+def _scsi_controller(root: ET.Element) -> None:
+    ET.SubElement(root.find("devices"), "controller", type="scsi", index="0", model="virtio-scsi")
+
+
+@pytest.mark.parametrize("case", ["disk-swapped", "tpm-removed", "firmware-changed", "memory-changed",
+                                  "cpu-feature-added", "scsi-controller-added"])
 def test_configuration_drift_is_refused(tv: Tv, gated: Gated, case: str):
     other = Path(gated.record["overlay"]).with_name(f"{PREFIX}other.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(gated.base), str(other)],
                    check=True)
     edits = {"disk-swapped": _swap_disk(other), "tpm-removed": _drop_tpm,
-             "firmware-changed": _to_seabios, "memory-changed": _more_memory}
+             "firmware-changed": _to_seabios, "memory-changed": _more_memory,
+             "cpu-feature-added": _cpu_feature, "scsi-controller-added": _scsi_controller}
     try:
         redefine(edited(gated, edits[case]))
         refused(gated.name, "configuration changed since launch")

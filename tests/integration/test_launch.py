@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -182,6 +183,37 @@ def test_direct_kernel_boot_with_seabios_and_tis(tv: Tv, guest_dir: Path):
         assert report.pcrs[0] != ZERO  # SeaBIOS measures itself
     finally:
         tv.destroy(name)
+
+
+def test_raw_ext4_image_launches_with_direct_kernel_boot(tv: Tv, guest_dir: Path):
+    """Issue #12: a raw file system image without a partition table (mkfs.ext4, e2fsprogs) is a disk
+    image: trusted without a warning, launched with the test guest's kernel and initrd, the guest up."""
+    images = Path(f"/var/lib/libvirt/images/{PREFIX}raw-{secrets.token_hex(3)}")
+    images.mkdir(mode=0o755)
+    root_fs = images / "root.ext4"
+    name = f"{PREFIX}raw-{secrets.token_hex(2)}"
+    try:
+        with open(root_fs, "wb") as f:
+            f.truncate(16 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tvtest-root", str(root_fs)], check=True)
+        root_fs.chmod(0o644)
+        (trusted,) = tv.json("image", "trust", str(root_fs), "--label", "raw ext4")
+        assert trusted["path"] == str(root_fs) and trusted["warnings"] == []
+        record = tv.launch(root_fs, name, "--firmware", "bios", "--kernel", str(guest_dir / "vmlinuz"),
+                           "--initrd", str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0")
+        report = wait_for_ready(Path(record["console_log"]))
+        assert report.tpm_present
+        body = tv.json("manifest", "show", name)["manifest"]
+        (layer,) = [m for m in body["measurements"] if m["kind"] == "image-layer"]
+        assert (layer["path"], layer["digest"], layer["details"]["format"]) == (str(root_fs), sha256(root_fs), "raw")
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "--force-share", "--output=json", record["overlay"]],
+            capture_output=True, text=True, check=True).stdout)
+        assert (info["backing-filename"], info["backing-filename-format"]) == (str(root_fs), "raw")
+    finally:
+        tv.destroy(name)
+        tv.run("image", "untrust", str(root_fs), check=False)
+        shutil.rmtree(images, ignore_errors=True)
 
 
 def test_failed_start_rolls_back(tv: Tv, guest_dir: Path):

@@ -534,7 +534,7 @@ def layer_writers(layer: ImageLayer) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
-def judge_layer_writers(chain: "ImageChain", policy: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def judge_layer_writers(chain: ImageChain, policy: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(refusals, warnings) for the chain's layers under ``policy.unsafe_image_files`` = POLICY."""
     refuse = UNSAFE_IMAGE_POLICIES[policy]
     found = [writer for layer in chain.layers for writer in layer_writers(layer)]
