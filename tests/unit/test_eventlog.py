@@ -34,7 +34,10 @@ from tvorch.errors import EvidenceError, ExitCode, InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"
 LOGS = sorted(DATA.glob("*.bin"))
-UEFI_LOGS = [p for p in LOGS if p.name.startswith("uefi-")]
+UEFI_LOGS = [p for p in LOGS if p.name.startswith("uefi-")]  # OVMF booting the UKI from the GPT disk
+OVMF_LOGS = UEFI_LOGS + [p for p in LOGS if p.name.startswith("ovmf-")]  # ... and OVMF direct kernel boot
+# Logs captured with the PCRs the guest read beside them.
+READ_LOGS = [p for p in LOGS if p.with_name(p.stem + ".pcrs.json").exists()]
 SEABIOS_LOG = DATA / "seabios-direct.bin"
 ALG_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C}
 
@@ -119,10 +122,11 @@ def refused(raw: bytes, *words: str) -> str:
 # --- the captured logs --------------------------------------------------------------
 
 def test_the_captures_are_all_here():
-    assert ids(LOGS) == ["seabios-direct", "uefi-crb", "uefi-tis"]
+    assert ids(LOGS) == ["ovmf-direct", "seabios-direct", "uefi-crb", "uefi-secureboot", "uefi-tis"]
+    assert ids(READ_LOGS) == ["seabios-direct", "uefi-crb", "uefi-secureboot", "uefi-tis"]
 
 
-@pytest.mark.parametrize("path", LOGS, ids=ids(LOGS))
+@pytest.mark.parametrize("path", READ_LOGS, ids=ids(READ_LOGS))
 def test_replay_equals_the_pcrs_the_guest_read(path):
     log = parse_event_log(path.read_bytes())
     guest = guest_pcrs(path)
@@ -147,7 +151,7 @@ def test_spec_id_event_and_separators(path):
     assert [a["name"] for a in header.decoded["algorithms"]] == ["sha256"]
     separators = [e for e in log.events if e.type_name == "EV_SEPARATOR"]
     assert sorted(e.pcr for e in separators) == list(range(8))
-    firmware_value = 0 if path in UEFI_LOGS else 0xFFFFFFFF  # SeaBIOS keeps the TPM 1.2 BIOS value
+    firmware_value = 0 if path in OVMF_LOGS else 0xFFFFFFFF  # SeaBIOS keeps the TPM 1.2 BIOS value
     assert {e.decoded["value"] for e in separators} == {firmware_value}
     assert [e.index for e in log.events] == list(range(len(log.events)))
     assert not [e.index for e in log.events if e.decoded is None or "decode_error" in e.decoded]
@@ -168,7 +172,8 @@ def test_uefi_events_decode(path):
     assert {"SecureBoot", "PK", "KEK", "db", "dbx", "BootOrder"} <= set(variables)
     secure_boot = variables["SecureBoot"].decoded
     assert secure_boot["guid"] == "8be4df61-93ca-11d2-aa0d-00e098032b8c"
-    assert secure_boot["data_length"] == 1 and secure_boot["data_sha256"] == hashlib.sha256(b"\0").hexdigest()
+    enabled = b"\1" if path.stem == "uefi-secureboot" else b"\0"
+    assert secure_boot["data_length"] == 1 and secure_boot["data_sha256"] == hashlib.sha256(enabled).hexdigest()
     gpt = next(e for e in log.events if e.type_name == "EV_EFI_GPT_EVENT").decoded
     assert gpt["disk_guid"] == "54564f52-4348-4755-4553-543030303031"
     assert [(p["name"], p["first_lba"]) for p in gpt["partitions"]] == [("ESP", 2048)]
