@@ -700,6 +700,179 @@ def check_allowlist(entries: Sequence[ImaEntry], allowlist: Mapping[str, frozens
     return tuple(failures)
 
 
+# --- the whole judgement --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImaJudgement:
+    """What a verifier concludes from an IMA list: the PCR value it replays to, and every problem."""
+
+    pcr_value: bytes  # up to the quoted value when reached, else the whole list's; b"" if unreadable
+    problems: tuple[str, ...]  # parse error, boot_aggregate, template hashes, allowlist failures
+
+
+def judge_ima_list(data: bytes, bank: str, quoted: Mapping[int, bytes] | None,
+                   allowlist: Mapping[str, frozenset[str]] | None, required: Iterable[str] = (),
+                   excludes: Iterable[str] = ()) -> ImaJudgement:
+    """Parse, replay and check an IMA list as host attestation does (QUOTED: the verified quote's PCRs).
+
+    IMA appends before it extends, so with a quoted PCR 10 only the entries up
+    to the first that replays to it are judged, and the first entry must be
+    the quoted boot PCRs' boot_aggregate; without (or never reaching) it the
+    whole list is. With an ALLOWLIST every judged entry is checked against it
+    (check_allowlist, boot_aggregate excluded); without, only template hashes.
+
+    A host that passes is the common case and its list is nearly all ima-ng
+    entries with sha256 digests: those are judged in one pass over the bytes
+    (_judge_plain), with no entry objects. The first entry it cannot vouch for
+    sends the whole list to the general path below, which says what is wrong.
+    """
+    target = quoted.get(IMA_PCR) if quoted else None
+    must = frozenset(required)
+    exclude = exclude_matcher((*excludes, BOOT_AGGREGATE))
+    try:
+        fast = _judge_plain(data, bank, target, quoted or {}, allowlist, must, exclude)
+    except (EvidenceError, ValueError, struct.error, IndexError):
+        fast = None  # the general path finds the same and says where
+    if fast is not None:
+        return ImaJudgement(fast, ())
+    problems: list[str] = []
+    value = b""
+    try:
+        entries = parse_ima_list(data)
+        state = replay_until(entries, target, ImaReplay.initial(bank)) if target else None
+        if state is not None:
+            entries, value = entries[:state.count], state.pcr_value
+            # Authenticated by the quote: its first entry must be the quoted boot PCRs' digest.
+            problem = boot_aggregate_problem(entries, bank, quoted or {})
+            if problem is not None:
+                problems.append(problem)
+        else:
+            value = replay_ima(entries, bank)
+        if allowlist is None:
+            problems += [f"entry {i}: template hash does not match its data" for i in bad_template_hashes(entries)]
+        else:  # the allowlist check reports bad template hashes itself
+            problems += [str(f) for f in check_allowlist(entries, allowlist, required, (*excludes, BOOT_AGGREGATE))]
+    except EvidenceError as err:
+        return ImaJudgement(value, (*problems, str(err)))
+    return ImaJudgement(value, tuple(problems))
+
+
+# A d-ng field of a sha256 file digest, length first: what nearly every ima-ng entry carries.
+_PLAIN_DIGEST = _u32(40) + b"sha256:\0"
+_PLAIN_TEMPLATE = _u32(6) + b"ima-ng"
+# PCR, template hash, template name (length and "ima-ng"), template data length, d-ng prefix, digest, n-ng length.
+_PLAIN_HEAD = struct.Struct("<I20s10sI12s32sI")
+_U32_OF = [_u32(n) for n in range(4097)]  # a name's length field, up to PATH_MAX and its NUL
+
+
+def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[int, bytes],
+                 allowlist: Mapping[str, frozenset[str]] | None, must: frozenset[str],
+                 excluded: Callable[[str], bool]) -> bytes | None:
+    """The replayed PCR value when every judged entry is a plain ima-ng entry that passes; else None.
+
+    Plain: PCR 10, template "ima-ng", a sha256 file digest, a NUL-terminated
+    name, its template hash right. Passes: allowed by the allowlist (or
+    excluded, but never a required path), every required path measured, and
+    the first entry the quoted boot_aggregate when the target is reached.
+    Anything else, however harmless, is None: the general path decides it.
+    """
+    h = _BANKS.get(bank)
+    if h is None:
+        return None
+    sha1 = hashlib.sha1
+    sha1_bank = bank == "sha1"
+    value = bytes(_BANK_SIZES[bank])
+    allowed = allowlist.get if allowlist is not None else None
+    seen: set[str] = set()
+    count = 0
+    first_digest = b""
+    if target is not None and value == target:
+        return None  # nothing judged: rare, left to the general path
+    if b"\0" in data[:64]:
+        buf = data if type(data) is bytes else bytes(data)
+        end = len(buf)
+        pos = 0
+        fixed = _PLAIN_HEAD.unpack_from
+        find = buf.find
+        while pos < end:
+            pcr, template_hash, template, td_len, digest_prefix, digest, n_len = fixed(buf, pos)
+            td_end = pos + 38 + td_len
+            # The name: NUL-terminated, no other NUL, at least one character.
+            if pcr != IMA_PCR or template != _PLAIN_TEMPLATE or digest_prefix != _PLAIN_DIGEST \
+                    or td_len != 48 + n_len or td_end > end or find(b"\0", pos + 86, td_end) != td_end - 1 \
+                    or n_len < 2:
+                return None
+            td = buf[pos + 38:td_end]
+            if sha1(td).digest() != template_hash:
+                return None
+            path = buf[pos + 86:td_end - 1].decode()  # not UTF-8: a UnicodeDecodeError, the general path
+            value = h(value + (template_hash if sha1_bank else h(td).digest())).digest()
+            if must and path in must:
+                seen.add(path)
+            if allowed is not None:
+                ok = allowed(path)
+                if (ok is None or digest.hex() not in ok) and (path in must or not excluded(path)):
+                    return None
+            pos = td_end
+            if value == target:
+                break
+        if pos < end:
+            parse_ima_binary(buf, pos)  # unjudged, but a list must be whole to be believed
+        if pos == 0 or buf[86:86 + len(BOOT_AGGREGATE) + 1] != BOOT_AGGREGATE.encode() + b"\0" or \
+                fixed(buf, 0)[6] != len(BOOT_AGGREGATE) + 1:
+            return None
+        count, first_digest = 1, fixed(buf, 0)[5]
+    else:
+        text = data.decode("utf-8", "surrogateescape")
+        if not text.isascii() or "\0" in text:
+            return None
+        lines = text.split("\n")
+        if lines[-1]:
+            return None  # truncated: the general path says so
+        lines.pop()
+        a2b = binascii.a2b_hex
+        lengths = _U32_OF
+        prefix = _PLAIN_DIGEST
+        for count, line in enumerate(lines, 1):
+            columns = line.split(" ")
+            if len(columns) != 5:
+                return None
+            pcr_text, hash_text, template_name, digest_text, path = columns
+            digest_hex = digest_text[7:]
+            if pcr_text != "10" or template_name != "ima-ng" or digest_text[:7] != "sha256:" or len(digest_hex) != 64:
+                return None
+            name = path.encode()
+            td = prefix + a2b(digest_hex) + lengths[len(name) + 1] + name + b"\0"
+            # Lowercase hex as the kernel writes it; other text is left to the general path.
+            if sha1(td).hexdigest() != hash_text:
+                return None
+            value = h(value + (sha1(td).digest() if sha1_bank else h(td).digest())).digest()
+            if must and path in must:
+                seen.add(path)
+            if allowed is not None:
+                ok = allowed(path)
+                if (ok is None or digest_hex not in ok) and (path in must or not excluded(path)):
+                    return None
+            if value == target:
+                break
+        if count < len(lines):
+            parse_ima_ascii("".join(line + "\n" for line in lines[count:]))
+        first = lines[0].split(" ") if lines else []
+        if len(first) != 5 or first[4] != BOOT_AGGREGATE:
+            return None
+        first_digest = a2b(first[3][7:])
+    if count == 0 or not must <= seen:
+        return None
+    if value == target:
+        # The quoted boot PCRs must be the first entry's digest (boot_aggregate_problem).
+        if bank != "sha256" or any(len(quoted.get(i, b"")) != 32 for i in boot_aggregate_pcrs(bank)):
+            return None
+        if first_digest != boot_aggregate_digest(quoted, bank):
+            return None
+    return value
+
+
 # --- writing (tests, benchmarks, fixtures) ---------------------------------------------------------
 
 

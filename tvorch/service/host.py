@@ -39,15 +39,10 @@ from ..core.hostpolicy import (
 from ..core.hostverdict import HostVerdict
 from ..core.ima import (
     IMA_PCR,
-    ImaReplay,
-    bad_template_hashes,
     boot_aggregate_pcrs,
-    boot_aggregate_problem,
-    check_allowlist,
     exclude_matcher,
+    judge_ima_list,
     parse_ima_list,
-    replay_ima,
-    replay_until,
 )
 from ..core.quote import HostQuote
 from ..errors import ConfigError, EvidenceError, HostError, TrustError
@@ -164,27 +159,12 @@ def evidence(q: HostQuote, nonce: bytes, policy: HostPolicy | None = None) -> Ho
     if q.ima_log is None:
         ima_problems.append("no IMA measurement list on this host")
     else:
-        try:
-            entries = parse_ima_list(q.ima_log)
-            # IMA appends before it extends: judge only the entries the quote covers.
-            target = q.pcrs.get(IMA_PCR) if quoted else None
-            state = replay_until(entries, target, ImaReplay.initial(q.bank)) if target else None
-            if state is not None:
-                entries, ima_pcr = entries[:state.count], state.pcr_value.hex()
-                # Authenticated by the quote: its first entry must be the quoted boot PCRs' digest.
-                problem = boot_aggregate_problem(entries, q.bank, q.pcrs)
-                if problem is not None:
-                    ima_problems.append(problem)
-            else:
-                ima_pcr = replay_ima(entries, q.bank).hex()
-            if policy is None:
-                ima_problems += [f"entry {i}: template hash does not match its data"
-                                 for i in bad_template_hashes(entries)]
-            else:  # the allowlist check reports bad template hashes itself
-                ima_problems += [str(f) for f in check_allowlist(
-                    entries, policy.ima_allowlist, policy.ima_required, (*policy.ima_excludes, "boot_aggregate"))]
-        except EvidenceError as err:
-            ima_problems.append(str(err))
+        # IMA appends before it extends: only the entries the (verified) quote covers are judged.
+        judged = judge_ima_list(q.ima_log, q.bank, q.pcrs if quoted else None,
+                                policy.ima_allowlist if policy else None,
+                                policy.ima_required if policy else (), policy.ima_excludes if policy else ())
+        ima_pcr = judged.pcr_value.hex() if judged.pcr_value else None
+        ima_problems += judged.problems
     return HostEvidence(quoted, quote_problem, eventlog_pcrs, eventlog_problem, ima_pcr, tuple(ima_problems))
 
 
