@@ -9,7 +9,7 @@ GUEST_DIR   ?= /var/cache/tvorch/test-guest
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration setup packages libvirt venv guest clean
+.PHONY: demo test lint unit integration setup packages libvirt venv guest clean deb
 
 demo: setup
 	GUEST_DIR=$(GUEST_DIR) VENV=$(VENV) scripts/demo.sh
@@ -38,13 +38,29 @@ libvirt: venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml | packages
+$(STAMP): pyproject.toml requirements.lock | packages
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $@
 
 guest:
 	scripts/build-test-guest.sh $(GUEST_DIR)
 
+# tvorch_<version>_amd64.deb from the checkout as it is (tracked and new
+# files, not ignored ones), built by dpkg-buildpackage in a copy under build/.
+# DEB_BUILD (scratch) and DEB_OUT (where the .deb goes) may be absolute.
+DEB_VERSION = $(shell dpkg-parsechangelog -S Version)
+DEB_BUILD  ?= build/deb
+DEB_OUT    ?= .
+DEB_SRC     = $(DEB_BUILD)/tvorch-$(DEB_VERSION)
+
+deb: packages
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_SRC) $(DEB_OUT)
+	git ls-files -z --cached --others --exclude-standard \
+	    | tar -c --null -T - --ignore-failed-read 2>/dev/null | tar -x -C $(DEB_SRC)
+	cd $(DEB_SRC) && dpkg-buildpackage -b -us -uc --no-pre-clean
+	mv $(DEB_BUILD)/tvorch_$(DEB_VERSION)_amd64.deb $(DEB_OUT)/
+	@echo "built $(DEB_OUT)/tvorch_$(DEB_VERSION)_amd64.deb"
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tvorch_*.deb

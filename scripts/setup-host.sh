@@ -15,6 +15,9 @@ PACKAGES=(
     e2fsprogs
     # tests: an independent PE Authenticode hash for tvorch predict's
     osslsigncode
+    # make deb (dpkg-buildpackage, debhelper), its lintian check, and
+    # systemd-analyze for the unit's exposure check (works without systemd as PID 1)
+    dpkg-dev debhelper fakeroot lintian systemd
 )
 
 missing=()

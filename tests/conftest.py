@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `package` install and remove the Debian package, which
+    replaces the node's hook while they run: they go after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("package") is not None)
+
+
 # --- golden files (tests/golden/) ---------------------------------------------
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
