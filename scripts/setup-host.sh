@@ -15,6 +15,8 @@ PACKAGES=(
     e2fsprogs
     # tests: an independent PE Authenticode hash for tvorch predict's
     osslsigncode
+    # tests: a real Keylime verifier (scripts/keylime-venv.sh) imports gpg and loads libefivar
+    python3-gpg libefivar1
     # make deb (dpkg-buildpackage, debhelper), its lintian check, and
     # systemd-analyze for the unit's exposure check (works without systemd as PID 1)
     dpkg-dev debhelper fakeroot lintian systemd

@@ -122,6 +122,21 @@ class GuestAttestation:
 
 
 @dataclass(frozen=True)
+class Keylime:
+    """A Keylime verifier that judges each boot and host quote tvorch has verified (README, "Keylime")."""
+
+    # https://HOST:PORT of the verifier (or of the pool's one URL); empty: no submissions.
+    verifier_url: str = ""
+    # CA certificate (PEM) of the verifier's TLS certificate; empty: the system's CAs.
+    ca_file: str = ""
+    # Client certificate and key (PEM) for verifiers that require one; empty: none sent.
+    client_cert: str = ""
+    client_key: str = ""
+    # Seconds to wait for one answer.
+    timeout: int = 10
+
+
+@dataclass(frozen=True)
 class FirmwareProfile:
     """A named OVMF code image + vars template (e.g. an operator's own SB keys)."""
 
@@ -151,6 +166,7 @@ class Config:
     serve: Serve = field(default_factory=Serve)
     vtpm: Vtpm = field(default_factory=Vtpm)
     guest: GuestAttestation = field(default_factory=GuestAttestation)
+    keylime: Keylime = field(default_factory=Keylime)
     firmware_profiles: Mapping[str, FirmwareProfile] = field(default_factory=dict)
     # Where this config came from, and its bytes (b"" for built-in defaults).
     source: str = field(default="<defaults>", compare=False)
@@ -182,7 +198,7 @@ _MINIMUMS = {
     "hook_deadline_ms": 1, "stop_timeout": 1, "max_backing_depth": 1,
     "launch.memory_mib": 128, "launch.vcpus": 1, "launch.max_memory_mib": 128, "launch.max_vcpus": 1,
     "host.verdict_max_age": 1, "serve.heartbeat_interval": 1, "serve.reconnect_max_wait": 1,
-    "guest.agent_timeout": 1,
+    "guest.agent_timeout": 1, "keylime.timeout": 1,
 }
 # Upper bound of every integer: TOML carries any size, but a huge one would overflow a timer, libvirt's
 # XML or the manifest's canonical JSON (2**53-1) far from the config, as an internal error.
@@ -193,7 +209,8 @@ _ABSOLUTE = {
     "host.eventlog", "host.ima_log", "host.policy", "guest.channel_dir",
 }
 # Paths that may also be left empty (the feature is then off).
-_ABSOLUTE_OR_EMPTY = {"policy.image_signing_ca", "vtpm.escrow_public_key"}
+_ABSOLUTE_OR_EMPTY = {"policy.image_signing_ca", "vtpm.escrow_public_key",
+                      "keylime.ca_file", "keylime.client_cert", "keylime.client_key"}
 
 
 def _type_name(tp: Any) -> str:
@@ -225,6 +242,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"config key '{dotted}' must be an absolute path or empty, not {values[f.name]!r}")
         if dotted in ("host.pcrs", "vtpm.seal_pcrs", "guest.pcrs") and (not values[f.name] or max(values[f.name]) > 23):
             raise ConfigError(f"config key '{dotted}' must list PCR indices 0-23, not {list(values[f.name])}")
+        if dotted == "keylime.verifier_url" and values[f.name] and not values[f.name].startswith("https://"):
+            raise ConfigError(f"config key '{dotted}' must be https://HOST:PORT (Keylime serves TLS only) "
+                              f"or empty, not {values[f.name]!r}")
         choices = _CHOICES.get(dotted)
         if choices and values[f.name] not in choices:
             raise ConfigError(

@@ -97,6 +97,12 @@ class EvidenceError(TvorchError):
     exit_code = ExitCode.EVIDENCE
 
 
+class KeylimeUnreachable(TvorchError):
+    """The Keylime verifier could not be reached (tvorch's own verdict stands; the submission is queued)."""
+
+    exit_code = ExitCode.TIMEOUT
+
+
 class TpmError(TvorchError):
     """A TPM command failed; ``rc`` is the TPM/TSS response code when there is one."""
 

@@ -739,3 +739,25 @@ def test_a_host_ak_certification_not_signed_by_the_node_fails(pieces: Pieces) ->
         "host": "host AK certification signature does not verify with the node signing key"}
     doc["host"]["ak_certification"] = {"format": "tvorch-ak-certification"}
     assert "host AK certification fields wrong" in failing(pieces.verify(pieces.resign(doc)))["host"]
+
+
+# --- the optional Keylime section ---------------------------------------------------
+
+def test_keylime_verdicts_are_carried_signed_as_information_never_counted(pieces: Pieces, valid: bytes) -> None:
+    assert "keylime" not in doc_of(valid)  # a node that does not submit makes the same bundle as before
+    section = {"guest": {"submitted": True, "valid": False, "failures": ["pcr_validation.invalid_pcr_4: {}"]},
+               "host": {"submitted": False, "queued": "Keylime verifier unreachable"}}
+    data = pieces.bundle(keylime=section)
+    report = pieces.verify(data)
+    assert report.passed, report.table()  # Keylime's word is information: tvorch's own checks decide
+    info = report.checks[-1]
+    assert (info.name, info.result) == ("keylime", "info")
+    assert "guest INVALID: pcr_validation.invalid_pcr_4" in info.detail and "host not judged" in info.detail
+    assert "INFO" in report.table()
+    doc = doc_of(data)
+    doc["keylime"]["guest"]["valid"] = True  # a verdict changed after signing
+    assert "bundle signature" in failing(pieces.verify(json.dumps(doc).encode()))
+    doc["keylime"] = {"guest": {"submitted": True, "valid": "yes", "failures": []}}
+    assert list(failing(pieces.verify(pieces.resign(doc)))) == ["format"]
+    doc["keylime"] = {"tenant": {"submitted": False, "queued": "x"}}
+    assert "unknown key" in failing(pieces.verify(pieces.resign(doc)))["format"]

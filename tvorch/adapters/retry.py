@@ -1,4 +1,4 @@
-"""The one place tvorch retries: libvirt calls that failed for a transient reason.
+"""The one place tvorch retries: libvirt calls that failed for a transient reason, and Keylime submissions.
 
 libvirtd restarting, a domain's state-change lock held by another job, an RPC
 connection reset: these clear up within seconds. Everything else (no such
@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 import libvirt
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from ..errors import KeylimeUnreachable
 
 T = TypeVar("T")
 
@@ -39,3 +41,20 @@ def libvirt_retry(func: Callable[..., T]) -> Callable[..., T]:
         wait=wait_exponential(multiplier=0.2, max=2),
         reraise=True,
     )(func)
+
+
+def keylime_retry(func: Callable[..., T]) -> Callable[..., T]:
+    """Retry FUNC while the Keylime verifier is unreachable: 3 tries over about 1 s (a verifier of the pool
+    restarting); past that the caller queues the submission and the daemon tries again with backoff
+    (keylime_backoff)."""
+    return retry(
+        retry=retry_if_exception_type(KeylimeUnreachable),
+        stop=stop_after_attempt(3),
+        wait=wait_exponential(multiplier=0.25, max=1),
+        reraise=True,
+    )(func)
+
+
+def keylime_backoff(attempts: int, base: float = 30.0, cap: float = 3600.0) -> float:
+    """Seconds before the queued submission's next try after ATTEMPTS failed ones: doubling, capped."""
+    return float(min(cap, base * 2 ** max(0, attempts - 1)))

@@ -31,6 +31,9 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
             f"{name}: guest quote verified (vTPM reset count {summary['reset_count']}); "
             f"boot {summary['baseline']}",
             *(f"  {line}" for line in summary["differences"]),
+            *(f"keylime ({what}): " + ("valid" if r.get("valid") else "INVALID: " + "; ".join(r["failures"])
+                                       if r["submitted"] else f"not submitted: {r['queued']}")
+              for what, r in summary.get("keylime", {}).items()),
             f"evidence bundle: {out}",
         ]))
     if summary["baseline"] == "differs":

@@ -47,6 +47,11 @@ def status(ctx: Context, as_json: bool) -> None:
         "host_verdict": verdict.to_json(now) if verdict else None,
         "instances": counts,
     }
+    from ..service.keylime import pending  # Keylime submissions waiting for an unreachable verifier
+
+    keylime = pending(cfg)
+    if keylime["enabled"] or keylime["pending"]:
+        doc["keylime"] = keylime
     lines = [
         "daemon:    never ran (tvorch serve)" if daemon is None else
         f"daemon:    healthy, pid {daemon.pid}, {daemon.detail}, heartbeat {now - daemon.heartbeat_epoch:.0f} s ago"
@@ -56,6 +61,12 @@ def status(ctx: Context, as_json: bool) -> None:
         f"host:      {'passed' if verdict.passed else 'FAILED'} {now - verdict.at_epoch:.0f} s ago",
         "instances: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
     ]
+    if "keylime" in doc:
+        lines.append("keylime:   " + ("all submissions answered" if not keylime["pending"] else
+                                      f"{keylime['pending']} submission(s) waiting since {keylime['oldest']}: "
+                                      f"{keylime['last_error']}")
+                     + ("" if not keylime["host"] else
+                        f"; host quote {'valid' if keylime['host']['valid'] else 'INVALID'} at {keylime['host']['at']}"))
     emit(as_json, doc, "\n".join(lines))
     if problem is not None:  # for monitoring: the report above, then a code of its own
         raise DaemonUnhealthy(f"tvorch serve is not healthy: {problem}")

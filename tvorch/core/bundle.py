@@ -36,6 +36,9 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
                "quote": <core.quote HostQuote.to_json(), over the same nonce> | null,
                "ak_certification": <core.akcert's signed host AK statement> | null},
       "live": {"config_digest": "<hex>"},                  # canonical configuration of the running domain
+      "keylime": {"guest": {"submitted": true, "valid": true, "failures": [...]}   # only when the node
+                           | {"submitted": false, "queued": "<why>"},            # submits to Keylime
+                  "host": {...}},                                                # (optional section)
       "signature": "<base64 DER ECDSA-P256-SHA256 by the node signing key over the canonical JSON
                     of every other field>"
     }
@@ -77,6 +80,12 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
   on the same bank, PCRs and values as that quote (PCR 10 aside, whose IMA
   list must pass through the verdict's value); the quote's IMA list replays
   to its PCR 10 and starts with the boot_aggregate of its PCRs 0-9.
+
+Information, not a check (shown as INFO, never counted, only when the
+bundle carries it): "keylime", the verdicts of the Keylime verifier the node
+submitted the guest boot and host quote to, as the node recorded them. A
+verifier that trusts that Keylime may act on them; they are not evidence
+itself (README, "Keylime").
 
 A check whose premise did not verify (say, the AK certification when the node
 certificate does not chain to the CA) fails saying "not checked: ..." rather
@@ -170,10 +179,11 @@ class Check:
     detail: str
     skipped: bool = False
     malformed: bool = False  # failed because evidence did not parse (exit 13 rather than 12)
+    info: bool = False  # information the bundle carries, not a check: never counted
 
     @property
     def result(self) -> str:
-        return "skipped" if self.skipped else "pass" if self.passed else "fail"
+        return "info" if self.info else "skipped" if self.skipped else "pass" if self.passed else "fail"
 
 
 @dataclass(frozen=True)
@@ -188,7 +198,7 @@ class BundleReport:
 
     @property
     def passed(self) -> bool:
-        counted = [c for c in self.checks if not c.skipped]
+        counted = [c for c in self.checks if not c.skipped and not c.info]
         return bool(counted) and all(c.passed for c in counted)
 
     @property
@@ -197,7 +207,7 @@ class BundleReport:
         return any(c.malformed for c in self.failures())
 
     def failures(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.passed and not c.skipped)
+        return tuple(c for c in self.checks if not c.passed and not c.skipped and not c.info)
 
     def table(self) -> str:
         """Aligned columns: check, PASS/FAIL/SKIPPED, detail."""
@@ -238,6 +248,7 @@ def build_bundle(
     baseline_pcrs: Iterable[int] | None = None,
     host_ak_certification: Mapping[str, Any] | None = None,
     live_config_digest: str,
+    keylime: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The bundle's canonical JSON, signed with SIGNING_KEY (see the module docstring).
 
@@ -286,6 +297,8 @@ def build_bundle(
         },
         "live": {"config_digest": live_config_digest},
     }
+    if keylime is not None:  # additive: a node that does not submit to Keylime makes the same bundle as before
+        body["keylime"] = _keylime_section(keylime, "keylime")
     signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
     return canonical_json({**body, "signature": _b64(signature)})
 
@@ -333,6 +346,7 @@ class _Bundle:
     host_quote: dict[str, Any] | None
     host_ak_certification: dict[str, Any] | None
     live_config_digest: str
+    keylime: dict[str, Any] | None = None  # the node's record of Keylime's verdicts (information)
 
 
 @dataclass
@@ -381,6 +395,8 @@ def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime,
             found = "it passes" if result.passed else "it fails"
             result = Check(name, False, f"not counted (skipped by the verifier); {found}: {result.detail}", True)
         checks.append(result)
+    if bundle.keylime is not None:
+        checks.append(Check("keylime", True, _keylime_detail(bundle.keylime), info=True))
     return BundleReport(tuple(checks), bundle.instance_id, bundle.uuid, bundle.hostname,
                         bundle.body["created_at"])
 
@@ -697,7 +713,7 @@ def _parse(data: bytes) -> _Bundle:
         raise _Malformed(f"not a {BUNDLE_FORMAT} bundle (format {doc.get('format')!r})")
     if type(doc.get("version")) is not int or doc["version"] != BUNDLE_VERSION:
         raise _Malformed(f"bundle version {doc.get('version')!r} is not {BUNDLE_VERSION}")
-    top = _object(doc, "bundle", _TOP)
+    top = _object({k: v for k, v in doc.items() if k != "keylime"}, "bundle", _TOP)
     instance = _object(top["instance"], "instance", _INSTANCE)
     node = _object(top["node"], "node", _NODE)
     vtpm = _object(top["vtpm"], "vtpm", ("ek_cert_pem",))
@@ -711,7 +727,7 @@ def _parse(data: bytes) -> _Bundle:
     host_verdict = _optional(host["verdict"], _host_verdict)
     _optional(guest["ima"], lambda v: _unb64(v, "guest.ima"))  # carried, not yet checked: only its encoding
     return _Bundle(
-        body={k: v for k, v in top.items() if k != "signature"},
+        body={k: v for k, v in doc.items() if k != "signature"},
         signature=_unb64(top["signature"], "signature"),
         created_at=_utc(top["created_at"], "created_at"),
         nonce=_unhex(top["nonce"], "nonce"),
@@ -736,7 +752,40 @@ def _parse(data: bytes) -> _Bundle:
         host_ak_certification=_optional(host["ak_certification"],
                                         lambda v: _object(v, "host.ak_certification", None)),
         live_config_digest=_digest_hex(live["config_digest"], "live.config_digest"),
+        keylime=_optional(doc.get("keylime"), lambda v: _keylime_section(v, "keylime")),
     )
+
+
+def _keylime_section(value: object, where: str) -> dict[str, Any]:
+    """{"guest"?: submission, "host"?: submission}, each as service.keylime.Submission.to_json() makes it."""
+    section = _object(value, where, None)
+    for what, sub in section.items():
+        if what not in ("guest", "host"):
+            raise _Malformed(f"bundle field '{where}' has an unknown key {what[:40]!r}")
+        obj = _object(sub, f"{where}.{what}", None)
+        if obj.get("submitted") is True:
+            _object(obj, f"{where}.{what}", ("submitted", "valid", "failures"))
+            if not isinstance(obj["valid"], bool) or not isinstance(obj["failures"], list) or not all(
+                    isinstance(f, str) for f in obj["failures"]):
+                raise _Malformed(f"bundle field '{where}.{what}' is not a Keylime verdict")
+        else:
+            _object(obj, f"{where}.{what}", ("submitted", "queued"))
+            if obj["submitted"] is not False:
+                raise _Malformed(f"bundle field '{where}.{what}.submitted' is not a boolean")
+            _text(obj["queued"], f"{where}.{what}.queued")
+    return dict(section)
+
+
+def _keylime_detail(section: Mapping[str, Any]) -> str:
+    parts = []
+    for what in ("guest", "host"):
+        sub = section.get(what)
+        if sub is None:
+            continue
+        shown = ("valid" if sub["valid"] else "INVALID: " + "; ".join(sub["failures"])) if sub["submitted"] \
+            else f"not judged ({sub['queued']})"
+        parts.append(f"{what} {shown}")
+    return "the node's Keylime verifier judged: " + (", ".join(parts) or "nothing") + " (information, not counted)"
 
 
 def _object(value: object, where: str, names: tuple[str, ...] | None) -> dict[str, Any]:

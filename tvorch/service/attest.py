@@ -73,9 +73,10 @@ class GuestAttestation:
     baseline: BaselineVerdict | None  # None when this boot became the baseline
     learned: bool
     ak_certification: dict[str, Any]
+    keylime: dict[str, Any] | None = None  # Keylime's verdicts beside tvorch's (service.keylime), when submitted
 
     def summary(self) -> dict[str, Any]:
-        return {
+        return {**({} if self.keylime is None else {"keylime": self.keylime}),
             "name": self.record.name, "instance_id": self.record.id, "reset_count": self.quote.reset_count,
             "pcrs": {str(i): v.hex() for i, v in sorted(self.evidence.pcrs.items())},
             "baseline": "learned from this boot" if self.learned else (
@@ -210,6 +211,7 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         log.warning("no_host_quote", reason=str(err))
         host_quote, host_ak = None, None
     live_digest = _live_config_digest(node, record, manifest)
+    guest = _submit_to_keylime(node, guest, nonce, host_quote)
     baseline = node.store.guest_baseline(record.id)
     identity = node_identity(node.cfg)
     verdict = node.store.latest_host_verdict()
@@ -224,9 +226,23 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         ak_certification=guest.ak_certification, guest=guest.evidence,
         baseline_eventlog=baseline[0] if baseline else None, host_verdict=verdict,
         host_quote=host_quote, host_ak_certification=host_ak, created_at=datetime.now(timezone.utc),
-        live_config_digest=live_digest,
+        live_config_digest=live_digest, keylime=guest.keylime,
     )
     return bundle, guest
+
+
+def _submit_to_keylime(node: Node, guest: GuestAttestation, nonce: bytes, host_quote: Any) -> GuestAttestation:
+    """With keylime.verifier_url set: the verified boot (and the host quote) to Keylime, its verdicts kept."""
+    from . import keylime
+
+    if not keylime.enabled(node.cfg):
+        return guest
+    shown: dict[str, Any] = {}
+    for what, done in (("guest", keylime.submit_guest(node, guest, nonce)),
+                       ("host", None if host_quote is None else keylime.submit_host(node, host_quote))):
+        if done is not None:
+            shown[what] = done.to_json()
+    return dataclasses.replace(guest, keylime=shown)
 
 
 def _live_config_digest(node: Node, record: InstanceRecord, manifest: bytes) -> str:
