@@ -135,6 +135,39 @@ def test_reconcile_leaves_a_launch_in_progress_alone(tv: Tv, guest_dir: Path):
         tv.destroy(name)
 
 
+def test_launch_settles_its_own_name_only(tv: Tv, guest_dir: Path):
+    """A retry by name settles that name's interrupted launch itself; another name's is left to reconcile.
+
+    So a launch costs the same however many instances the node holds
+    (benchmarks/launch_scale.py).
+    """
+    image = guest_dir / "guest.qcow2"
+    mine, other = (f"{PREFIX}own-{secrets.token_hex(2)}" for _ in range(2))
+    try:
+        crash_launch(tv, "overlay", image, mine)
+        crash_launch(tv, "overlay", image, other)
+        left = stored(tv, mine)
+        assert left is not None and left.state is InstanceState.LAUNCHING
+        again = tv.launch(image, mine)  # no `list` or `reconcile` in between
+        assert again["state"] == "running" and again["id"] != left.id
+        settled = Store(tv.state_dir / "tvorch.db")
+        try:
+            before = settled.by_id(left.id)
+        finally:
+            settled.close()
+        # Rolled back as interrupted (then retired by the new launch, as a failed record of the name is).
+        assert before is not None and before.error == "launch interrupted"
+        untouched = stored(tv, other)
+        assert untouched is not None and untouched.state is InstanceState.LAUNCHING
+        assert len(overlays_of(tv, other)) == 1
+        lines = tv.json("reconcile")
+        assert [line for line in lines if other in line and "rolled back" in line], lines
+        assert overlays_of(tv, other) == []
+    finally:
+        tv.destroy(mine)
+        tv.destroy(other)
+
+
 @pytest.fixture(scope="module")
 def stopped_with_backup(tv: Tv, guest_dir: Path, tmp_path_factory) -> Iterator[tuple[str, dict, Path]]:
     """An instance whose guest ran, stopped, with a backup of its vTPM."""

@@ -5,7 +5,7 @@ backing chain, the name, the host, and the measurements against the reference
 values. Then the record, the signed manifest, the overlay, the domain; a
 failure after that point undoes what was created and records why. The name's
 lock is held from the name check to the end, so a launcher killed half-way
-is recognised and its launch settled by `reconcile`.
+is recognised and its launch settled by `reconcile` (or the next launch of its name).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .node import Node
 from .manifests import issue_manifest
 from .measure import judge, measure_launch
 from . import vtpm
-from .reconcile import reconcile
+from .reconcile import reconcile_name
 
 log = get_logger(__name__)
 
@@ -141,8 +141,9 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             raise TrustError(f"launch refused: {problem}")
     # Held to the end: a `launching` record whose lock is free is an interrupted launch (see reconcile).
     with instance_lock(Path(cfg.state_dir), name):
-        # Before the name check, so that a retry by name after a crash finds the old launch settled.
-        reconcile(node, holding=name)
+        # Before the name check, so that a retry by name after a crash finds the old launch settled;
+        # its own name only: other instances are `reconcile`'s, `list`'s and the daemon's.
+        reconcile_name(node, name)
         previous = node.store.find_live(name)
         if (previous is not None and previous.state is not InstanceState.FAILED) or hv.domain_exists(name):
             raise ConflictError(f"an instance or libvirt domain named '{name}' already exists")

@@ -1,7 +1,7 @@
 """Reconciliation: make the store and libvirt agree after a crash or a change made behind tvorch's back.
 
-`tvorch launch` and `tvorch list` run it first, `tvorch reconcile` on demand,
-the daemon on every libvirt (re)connect. With nothing to fix it costs one store
+`tvorch list` runs it first, `tvorch reconcile` on demand, the daemon on every
+libvirt (re)connect; `tvorch launch` runs `reconcile_name`, its own name only. With nothing to fix it costs one store
 query, one pass over libvirt's domains and one listing of the overlay directory.
 
 - A `launching` record whose name lock is free was left by a launcher that
@@ -83,6 +83,30 @@ def reconcile(node: Node, holding: str | None = None) -> list[str]:
             # Another store's instance on the same libvirtd: worth a line, not a warning on every launch.
             _note(done, f"libvirt domain {d.name} carries tvorch instance {d.instance_id}, "
                         "unknown to this store; left alone", quiet=True)
+    return done
+
+
+def reconcile_name(node: Node, name: str) -> list[str]:
+    """Launch's reconciliation: NAME's own record only, under NAME's lock (the caller holds it).
+
+    A launch must find an interrupted launch of its name settled and a record
+    whose domain vanished marked failed, so that a retry by name works; it
+    leaves every other instance to `reconcile`, `list` and the daemon, so its
+    cost does not grow with the number of instances on the node.
+    """
+    done: list[str] = []
+    record = node.store.find_live(name)
+    if record is None or record.state in _ENDED:
+        return done
+    if record.state is InstanceState.LAUNCHING:
+        _settle_launch(node, record.id, done)
+        return done
+    _refresh(node, record.id, done)
+    record = node.store.by_id(record.id)
+    if record is not None and record.state not in _ENDED:
+        line = vtpm.settle(node, record)  # a restore a crash interrupted, or its staged state left
+        if line:
+            done.append(line)
     return done
 
 
