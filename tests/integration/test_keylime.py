@@ -114,6 +114,11 @@ def test_exported_policies_judge_the_real_boot_valid(node: Host, guest, attested
     tpm, mb = exported(node, name, "tpm", tmp_path), exported(node, name, "mb", tmp_path)
     assert set(tpm) - {"mask"} == set(doc["guest"]["pcrs"])  # every quoted PCR named
     assert mb["scrtm_and_bios"][0]["platform_firmware"] and mb["has_secureboot"] is False
+    signed = tmp_path / "manifest.json"
+    assert node.run("manifest", "show", name, "--out", str(signed)).returncode == 0
+    prediction = json.loads(signed.read_text())["manifest"].get("boot_prediction") or {}
+    for pcr, value in prediction.get("pcrs", {}).items() if prediction.get("status") == "predicted" else ():
+        assert tpm[pcr] == [value], pcr  # the signed prediction, where it covers the PCR
     verdict = client(verifier).verify(evidence_payload(bundle_evidence(doc, nonce), tpm, mb))
     assert verdict.valid, verdict.failures
 

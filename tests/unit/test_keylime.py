@@ -13,6 +13,7 @@ from tvorch.core.keylime import (
     evidence_payload,
     expected_pcrs,
     import_runtime_policy,
+    manifest_prediction,
     mb_refstate,
     parse_answer,
     pcr_blob,
@@ -58,10 +59,15 @@ def test_tpm_policy_names_every_pcr_with_a_mask():
     assert tpm_policy({0: [A], 7: [B.upper()]}) == {"mask": "0x81", "0": [A], "7": [B]}
 
 
-def test_expected_pcrs_prefers_the_prediction_and_refuses_an_unknown_pcr():
+def test_expected_pcrs_prefers_the_signed_prediction_and_refuses_an_unknown_pcr():
     prediction = Prediction((PredictedEvent(4, "EV_SEPARATOR", C, "separator"),), {4})
-    got = expected_pcrs((0, 4), {0: A, 4: B}, prediction)
+    manifest = {"boot_prediction": {**prediction.to_json(), "status": "predicted", "not_predicted": {}}}
+    predicted = manifest_prediction(manifest)
+    assert predicted == {4: prediction.pcrs[4]}
+    got = expected_pcrs((0, 4), {0: A, 4: B}, predicted)
     assert got[0] == [A] and got[4] == [prediction.pcrs[4]] and got[4] != [B]
+    assert manifest_prediction({"boot_prediction": {"status": "unavailable", "reason": "no GPT"}}) is None
+    assert manifest_prediction({}) is None
     with pytest.raises(EvidenceError, match="quoted PCR 9"):
         expected_pcrs((0, 9), {0: A})
 

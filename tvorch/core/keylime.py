@@ -34,7 +34,6 @@ from typing import Any
 from ..errors import ConfigError, EvidenceError
 from .eventlog import EventLog
 from .hostpolicy import DEFAULT_EXCLUDES, HostPolicy
-from .prediction import Prediction
 
 KIND_TPM, KIND_MB, KIND_RUNTIME = "tpm", "mb", "runtime"
 POLICY_KINDS = (KIND_TPM, KIND_MB, KIND_RUNTIME)
@@ -89,18 +88,30 @@ def tpm_policy(expected: Mapping[int, Sequence[str]]) -> dict[str, Any]:
 
 
 def expected_pcrs(quoted: Sequence[int], baseline: Mapping[int, str],
-                  prediction: Prediction | None = None) -> dict[int, list[str]]:
+                  predicted: Mapping[int, str] | None = None) -> dict[int, list[str]]:
     """Each quoted PCR's expected value: the signed prediction's where it covers the PCR, else the baseline's.
     A quoted PCR neither knows is refused: Keylime would leave it unchecked."""
     out: dict[int, list[str]] = {}
     for index in quoted:
-        if prediction is not None and index in prediction.pcrs:
-            out[index] = [prediction.pcrs[index]]
+        if predicted is not None and index in predicted:
+            out[index] = [predicted[index]]
         elif index in baseline:
             out[index] = [baseline[index]]
         else:
             raise EvidenceError(f"no expected value for quoted PCR {index}: a tpm_policy must name every quoted PCR")
     return out
+
+
+def manifest_prediction(manifest: Mapping[str, Any]) -> dict[int, str] | None:
+    """The PCR values a signed launch manifest's boot prediction (``boot_prediction``, status "predicted")
+    covers, or None when it carries none."""
+    record = manifest.get("boot_prediction")
+    if not isinstance(record, dict) or record.get("status") != "predicted" or record.get("bank") != "sha256":
+        return None
+    pcrs = record.get("pcrs")
+    if not isinstance(pcrs, dict):
+        return None
+    return {int(k): v for k, v in pcrs.items() if k.isdigit() and isinstance(v, str) and _HEX.fullmatch(v)}
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from ..core.keylime import (
     evidence_payload,
     expected_pcrs,
     import_runtime_policy,
+    manifest_prediction,
     mb_refstate,
     runtime_policy,
     tpm_policy,
@@ -79,15 +80,19 @@ def instance_policy(node: Node, name: str, kind: str) -> dict[str, Any]:
     baseline = node.store.guest_baseline(record.id)
     if baseline is None:
         raise NotFoundError(f"instance '{name}' has no boot baseline yet: run `tvorch attest {name}` first")
-    return _guest_policies(node.cfg, baseline[0])[0 if kind == KIND_TPM else 1]
+    return _guest_policies(node.cfg, baseline[0], node.store.manifest(record.id))[0 if kind == KIND_TPM else 1]
 
 
-def _guest_policies(cfg: Config, baseline_log: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The tpm_policy and measured-boot reference state of a guest whose baseline event log is BASELINE_LOG.
-    (A signed prediction of the instance's PCRs, once launch stores one, goes to expected_pcrs too.)"""
+def _guest_policies(cfg: Config, baseline_log: bytes,
+                    manifest: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tpm_policy and measured-boot reference state of a guest whose baseline event log is BASELINE_LOG:
+    each quoted PCR as its signed launch manifest's boot prediction has it, else as the baseline replays."""
     log_ = parse_event_log(baseline_log)
     values = replay(log_, cfg.guest.bank, list(cfg.guest.pcrs))
-    expected = expected_pcrs(cfg.guest.pcrs, values)
+    predicted = None
+    if manifest is not None and cfg.guest.bank == "sha256":
+        predicted = manifest_prediction(json.loads(manifest).get("manifest", {}))
+    expected = expected_pcrs(cfg.guest.pcrs, values, predicted)
     return tpm_policy(expected), mb_refstate(log_)
 
 
@@ -126,10 +131,10 @@ def _load_host_policy(cfg: Config) -> HostPolicy:
 
 
 def guest_payload(cfg: Config, attestation: Any, nonce: bytes, ek_cert_der: bytes,
-                  baseline_log: bytes) -> dict[str, Any]:
+                  baseline_log: bytes, manifest: bytes | None = None) -> dict[str, Any]:
     """The submission of a guest boot attest_guest verified (a service.attest.GuestAttestation)."""
     ev = attestation.evidence
-    policy, refstate = _guest_policies(cfg, baseline_log)
+    policy, refstate = _guest_policies(cfg, baseline_log, manifest)
     return evidence_payload(Evidence(
         nonce=nonce, bank=ev.bank, pcrs=ev.pcrs, attest=ev.attest, signature=ev.signature,
         ak_public=ev.ak_public, ek=_ek_pem(ek_cert_der), eventlog=ev.eventlog), policy, refstate)
@@ -288,7 +293,8 @@ def submit_guest(node: Node, attestation: Any, nonce: bytes) -> Submission | Non
     if vtpm is None or baseline is None:
         return None
     try:
-        payload = guest_payload(node.cfg, attestation, nonce, vtpm.ek_cert, baseline[0])
+        payload = guest_payload(node.cfg, attestation, nonce, vtpm.ek_cert, baseline[0],
+                                node.store.manifest(record.id))
     except EvidenceError as err:
         node.store.add_event(record.id, "keylime-not-submitted", str(err)[:2000])
         return Submission(None, str(err))
