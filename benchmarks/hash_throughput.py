@@ -99,7 +99,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--sweep", action="store_true", help="also time other read sizes and hashlib.file_digest")
+    parser.add_argument("--smoke", action="store_true", help="a 16 MiB file, 1 round (make test)")
     args = parser.parse_args()
+    if args.smoke:
+        args.size_gib, args.rounds = 16 / 1024, 1
     size = int(args.size_gib * 2**30)
 
     print(f"{cpu_model()}, {os.cpu_count()} CPUs; Python {platform.python_version()}; {ssl.OPENSSL_VERSION}")

@@ -16,7 +16,8 @@ guest agent answers (`make demo` leaves one):
       quote submitted, verdicts recorded) against the reference run without
       it, interleaved run by run: both medians and the ratio.
 
---quick: 3 attest runs and 50 submissions. The VM's events gain "keylime-valid".
+--quick: 3 attest runs and 50 submissions; --smoke (what `make test` runs): 1
+and 5. The VM's events gain "keylime-valid".
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tvorch.service import keylime as service  # noqa: E402
 from tvorch.service.node import Node  # noqa: E402
 
 TVORCH = str(Path(sys.executable).parent / "tvorch")
+SMOKE_NEEDS = "guest"  # tests/integration/test_benchmarks.py: a running instance, named in $TVORCH_BENCH_GUEST
 
 
 def attest(config: Path, name: str, out: Path) -> tuple[float, dict]:
@@ -67,13 +69,14 @@ def rate(client: KeylimeClient, payload: dict, count: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="tvorch-demo")
+    parser.add_argument("--name", default=os.environ.get("TVORCH_BENCH_GUEST", "tvorch-demo"))
     parser.add_argument("--config", default=os.environ.get("TVORCH_CONFIG", DEFAULT_CONFIG_PATH))
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--submissions", type=int, default=300)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="1 attest run, 5 submissions (make test)")
     args = parser.parse_args()
-    runs, submissions = (3, 50) if args.quick else (args.runs, args.submissions)
+    runs, submissions = (1, 5) if args.smoke else (3, 50) if args.quick else (args.runs, args.submissions)
     base = Path(args.config)
     cfg = load_config(str(base))
     if cfg.keylime.verifier_url:

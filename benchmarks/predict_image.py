@@ -11,7 +11,8 @@ of the overlay (tvorch.service.predict: open and vet the chain, GPT, FAT,
 the boot file, Authenticode, the PCR events), counting the bytes read from
 the files (/proc/self/io rchar), side by side with the reference: reading
 the whole virtual disk through the same reader. Goal: the prediction reads
-only the tables and the boot file and takes < 1 s. --quick: a 256 MiB disk,
+only the tables and the boot file and takes < 1 s. --quick (--smoke, which
+`make test` runs, also leaves the goal unjudged): a 256 MiB disk,
 2 rounds. The files are deleted whatever happens.
 """
 
@@ -83,7 +84,9 @@ def main() -> int:
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="as --quick, the goal not judged (make test)")
     args = ap.parse_args()
+    args.quick = args.quick or args.smoke
     size = (256 << 20) if args.quick else int(args.size_gib * (1 << 30))
     rounds = 2 if args.quick else args.rounds
     guest = Path(args.guest_dir)
@@ -103,7 +106,7 @@ def main() -> int:
         print(f"{'reference: whole disk':24}{ref:10.3f}{ref_bytes:16,d}")
         print(f"predict/reference: time {ours / ref:.4f}, bytes {our_bytes / ref_bytes:.4f}")
         print(f"PCRs predicted: {sorted(result.prediction.covered)}; goal < 1 s: {'met' if ours < 1 else 'MISSED'}")
-        return 0 if ours < 1 else 1
+        return 0 if args.smoke or ours < 1 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
