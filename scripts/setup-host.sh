@@ -20,6 +20,8 @@ PACKAGES=(
     # make deb (dpkg-buildpackage, debhelper), its lintian check, and
     # systemd-analyze for the unit's exposure check (works without systemd as PID 1)
     dpkg-dev debhelper fakeroot lintian systemd
+    # tests: the daemon's system calls against the unit's filter
+    strace
 )
 
 missing=()
