@@ -96,15 +96,26 @@ def attested(node: Host, guest, tmp_path_factory):  # noqa: F811
     return json.loads(proc.stdout), json.loads(out.read_text()), bytes.fromhex(nonce)
 
 
-def test_verified_boot_and_host_quote_are_valid_in_keylime(node: Host, guest, attested):  # noqa: F811
+def test_verified_boot_and_host_quote_are_valid_in_keylime(node: Host, guest, attested,  # noqa: F811
+                                                            tmp_path: Path):
     name, _, _ = guest
-    summary, _, _ = attested
+    summary, doc, nonce = attested
     assert summary["keylime"]["guest"] == {"submitted": True, "valid": True, "failures": []}, summary
     assert summary["keylime"]["host"] == {"submitted": True, "valid": True, "failures": []}, summary
     events = node.json("show", name)["events"]
     assert [e for e in events if e["kind"] == "keylime-valid"], events
     proc = node.run("events", name)
     assert proc.returncode == 0 and re.search(r"\bkeylime +valid\b", proc.stdout), proc.stdout + proc.stderr
+    # The bundle carries both verdicts, signed; verify shows Keylime's as information.
+    assert doc["keylime"] == summary["keylime"]
+    ca, bundle = tmp_path / "ca.pem", tmp_path / "bundle.json"
+    ca.write_text(node.run("ca", "show", "--pem").stdout)
+    bundle.write_text(json.dumps(doc))
+    proc = node.run("verify", str(bundle), "--ca", str(ca), "--nonce", nonce.hex(), "--json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["passed"], proc.stdout + proc.stderr
+    assert report["checks"][-1]["name"] == "keylime" and report["checks"][-1]["result"] == "info"
+    assert "guest valid, host valid" in report["checks"][-1]["detail"]
 
 
 def test_exported_policies_judge_the_real_boot_valid(node: Host, guest, attested, verifier: Verifier,  # noqa: F811
