@@ -118,7 +118,12 @@ for daemon in libvirtd virtlogd; do
     fi
 done
 
-# 4. Files.
+# 4. The tvorch Debian package (`make deb`), if one is installed: its hook, /opt/tvorch, its unit.
+if dpkg-query -W -f='${Status}' tvorch 2>/dev/null | grep -q 'install ok installed'; then
+    act "purge the tvorch package" env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq tvorch
+fi
+
+# 5. Files.
 for path in "$STATE" "$OVERLAYS" "$LOGS" "$RUNDIR" /etc/tvorch /var/cache/tvorch \
             /etc/libvirt/hooks/qemu.d/50-tvorch; do
     [ -e "$path" ] || [ -L "$path" ] || continue
