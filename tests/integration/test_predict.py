@@ -13,6 +13,7 @@ predicted values:
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 from pathlib import Path
@@ -42,19 +43,35 @@ def _check(prediction: dict, report: GuestReport) -> None:
             assert prediction["pcrs"][str(pcr)] == report.pcrs[pcr], f"PCR {pcr}"
 
 
+def _signed_prediction(tv: Tv, name: str, out: Path) -> dict:
+    """The boot_prediction of NAME's signed launch manifest."""
+    tv.run("manifest", "show", name, "--out", str(out))
+    return json.loads(out.read_bytes())["manifest"]["boot_prediction"]
+
+
+def _same(signed: dict, prediction: dict) -> None:
+    assert signed["status"] == "predicted"
+    for key in ("covered", "pcrs", "events", "not_predicted"):
+        assert signed[key] == prediction[key], key
+
+
 def _launch_and_check(tv: Tv, image: Path, launch: tuple[str, ...], predict: tuple[str, ...] = ()) -> None:
     prediction = tv.json("predict", str(image), "--memory", "512", *launch, *predict)  # tv.launch: 512 MiB
     name = f"{PREFIX}predict-{secrets.token_hex(2)}"
     try:
         record = tv.launch(image, name, *launch)
+        _same(_signed_prediction(tv, name, Path(record["console_log"]).with_suffix(".manifest.json")), prediction)
         _check(prediction, wait_for_ready(Path(record["console_log"])))
     finally:
         tv.destroy(name)
 
 
-def test_uki_on_gpt_under_ovmf(tv: Tv, booted_guest: BootedGuest, guest_dir: Path) -> None:
+def test_uki_on_gpt_under_ovmf(tv: Tv, booted_guest: BootedGuest, guest_dir: Path, tmp_path: Path) -> None:
     # booted_guest is a first boot of guest.qcow2 with the defaults (OVMF, CRB): predict it now, unchanged files.
-    _check(tv.json("predict", str(guest_dir / "guest.qcow2")), booted_guest.report)
+    prediction = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512")
+    _check(prediction, booted_guest.report)
+    # launch made the same prediction before that boot, and signed it into the manifest
+    _same(_signed_prediction(tv, booted_guest.name, tmp_path / "manifest.json"), prediction)
 
 
 def test_another_build_with_a_changed_cmdline_section(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from tvorch.core.manifest import (
+    BootPredictionRecord,
     LaunchManifest,
     Measurement,
     canonical_json,
@@ -25,6 +26,7 @@ from tvorch.core.manifest import (
     sign_manifest,
     verify_manifest,
 )
+from tvorch.core.prediction import EventSource, PredictedEvent, Prediction
 from tvorch.core.signing import (
     generate_key,
     issue_certificate,
@@ -113,6 +115,7 @@ def test_canonical_json_form():
 # Every field of the manifest and of a measurement, each changed after signing.
 TAMPERS = {
     "version": lambda m: m.update(version=2),
+    "boot_prediction": lambda m: m.update(boot_prediction={"status": "unavailable", "reason": "x"}),
     "instance_id": lambda m: m.update(instance_id="i-0123456789ac"),
     "uuid": lambda m: m.update(uuid="0f8fad5b-d9cb-469f-a165-70867728950f"),
     "name": lambda m: m.update(name="vm2"),
@@ -293,3 +296,39 @@ def test_sign_refuses_what_verify_would_refuse(node):
     bad = dataclasses.replace(MANIFEST, config_digest="not hex")
     with pytest.raises(TrustError, match="'config_digest'"):
         sign_manifest(bad, key, cert)
+
+
+# --- boot_prediction: the boot measurements predicted at launch (optional, signed with the rest) ---
+
+def _predicted() -> BootPredictionRecord:
+    events = (PredictedEvent(4, "EV_EFI_ACTION", "1" * 64, "Calling EFI Application from Boot Option"),
+              PredictedEvent(4, "EV_SEPARATOR", "2" * 64, "separator"),
+              PredictedEvent(7, "EV_SEPARATOR", "2" * 64, "separator", EventSource.FIRMWARE_REFERENCE))
+    return BootPredictionRecord("predicted", Prediction(events, frozenset({4, 7, 8})), {0: "no firmware reference"})
+
+
+def test_boot_prediction_round_trip_and_absence_keeps_old_bytes(node):
+    _, ca_cert, key, cert = node
+    with_prediction = dataclasses.replace(MANIFEST, boot_prediction=_predicted())
+    signed = sign_manifest(with_prediction, key, cert)
+    assert verify_manifest(signed, ca_cert, NOW) == with_prediction
+    body = json.loads(signed)["manifest"]["boot_prediction"]
+    assert body["pcrs"]["8"] == "00" * 32 and body["status"] == "predicted" and body["not_predicted"] == {"0": "no firmware reference"}
+    unavailable = dataclasses.replace(MANIFEST, boot_prediction=BootPredictionRecord("unavailable", reason="no GPT"))
+    assert verify_manifest(sign_manifest(unavailable, key, cert), ca_cert, NOW) == unavailable
+    assert "boot_prediction" not in manifest_to_dict(MANIFEST)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b["pcrs"].update({"4": "0" * 64}), "not what its events replay to"),
+    (lambda b: b["events"][0].update(pcr=9), "does not cover"),
+    (lambda b: b["events"][0].update(source="guessed"), "unknown source"),
+    (lambda b: b.update(status="maybe"), "must be one of predicted, unavailable"),
+    (lambda b: b.update(extra=1), "unknown field 'extra'"),
+    (lambda b: b["covered"].append(99), "PCR index from 0 to 23"),
+])
+def test_boot_prediction_that_does_not_hold_together_is_refused(edit, message):
+    body = manifest_to_dict(dataclasses.replace(MANIFEST, boot_prediction=_predicted()))
+    edit(body["boot_prediction"])
+    with pytest.raises(TrustError, match=message):
+        manifest_from_dict(body)

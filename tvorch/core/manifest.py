@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from tvorch.core.chain import MAX_PATH, issuer_under
+from tvorch.core.prediction import BANK, EventSource, PredictedEvent, Prediction
 from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
 from tvorch.errors import TrustError
 
@@ -89,6 +90,30 @@ class LaunchManifest:
     policy_digest: str  # digest of tvorch's launch policy in force
     algorithm: str = DIGEST_ALGORITHM
     version: int = MANIFEST_VERSION
+    # The boot measurements predicted at launch (README, "Predicted boot measurements"); None: none made
+    # (a manifest without the field is byte for byte what it was before predictions).
+    boot_prediction: BootPredictionRecord | None = None
+
+
+PREDICTION_STATUSES = ("predicted", "unavailable")
+
+
+@dataclass(frozen=True)
+class BootPredictionRecord:
+    """What launch predicted the first boot's vTPM will hold, or why it could not."""
+
+    status: str  # "predicted" or "unavailable"
+    prediction: Prediction | None = None  # with "predicted"
+    not_predicted: Mapping[int, str] = field(default_factory=dict)  # PCR -> why, with "predicted"
+    reason: str | None = None  # with "unavailable": the refusal, in one line
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.prediction is None:
+            return {"status": self.status, "reason": self.reason}
+        out = self.prediction.to_json()
+        out["status"] = self.status
+        out["not_predicted"] = {str(p): why for p, why in sorted(self.not_predicted.items())}
+        return out
 
 
 def canonical_json(obj: object) -> bytes:
@@ -117,12 +142,13 @@ def manifest_to_dict(manifest: LaunchManifest) -> dict[str, Any]:
         ],
         "config_digest": manifest.config_digest,
         "policy_digest": manifest.policy_digest,
+        **({"boot_prediction": manifest.boot_prediction.to_dict()} if manifest.boot_prediction else {}),
     }
 
 
 def manifest_from_dict(data: object) -> LaunchManifest:
     """Parse a manifest, refusing any missing, unknown or ill-formed field by name."""
-    fields = _object(data, "manifest", _MANIFEST_FIELDS)
+    fields = _object(data, "manifest", _MANIFEST_FIELDS, optional=("boot_prediction",))
     version = _int(fields["version"], "version")
     if version != MANIFEST_VERSION:
         raise TrustError(f"manifest field 'version': unsupported version {version} (this tvorch reads {MANIFEST_VERSION})")
@@ -146,6 +172,7 @@ def manifest_from_dict(data: object) -> LaunchManifest:
         measurements=tuple(_measurement(m, f"measurements[{i}]") for i, m in enumerate(raw_measurements)),
         config_digest=_digest(fields["config_digest"], "config_digest"),
         policy_digest=_digest(fields["policy_digest"], "policy_digest"),
+        boot_prediction=_boot_prediction(fields["boot_prediction"]) if "boot_prediction" in fields else None,
     )
 
 
@@ -299,6 +326,56 @@ def _measurement(data: object, where: str) -> Measurement:
         if isinstance(value, int) and not isinstance(value, bool):
             _int(value, f"{where}.details.{key}")
     return Measurement(kind=kind, path=path, digest=_digest(fields["digest"], f"{where}.digest"), size=size, details=details)
+
+
+_PREDICTION_FIELDS = ("status", "bank", "covered", "pcrs", "events", "not_predicted")
+_PREDICTED_EVENT_FIELDS = ("pcr", "type", "digest", "what", "source")
+_MAX_PCR = 23
+
+
+def _pcr(value: object, where: str) -> int:
+    if isinstance(value, str) and value.isdigit() and str(int(value)) == value:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_PCR:
+        raise TrustError(f"manifest field '{where}': must be a PCR index from 0 to {_MAX_PCR}")
+    return value
+
+
+def _boot_prediction(data: object) -> BootPredictionRecord:
+    """The boot_prediction section: refused unless its events replay to the PCR values it states."""
+    where = "boot_prediction"
+    if isinstance(data, dict) and data.get("status") == "unavailable":
+        fields = _object(data, where, ("status", "reason"))
+        return BootPredictionRecord("unavailable", reason=_str(fields["reason"], f"{where}.reason"))
+    fields = _object(data, where, _PREDICTION_FIELDS)
+    if fields["status"] != "predicted":
+        raise TrustError(f"manifest field '{where}.status': must be one of {', '.join(PREDICTION_STATUSES)}")
+    if fields["bank"] != BANK:
+        raise TrustError(f"manifest field '{where}.bank': must be {BANK!r}")
+    covered, events, pcrs, missing = fields["covered"], fields["events"], fields["pcrs"], fields["not_predicted"]
+    if not isinstance(covered, list) or not isinstance(events, list) or not isinstance(pcrs, dict) \
+            or not isinstance(missing, dict):
+        raise TrustError(f"manifest field '{where}': covered and events must be lists, pcrs and not_predicted objects")
+    parsed = []
+    for i, e in enumerate(events):
+        ev = _object(e, f"{where}.events[{i}]", _PREDICTED_EVENT_FIELDS)
+        try:
+            source = EventSource(ev["source"])
+        except ValueError:
+            raise TrustError(f"manifest field '{where}.events[{i}].source': unknown source {ev['source']!r}") from None
+        parsed.append(PredictedEvent(_pcr(ev["pcr"], f"{where}.events[{i}].pcr"),
+                                     _str(ev["type"], f"{where}.events[{i}].type"),
+                                     _digest(ev["digest"], f"{where}.events[{i}].digest"),
+                                     _str(ev["what"], f"{where}.events[{i}].what"), source))
+    try:
+        prediction = Prediction(tuple(parsed), frozenset(_pcr(p, f"{where}.covered") for p in covered))
+    except ValueError as err:
+        raise TrustError(f"manifest field '{where}': {err}") from None
+    stated = {_pcr(p, f"{where}.pcrs"): _digest(v, f"{where}.pcrs.{p}") for p, v in pcrs.items()}
+    if stated != dict(prediction.pcrs):
+        raise TrustError(f"manifest field '{where}.pcrs': the PCR values are not what its events replay to")
+    reasons = {_pcr(p, f"{where}.not_predicted"): _str(v, f"{where}.not_predicted.{p}") for p, v in missing.items()}
+    return BootPredictionRecord("predicted", prediction, reasons)
 
 
 def _object(data: object, where: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from ..core.instance import (
     validate_name,
     validate_vcpus,
 )
-from ..core.manifest import manifest_digest
+from ..core.manifest import BootPredictionRecord, manifest_digest
 from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
 from ..errors import ConflictError, HostError, ImageError, InputError, TrustError, TvorchError
 from ..faults import crash_point
@@ -108,6 +108,30 @@ def _firmware_choice(req: LaunchRequest, cfg: Config) -> tuple[Firmware, bool, F
             raise InputError("refused --secure-boot with --firmware bios: Secure Boot needs UEFI firmware")
         secure_boot = False  # the configured default applies to UEFI only
     return firmware, secure_boot, None
+
+
+def predict_boot(node: Node, req: LaunchRequest, spec: DomainSpec, image: str) -> BootPredictionRecord:
+    """What the first boot's vTPM will hold (service.predict), for the manifest; never boots a reference VM.
+
+    A prediction refused (no GPT, a broken FAT or PE, ...) does not refuse
+    the launch: the manifest says it is unavailable and why, and the first
+    boot is learned as before.
+    """
+    from .predict import PredictRequest, predict
+
+    direct = spec.direct_boot
+    request = PredictRequest(
+        image=image, firmware=spec.firmware.value, secure_boot=spec.secure_boot,
+        firmware_profile=req.firmware_profile, tpm_model=spec.tpm_model.value,
+        kernel=direct.kernel if direct else None, initrd=direct.initrd if direct else None,
+        cmdline=direct.cmdline if direct else None, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+    )
+    try:
+        result = predict(request, lambda: node)
+    except (TvorchError, OSError) as err:
+        log.warning("boot_prediction_unavailable", reason=str(err))
+        return BootPredictionRecord("unavailable", reason=str(err))
+    return BootPredictionRecord("predicted", result.prediction, dict(result.not_predicted))
 
 
 def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
@@ -200,7 +224,7 @@ def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
             ek_measurement = vtpm.manufacture_for_launch(node, record, keys, spec.vtpm_secret)
             crash_point("vtpm")
             measured = dataclasses.replace(measured, measurements=(*measured.measurements, ek_measurement))
-            manifest = issue_manifest(cfg, spec, measured)
+            manifest = issue_manifest(cfg, spec, measured, predict_boot(node, req, spec, chain.top.path))
             signed_digest = manifest_digest(manifest)
             spec = dataclasses.replace(spec, manifest_digest=signed_digest)
             xml = render_domain_xml(spec)

@@ -14,7 +14,7 @@ from ..adapters.store import utc_now
 from ..config import Config
 from ..core.canonical import config_digest
 from ..core.domain_xml import render_domain_xml
-from ..core.manifest import LaunchManifest, sign_manifest, verify_manifest
+from ..core.manifest import BootPredictionRecord, LaunchManifest, sign_manifest, verify_manifest
 from ..core.spec import DomainSpec
 from ..errors import InputError, NotFoundError
 from .node import Node
@@ -25,8 +25,9 @@ def node_identity(cfg: Config) -> NodeIdentity:
     return load_or_create(Path(cfg.state_dir), socket.gethostname())
 
 
-def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured) -> bytes:
-    """Sign what was measured, with the digest of the configuration SPEC renders to."""
+def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured,
+                   boot_prediction: BootPredictionRecord | None = None) -> bytes:
+    """Sign what was measured, with the digest of the configuration SPEC renders to (and the boot prediction)."""
     identity = node_identity(cfg)
     manifest = LaunchManifest(
         instance_id=spec.instance_id,
@@ -37,6 +38,7 @@ def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured) -> bytes:
         measurements=measured.measurements,
         config_digest=config_digest(render_domain_xml(spec)),
         policy_digest=measured.policy_digest,
+        boot_prediction=boot_prediction,
     )
     return sign_manifest(manifest, identity.signing_key, identity.signing_cert, identity.carried_chain())
 
