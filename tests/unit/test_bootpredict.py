@@ -484,3 +484,79 @@ def test_stub_dropins_leave_pcrs_9_12_13_unpredicted(tmp_path) -> None:
     assert _stub_dropins(with_creds, r"\EFI\BOOT\BOOTX64.EFI")
     p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), _uki_ok(), stub_dropins=True)
     assert {9, 12, 13} <= dict(p.not_predicted).keys() and not {9, 12, 13} & p.covered
+
+
+# --- hostile bytes: only ImageError, never another exception (launch predicts from untrusted disks) ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FUZZ_PE = _pe([(".osrel", 0x200, b"ID=x\n"), (".linux", 0x400, b"L" * 0x200)], cert=b"\x10\0\0\0\0\x02\x02\0" + b"S" * 8)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(_FUZZ_PE) - 1), st.integers(0, 255)), max_size=8))
+def test_pe_mutations_are_parsed_or_refused(flips) -> None:
+    data = bytearray(_FUZZ_PE)
+    for at, value in flips:
+        data[at] = value
+    try:
+        image = parse_pe(bytes(data))
+        image.authenticode_sha256()
+        image.section_data(".linux")
+    except ImageError:
+        pass
+
+
+_FUZZ_GPT = _gpt_disk_from_log()[:34 * 512]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(512, 2 * 512 + 255), st.integers(0, 255)), max_size=6), st.booleans())
+def test_gpt_mutations_are_parsed_or_refused(flips, fix_crc) -> None:
+    data = bytearray(_FUZZ_GPT)
+    for at, value in flips:
+        data[at] = value
+    if fix_crc:  # so that the fields behind the CRCs are reached
+        data[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(data[1024:1024 + 128 * 128])))
+        hdr = bytearray(data[512:512 + 92])
+        hdr[16:20] = bytes(4)
+        data[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    try:
+        parse_gpt(Bytes(bytes(data))).esp()
+    except ImageError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def small_fat(tmp_path_factory) -> bytes:
+    return _fat_image(tmp_path_factory.mktemp("fuzzfat"), {"EFI/BOOT/BOOTX64.EFI": b"\x44" * 9000}, 4096)
+
+
+def test_fat_mutations_are_parsed_or_refused(small_fat) -> None:
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 64 * 512), st.integers(0, 255)), min_size=1, max_size=6))
+    def run(flips) -> None:
+        data = bytearray(small_fat)
+        for at, value in flips:
+            data[at] = value
+        try:
+            Fat(Bytes(bytes(data))).read_file(r"\EFI\BOOT\BOOTX64.EFI")
+        except ImageError:
+            pass
+
+    run()
+
+
+def test_sizes_a_hostile_image_claims_are_bounded() -> None:
+    image = bytearray(_pe([(".linux", 0x200, b"L" * 0x200)]))
+    struct.pack_into("<I", image, 0x58 + 112 + 16 * 8 + 8, 0xFFFFFFFF)  # .linux VirtualSize: 4 GiB of zero fill
+    with pytest.raises(ImageError, match="claims 4294967295 bytes in memory"):
+        parse_pe(bytes(image))
+    disk = bytearray(_gpt_disk_from_log())
+    struct.pack_into("<I", disk, 512 + 84, 1 << 20)  # partition entries of 1 MiB each
+    hdr = bytearray(disk[512:512 + 92])
+    hdr[16:20] = bytes(4)
+    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    with pytest.raises(ImageError, match="is not valid"):
+        parse_gpt(Bytes(bytes(disk)))

@@ -28,6 +28,8 @@ GPT_HEADER_SIZE = 92  # sizeof(EFI_PARTITION_TABLE_HEADER): what EDK2 copies int
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 DEFAULT_BOOT_PATH = r"\EFI\BOOT\BOOTX64.EFI"
 _MAX_ENTRIES = 1024  # far above any real table; keeps a hostile count from asking for gigabytes
+MAX_DIRECTORY = 65536 * 32  # FAT allows 65536 entries in a directory
+MAX_BOOT_FILE = 512 << 20  # a boot file larger than this is not read into memory
 
 
 class ByteSource(Protocol):
@@ -115,7 +117,7 @@ def parse_gpt(disk: ByteSource) -> Gpt:
         raise ImageError("GPT header CRC does not match")
     if my_lba != 1:
         raise ImageError(f"GPT header at LBA 1 says it is at LBA {my_lba}")
-    if entry_size < 128 or entry_size % 8 or count > _MAX_ENTRIES or entry_lba < 2:
+    if not 128 <= entry_size <= 4096 or entry_size % 8 or count > _MAX_ENTRIES or entry_lba < 2:
         raise ImageError(f"GPT partition array of {count} entries of {entry_size} bytes at LBA {entry_lba} is not valid")
     array = _exact(disk, entry_lba * SECTOR, count * entry_size, "GPT partition array")
     if zlib.crc32(array) != entries_crc:
@@ -247,6 +249,8 @@ class Fat:
             raw = _exact(self._vol, self._root_offset, self._root_bytes, "FAT root directory")
         else:
             chain = self.chain(cluster, what)
+            if len(chain) * self.cluster_size > MAX_DIRECTORY + self.cluster_size:
+                raise ImageError(f"FAT {what} spans {len(chain)} clusters, more than a directory can hold")
             raw = self._read_chain(chain, len(chain) * self.cluster_size, what)
         entries: list[_DirEntry] = []
         lfn: dict[int, str] = {}
@@ -297,6 +301,8 @@ class Fat:
             if last:
                 if found.size == 0:
                     return b""
+                if found.size > MAX_BOOT_FILE:
+                    raise ImageError(f"{where} is {found.size} bytes, more than the {MAX_BOOT_FILE} a boot file may have")
                 chain = self.chain(cluster, where)
                 if len(chain) * self.cluster_size < found.size:
                     raise ImageError(f"FAT cluster chain of {where} is cut short: {len(chain)} clusters "

@@ -19,6 +19,9 @@ from ..errors import ImageError
 
 _PE32, _PE32_PLUS = 0x10B, 0x20B
 _SECURITY_DIR = 4  # IMAGE_DIRECTORY_ENTRY_SECURITY
+# How far a section's VirtualSize may exceed its raw data (zero fill, a .bss): systemd-stub measures
+# VirtualSize bytes, so a hostile size must not make the prediction allocate gigabytes.
+_MAX_ZERO_FILL = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ def parse_pe(data: bytes, what: str = "PE image") -> PeImage:
         name = raw_name.split(b"\0", 1)[0].decode("latin-1")
         if rsize and (roff < size_of_headers or roff + rsize > n):
             raise ImageError(f"{what}: section {name} (bytes {roff}-{roff + rsize}) lies outside the file's data")
+        if vsize > rsize + _MAX_ZERO_FILL:
+            raise ImageError(f"{what}: section {name} claims {vsize} bytes in memory for {rsize} in the file")
         sections.append(Section(name, vsize, vaddr, rsize, roff))
     ordered = sorted((s for s in sections if s.raw_size), key=lambda s: s.raw_offset)
     for a, b in zip(ordered, ordered[1:]):
