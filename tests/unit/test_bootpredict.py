@@ -84,6 +84,14 @@ def _gpt_disk_from_log(esp: bytes = b"") -> bytes:
     return bytes(disk)
 
 
+def _fix_gpt_crcs(disk: bytearray) -> None:
+    """Recompute the partition array's and the header's CRC32 after an edit, so the edit is what is judged."""
+    disk[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(disk[1024:1024 + 128 * 128])))
+    hdr = bytearray(disk[512:512 + 92])
+    hdr[16:20] = bytes(4)
+    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+
+
 def test_gpt_event_data_is_the_logged_event() -> None:
     logged = next(e for e in _log("uefi-crb").events if e.type_name == "EV_EFI_GPT_EVENT")
     gpt = parse_gpt(Bytes(_gpt_disk_from_log()))
@@ -107,10 +115,7 @@ def test_gpt_refusals(damage, message) -> None:
 def test_gpt_without_esp_is_refused() -> None:
     disk = bytearray(_gpt_disk_from_log())
     disk[1024:1040] = bytes.fromhex("af3dc60f838472478e793d69d8477de4")  # Linux filesystem type
-    disk[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(disk[1024:1024 + 128 * 128])))
-    hdr = bytearray(disk[512:512 + 92])
-    hdr[16:20] = bytes(4)
-    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    _fix_gpt_crcs(disk)
     with pytest.raises(ImageError, match="no EFI system partition"):
         parse_gpt(Bytes(bytes(disk))).esp()
 
@@ -465,10 +470,7 @@ def test_predict_without_esp_is_one_line(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("TVORCH_CONFIG", str(config))
     disk = bytearray(_disk_with(tmp_path, _uki_ok()).read_bytes())
     disk[1024:1040] = bytes.fromhex("af3dc60f838472478e793d69d8477de4")
-    disk[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(disk[1024:1024 + 128 * 128])))
-    hdr = bytearray(disk[512:512 + 92])
-    hdr[16:20] = bytes(4)
-    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    _fix_gpt_crcs(disk)
     (tmp_path / "noesp.raw").write_bytes(bytes(disk))
     assert main(["predict", str(tmp_path / "noesp.raw")]) == 4
     assert capsys.readouterr().err == "tvorch: error: the disk's GPT has no EFI system partition\n"
@@ -518,10 +520,7 @@ def test_gpt_mutations_are_parsed_or_refused(flips, fix_crc) -> None:
     for at, value in flips:
         data[at] = value
     if fix_crc:  # so that the fields behind the CRCs are reached
-        data[512 + 88:512 + 92] = struct.pack("<I", zlib.crc32(bytes(data[1024:1024 + 128 * 128])))
-        hdr = bytearray(data[512:512 + 92])
-        hdr[16:20] = bytes(4)
-        data[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+        _fix_gpt_crcs(data)
     try:
         parse_gpt(Bytes(bytes(data))).esp()
     except ImageError:
@@ -555,8 +554,6 @@ def test_sizes_a_hostile_image_claims_are_bounded() -> None:
         parse_pe(bytes(image))
     disk = bytearray(_gpt_disk_from_log())
     struct.pack_into("<I", disk, 512 + 84, 1 << 20)  # partition entries of 1 MiB each
-    hdr = bytearray(disk[512:512 + 92])
-    hdr[16:20] = bytes(4)
-    disk[512 + 16:512 + 20] = struct.pack("<I", zlib.crc32(bytes(hdr)))
+    _fix_gpt_crcs(disk)
     with pytest.raises(ImageError, match="is not valid"):
         parse_gpt(Bytes(bytes(disk)))
