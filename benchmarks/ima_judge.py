@@ -35,12 +35,9 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from ima_replay import make_entries  # benchmarks/ is the script's directory
+from ima_replay import best, make_entries  # benchmarks/ is the script's directory
 
 from tvorch.core.hostpolicy import DEFAULT_EXCLUDES
 from tvorch.core.ima import (
@@ -57,7 +54,6 @@ from tvorch.core.ima import (
 REPO = Path(__file__).resolve().parent.parent
 GOAL_RATE = 300_000
 GOAL_RATIO = 4.0
-T = TypeVar("T")
 
 # Runs in Keylime's venv: reads the job on stdin, prints seconds (best), PCR 10 and failures as JSON.
 KEYLIME_DRIVER = r"""
@@ -83,16 +79,6 @@ for _ in range(job["rounds"]):
     failures = [e.event_id for e in failure.events] if failure else []
 print(json.dumps({"seconds": best, "pcr": running, "failures": failures[:5], "count": len(failures)}))
 """
-
-
-def best(rounds: int, fn: Callable[[], T]) -> tuple[float, T]:
-    times, result = [], None
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    assert result is not None
-    return min(times), result
 
 
 def keylime_python(smoke: bool) -> Path | None:

@@ -1,9 +1,10 @@
 """judge_ima_list: the one-pass judgement of plain lists says exactly what the general path says.
 
-The reference is the judgement as host attestation composed it before the
-fast path existed (parse, replay to the quoted PCR 10, boot_aggregate against
-PCRs 0-9, check_allowlist or the template hashes alone): every case, passing
-or not, binary and ASCII, must give the same PCR value and the same problems.
+The reference is the general path alone (entry objects: parse, replay to the
+quoted PCR 10, boot_aggregate against PCRs 0-9, check_allowlist or the
+template hashes alone, as host attestation composed them before the fast path
+existed): every case, passing or not, binary and ASCII, must give the same PCR
+value and the same problems.
 """
 
 from __future__ import annotations
@@ -17,24 +18,18 @@ import pytest
 from tvorch.core.hostpolicy import DEFAULT_EXCLUDES
 from tvorch.core.ima import (
     IMA_PCR,
+    _judge_general,
     ImaEntry,
-    ImaReplay,
-    bad_template_hashes,
     boot_aggregate_digest,
     boot_aggregate_entry,
-    boot_aggregate_problem,
-    check_allowlist,
     ima_buf_entry,
     ima_ng_entry,
     judge_ima_list,
-    parse_ima_list,
     replay_ima,
-    replay_until,
     to_ascii,
     to_binary,
     violation_entry,
 )
-from tvorch.errors import EvidenceError
 
 PCRS = {i: hashlib.sha256(b"PCR %d" % i).digest() for i in range(10)}
 REQUIRED = ("/usr/bin/qemu-system-x86_64",)
@@ -59,27 +54,10 @@ def allow(entries: list[ImaEntry]) -> dict[str, frozenset[str]]:
 
 def reference(data: bytes, bank: str, quoted: dict[int, bytes] | None,
               allowlist: dict[str, frozenset[str]] | None) -> tuple[bytes, tuple[str, ...]]:
-    problems: list[str] = []
-    value = b""
-    try:
-        entries = parse_ima_list(data)
-        target = quoted.get(IMA_PCR) if quoted else None
-        state = replay_until(entries, target, ImaReplay.initial(bank)) if target else None
-        if state is not None:
-            entries, value = entries[:state.count], state.pcr_value
-            problem = boot_aggregate_problem(entries, bank, quoted or {})
-            if problem is not None:
-                problems.append(problem)
-        else:
-            value = replay_ima(entries, bank)
-        if allowlist is None:
-            problems += [f"entry {i}: template hash does not match its data" for i in bad_template_hashes(entries)]
-        else:
-            problems += [str(f) for f in check_allowlist(entries, allowlist, REQUIRED,
-                                                         (*DEFAULT_EXCLUDES, "boot_aggregate"))]
-    except EvidenceError as err:
-        problems.append(str(err))
-    return value, tuple(problems)
+    """The general path alone: entry objects, every failure named."""
+    judged = _judge_general(data, bank, quoted.get(IMA_PCR) if quoted else None, quoted, allowlist,
+                            REQUIRED if allowlist is not None else (), DEFAULT_EXCLUDES)
+    return judged.pcr_value, judged.problems
 
 
 def quote_of(entries: list[ImaEntry], bank: str = "sha256") -> dict[int, bytes]:

@@ -728,6 +728,7 @@ def judge_ima_list(data: bytes, bank: str, quoted: Mapping[int, bytes] | None,
     sends the whole list to the general path below, which says what is wrong.
     """
     target = quoted.get(IMA_PCR) if quoted else None
+    required = tuple(required)
     must = frozenset(required)
     exclude = exclude_matcher((*excludes, BOOT_AGGREGATE))
     try:
@@ -736,6 +737,13 @@ def judge_ima_list(data: bytes, bank: str, quoted: Mapping[int, bytes] | None,
         fast = None  # the general path finds the same and says where
     if fast is not None:
         return ImaJudgement(fast, ())
+    return _judge_general(data, bank, target, quoted, allowlist, required, excludes)
+
+
+def _judge_general(data: bytes, bank: str, target: bytes | None, quoted: Mapping[int, bytes] | None,
+                   allowlist: Mapping[str, frozenset[str]] | None, required: Iterable[str],
+                   excludes: Iterable[str]) -> ImaJudgement:
+    """judge_ima_list for any list: entry objects, every failure named."""
     problems: list[str] = []
     value = b""
     try:
@@ -777,12 +785,10 @@ def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[i
     the first entry the quoted boot_aggregate when the target is reached.
     Anything else, however harmless, is None: the general path decides it.
     """
-    h = _BANKS.get(bank)
-    if h is None:
-        return None
-    sha1 = hashlib.sha1
-    sha1_bank = bank == "sha1"
-    value = bytes(_BANK_SIZES[bank])
+    if bank != "sha256":
+        return None  # its boot_aggregate is a sha256 digest; other banks take the general path
+    h, sha1 = hashlib.sha256, hashlib.sha1
+    value = bytes(32)
     allowed = allowlist.get if allowlist is not None else None
     seen: set[str] = set()
     count = 0
@@ -807,7 +813,7 @@ def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[i
             if sha1(td).digest() != template_hash:
                 return None
             path = buf[pos + 86:td_end - 1].decode()  # not UTF-8: a UnicodeDecodeError, the general path
-            value = h(value + (template_hash if sha1_bank else h(td).digest())).digest()
+            value = h(value + h(td).digest()).digest()
             if must and path in must:
                 seen.add(path)
             if allowed is not None:
@@ -835,19 +841,17 @@ def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[i
         lengths = _U32_OF
         prefix = _PLAIN_DIGEST
         for count, line in enumerate(lines, 1):
-            columns = line.split(" ")
-            if len(columns) != 5:
+            # "10 <40 hex> ima-ng sha256:<64 hex> <name>": every column but the name at a fixed place.
+            path = line[123:]
+            if line[:3] != "10 " or line[43:58] != " ima-ng sha256:" or line[122:123] != " " or " " in path:
                 return None
-            pcr_text, hash_text, template_name, digest_text, path = columns
-            digest_hex = digest_text[7:]
-            if pcr_text != "10" or template_name != "ima-ng" or digest_text[:7] != "sha256:" or len(digest_hex) != 64:
-                return None
+            hash_text, digest_hex = line[3:43], line[58:122]
             name = path.encode()
             td = prefix + a2b(digest_hex) + lengths[len(name) + 1] + name + b"\0"
             # Lowercase hex as the kernel writes it; other text is left to the general path.
             if sha1(td).hexdigest() != hash_text:
                 return None
-            value = h(value + (sha1(td).digest() if sha1_bank else h(td).digest())).digest()
+            value = h(value + h(td).digest()).digest()
             if must and path in must:
                 seen.add(path)
             if allowed is not None:
@@ -858,15 +862,14 @@ def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[i
                 break
         if count < len(lines):
             parse_ima_ascii("".join(line + "\n" for line in lines[count:]))
-        first = lines[0].split(" ") if lines else []
-        if len(first) != 5 or first[4] != BOOT_AGGREGATE:
+        if not lines or lines[0][123:] != BOOT_AGGREGATE:
             return None
-        first_digest = a2b(first[3][7:])
+        first_digest = a2b(lines[0][58:122])
     if count == 0 or not must <= seen:
         return None
     if value == target:
         # The quoted boot PCRs must be the first entry's digest (boot_aggregate_problem).
-        if bank != "sha256" or any(len(quoted.get(i, b"")) != 32 for i in boot_aggregate_pcrs(bank)):
+        if any(len(quoted.get(i, b"")) != 32 for i in boot_aggregate_pcrs(bank)):
             return None
         if first_digest != boot_aggregate_digest(quoted, bank):
             return None
