@@ -24,7 +24,7 @@ from ..core.bootpredict import (
     predict_uefi_disk,
 )
 from ..core.prediction import PredictedEvent, Prediction
-from ..errors import InputError, NotFoundError
+from ..errors import ImageError, InputError, NotFoundError
 
 if TYPE_CHECKING:
     from .node import Node
@@ -162,8 +162,11 @@ def _cache_key(req: PredictRequest, node: Node) -> str | None:
         if digest is None:
             return None
         layers.append(digest)
-    files = {what: measure_file(path, node.store).digest
-             for what, path in (("kernel", req.kernel), ("initrd", req.initrd)) if path}
+    try:
+        files = {what: measure_file(path, node.store).digest
+                 for what, path in (("kernel", req.kernel), ("initrd", req.initrd)) if path}
+    except ImageError:
+        return None  # an unreadable kernel or initrd: predict_disk_side says so, naming which
     body = {"version": CACHE_VERSION, "layers": layers, "files": files, "firmware": req.firmware,
             "cmdline": req.cmdline, "memory_mib": req.memory_mib if files else None}
     return hashlib.sha256(canonical_json(body)).hexdigest()
