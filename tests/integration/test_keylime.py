@@ -209,6 +209,24 @@ def test_unreachable_keylime_queues_and_status_shows_it(node: Host, guest, verif
     assert [e for e in node.json("show", name)["events"] if e["kind"] == "keylime-valid"]
 
 
+def test_the_daemon_submits_its_host_attestations(node: Host, tv: Tv, verifier: Verifier, tmp_path: Path):
+    from .test_daemon import start_daemon, stop_daemon, wait_until
+
+    verdict = tv.state_dir / "keylime" / "host.json"
+    verdict.unlink(missing_ok=True)
+    before = verifier.verifications()
+    config = tmp_path / "serve.toml"
+    config.write_text(node.config.read_text() + "[serve]\nattest_interval = 2\n")
+    proc, _ = start_daemon(tv, tmp_path, config)
+    try:
+        wait_until(verdict.exists, 60, "Keylime's verdict on a host quote the daemon submitted")
+    finally:
+        stop_daemon(proc)
+    assert json.loads(verdict.read_text())["valid"] is True and verifier.verifications() > before
+    status = json.loads(node.run("status", "--json").stdout)
+    assert status["keylime"]["host"]["valid"] is True and status["keylime"]["pending"] == 0
+
+
 def test_ima_entry_outside_the_allowlist_is_invalid(node: Host, verifier: Verifier, tmp_path: Path):
     """Last: it adds a measurement to the host's IMA list."""
     runtime = exported(node, "host", "runtime", tmp_path)
