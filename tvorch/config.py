@@ -86,6 +86,12 @@ class Serve:
     heartbeat_interval: int = 5
     # Longest wait between attempts to reach libvirtd again.
     reconnect_max_wait: int = 30
+    # Instances started (autostart, resumed saves) or saved/shut down at once (README, "Start paths").
+    start_concurrency: int = 2
+    # On SIGTERM: "shutdown" (ACPI, power off after stop_timeout), "save" (managed save, resumed by
+    # the next serve) or "none" (guests left running). Default shutdown: every vTPM state is ledgered and
+    # no guest memory is left on disk.
+    on_shutdown: str = "shutdown"
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,7 @@ _CHOICES = {
     "launch.firmware": ("efi", "bios"),
     "launch.tpm_model": ("crb", "tis"),
     "policy.host_verdict": ("ignore", "require"),
+    "serve.on_shutdown": ("shutdown", "save", "none"),
     "policy.unsafe_image_files": tuple(UNSAFE_IMAGE_POLICIES),
     "host.bank": ("sha1", "sha256", "sha384"),
     "vtpm.key_protection": ("host-tpm", "none"),
@@ -198,6 +205,7 @@ _MINIMUMS = {
     "hook_deadline_ms": 1, "stop_timeout": 1, "max_backing_depth": 1,
     "launch.memory_mib": 128, "launch.vcpus": 1, "launch.max_memory_mib": 128, "launch.max_vcpus": 1,
     "host.verdict_max_age": 1, "serve.heartbeat_interval": 1, "serve.reconnect_max_wait": 1,
+    "serve.start_concurrency": 1,
     "guest.agent_timeout": 1, "keylime.timeout": 1,
 }
 # Upper bound of every integer: TOML carries any size, but a huge one would overflow a timer, libvirt's

@@ -4,8 +4,10 @@ It follows every instance's lifecycle through libvirt's events (also starts,
 stops and crashes that happen outside tvorch), reconciles the store with
 libvirt on every (re)connect, attests the host on a schedule so the hook
 always finds a fresh verdict, removes vTPM secrets an interrupted start left
-in libvirtd, and reports to systemd (READY, WATCHDOG, STATUS). SIGTERM stops
-it cleanly; SIGHUP reloads the configuration (a new `libvirt_uri` included).
+in libvirtd, and reports to systemd (READY, WATCHDOG, STATUS). It starts the
+autostart instances and resumes saved ones when it starts, and on SIGTERM saves
+or shuts down the running ones (serve.on_shutdown, service.startpaths) before
+it stops; SIGHUP reloads the configuration (a new `libvirt_uri` included).
 One daemon per store: it holds `<state_dir>/serve.lock` while it runs.
 
 One main thread owns the store and does all the work; libvirt's event loop
@@ -60,6 +62,9 @@ class Daemon:
         self._next_heartbeat = 0.0
         self._next_watchdog = 0.0
         self._warned_no_policy = False
+        # Node start (README, "Start paths"): autostart instances and saved ones, once, in a thread.
+        self._boot_starts: threading.Thread | None = None
+        self._boot_waiting_logged = False
 
     # -- signals -------------------------------------------------------------
 
@@ -91,6 +96,7 @@ class Daemon:
             self._drain_events(timeout=0.5)
             self._periodic(time.monotonic())
         notify("STOPPING=1")
+        self._host_shutdown()
         self.feed.close()
         self.node.store.daemon_heartbeat(os.getpid(), self.started_at, False, "stopped", self.feed.uri)
         self.node.close()
@@ -209,6 +215,61 @@ class Daemon:
         if self.cfg.keylime.verifier_url and now >= self._next_keylime:
             self._retry_keylime()
             self._next_keylime = now + 10
+        if self._boot_starts is None and self.feed.connected:
+            self._start_boot_instances()
+
+    # -- start paths (service.startpaths) ------------------------------------
+
+    def _start_boot_instances(self) -> None:
+        """Once, after the first reconcile and (policy.host_verdict = "require") a passing, fresh host
+        verdict: start the autostart instances and resume the saved ones, serve.start_concurrency at a
+        time, in a thread of its own so the loop keeps answering the watchdog."""
+        if self.cfg.policy.host_verdict == "require":
+            from .core.hostverdict import host_problem
+
+            problem = host_problem(self.node.store.latest_host_verdict(), time.time(), self.cfg.host.verdict_max_age)
+            if problem is not None:
+                if not self._boot_waiting_logged:
+                    log.warning("node_start_waiting", reason=problem)
+                    self._boot_waiting_logged = True
+                return
+        cfg = self.cfg
+
+        def run() -> None:
+            from .service.startpaths import boot_starts
+
+            node = Node(cfg)
+            try:
+                for done in boot_starts(node):
+                    (log.error if done.done == "failed" else log.info)("node_start", **done.to_json())
+            except TvorchError as err:
+                log.error("node_start_failed", error=str(err))
+            finally:
+                node.close()
+
+        self._boot_starts = threading.Thread(target=run, name="node-start", daemon=True)
+        self._boot_starts.start()
+
+    def _host_shutdown(self) -> None:
+        """serve.on_shutdown on SIGTERM: save or shut down every running instance through tvorch (the
+        vTPM states ledgered), before libvirtd stops (the unit's ordering). Under systemd only when the
+        host is going down: `systemctl restart/stop tvorch` leaves the guests running."""
+        how = self.cfg.serve.on_shutdown
+        if how == "none" or not self.feed.connected:
+            return
+        if os.environ.get("INVOCATION_ID") and not _system_stopping():
+            log.info("guests_left_running", reason="the service stops, the host does not")
+            return
+        if self._boot_starts is not None:
+            self._boot_starts.join()
+        from .service.startpaths import host_shutdown
+
+        notify(f"STATUS=stopping: {how} of every running instance")
+        try:
+            for done in host_shutdown(self.node, how):
+                (log.error if done.done == "failed" else log.info)("host_shutdown", **done.to_json())
+        except TvorchError as err:
+            log.error("host_shutdown_failed", error=str(err))
 
     def _heartbeat(self, now: float) -> None:
         """The row `tvorch status` judges; then take back vTPM keys that interrupted starts left lent."""
@@ -302,6 +363,17 @@ class Daemon:
             self._next_attest = self._next_heartbeat = 0.0
             log.info("config_reloaded", config=cfg.source)
         notify("READY=1")
+
+
+def _system_stopping() -> bool:
+    """Whether systemd is taking the host down (not merely this service)."""
+    import subprocess
+
+    try:
+        state = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return True  # cannot tell: act as told, the guests' states are ledgered either way
+    return state.stdout.strip() == "stopping"
 
 
 def serve(config_path: str | None, log_level: str | None = None) -> int:

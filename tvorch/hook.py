@@ -34,7 +34,8 @@ from .adapters.vtpm_state import state_digest
 from .config import Config, load_config
 from .core.canonical import autoselection_hint, config_digest
 from .core.metadata import parse_instance_metadata
-from .core.gate import FILE_KINDS, FileEvidence, Phase, StartEvidence, nvram_path, phase_of, start_refusals
+from .core.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, managed_save_path, nvram_path, phase_of,
+                        start_path_refusal, start_refusals)
 from .core.hostverdict import host_problem
 from .core.instance import InstanceRecord
 from .service.owned_files import stranger_refusals
@@ -216,6 +217,10 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
         if phase is Phase.START:
             # First, before anything slow: whatever this start was allowed before no longer counts.
             store.open_start_check(record.id)
+            path_refusal = _start_path(store, record, operation)
+            if path_refusal is not None:
+                store.record_start_decision(record.id, name, op, (path_refusal,))
+                return REFUSE, f"tvorch: refused to start {name}: {path_refusal}"
         evidence = gather(cfg, store, record, meta.manifest_digest, xml, running=phase is Phase.RECONNECT)
         reasons = start_refusals(evidence)
         if phase is Phase.RECONNECT:
@@ -228,6 +233,25 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
         return ALLOW, None
     finally:
         store.close()
+
+
+def _start_path(store: Store, record: InstanceRecord, operation: str) -> str | None:
+    """Whether this start can go this way at all (core.gate.start_path_refusal): a sealed vTPM key lent by
+    tvorch, and for a restore (libvirt resumes from the managed save image whenever there is one) the save
+    image tvorch made."""
+    vtpm = store.vtpm(record.id)
+    sealed = vtpm is not None and vtpm.encrypted and vtpm.sealed_key is not None
+    image = managed_save_path(record.name)
+    restoring = operation == "restore" or os.path.exists(image)
+    saved = store.managed_save(record.id) if restoring else None
+    digest = None
+    if saved is not None:
+        try:
+            digest = measure_file(saved[0], store).digest if saved[0] == image else None
+        except TvorchError:
+            digest = None
+    return start_path_refusal(record.name, sealed, store.key_lent(record.id), restoring,
+                              saved[1] if saved else None, digest)
 
 
 # Of a start's deadline, the share (at most RECORD_MAX_S) kept to record a refusal when the decision overruns.

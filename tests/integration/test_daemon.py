@@ -45,9 +45,22 @@ class Notifications:
         raise AssertionError(f"no {line!r} from the daemon within {timeout} s; got {self.seen}")
 
 
+def leaves_guests_running(text: str) -> str:
+    """The config TEXT with serve.on_shutdown = "none" unless it names one: a daemon a test stops must not
+    shut down the session's other guests (test_start_paths tests the other settings)."""
+    if "on_shutdown" in text:
+        return text
+    if "[serve]\n" in text:
+        return text.replace("[serve]\n", '[serve]\non_shutdown = "none"\n', 1)
+    return text + '[serve]\non_shutdown = "none"\n'
+
+
 def start_daemon(tv: Tv, tmp: Path, config: Path | None = None) -> tuple[subprocess.Popen, Notifications]:
     notes = Notifications(tmp / f"notify-{secrets.token_hex(2)}")
-    env = {**os.environ, "TVORCH_CONFIG": str(config or tv.config), "NOTIFY_SOCKET": str(notes.path),
+    text = (config or tv.config).read_text()
+    config = config or tv.config.with_name("tvorch-serve.toml")
+    config.write_text(leaves_guests_running(text))
+    env = {**os.environ, "TVORCH_CONFIG": str(config), "NOTIFY_SOCKET": str(notes.path),
            "WATCHDOG_USEC": "2000000"}
     proc = subprocess.Popen([sys.executable, "-m", "tvorch.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "ab"))
@@ -216,7 +229,7 @@ def test_sighup_follows_a_new_libvirt_uri(tv: Tv, tmp_path: Path, sealed_guest: 
     proc, notes = start_daemon(tv, tmp_path, config)
     try:
         wait_until(lambda: daemon_status(own)[1]["libvirt_uri"] == "qemu:///system", what="first URI reported")
-        config.write_text(tv.config.read_text().replace('libvirt_uri = "qemu:///system"',
+        config.write_text(leaves_guests_running(tv.config.read_text()).replace('libvirt_uri = "qemu:///system"',
                                                         'libvirt_uri = "qemu+unix:///system"'))
         proc.send_signal(signal.SIGHUP)
         notes.wait_for("RELOADING=1", timeout=10)

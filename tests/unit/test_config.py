@@ -101,6 +101,7 @@ def test_effective_config_covers_defaults_and_is_json_ready():
     (b"hook_deadline_ms = 0\n", "'hook_deadline_ms' must be at least 1"),
     (b"[launch]\nvcpus = 0\n", "'launch.vcpus' must be at least 1"),
     (b"[serve]\nheartbeat_interval = 0\n", "'serve.heartbeat_interval' must be at least 1"),
+    (b"[serve]\nstart_concurrency = 0\n", "'serve.start_concurrency' must be at least 1"),
     (b"state_dir = 'relative/state'\n", "'state_dir' must be an absolute path"),
     (b"[host]\npcrs = [99]\n", "'host.pcrs' must list PCR indices 0-23"),
     (b"[host]\npcrs = []\n", "'host.pcrs' must list PCR indices 0-23"),
@@ -108,3 +109,10 @@ def test_effective_config_covers_defaults_and_is_json_ready():
 def test_values_that_would_disable_a_safeguard_are_refused(text, words):
     with pytest.raises(ConfigError, match=words):
         parse_config(text)
+
+
+def test_serve_start_paths_keys():
+    assert (parse_config(b"").serve.on_shutdown, parse_config(b"").serve.start_concurrency) == ("shutdown", 2)
+    assert parse_config(b"[serve]\non_shutdown = 'save'\n").serve.on_shutdown == "save"
+    with pytest.raises(ConfigError, match="'serve.on_shutdown' must be one of shutdown, save, none"):
+        parse_config(b"[serve]\non_shutdown = 'suspend'\n")

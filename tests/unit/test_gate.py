@@ -15,8 +15,10 @@ from tvorch.core.gate import (
     FileEvidence,
     Phase,
     StartEvidence,
+    managed_save_path,
     nvram_path,
     phase_of,
+    start_path_refusal,
     start_refusals,
 )
 
@@ -164,3 +166,25 @@ def test_nvram_path_is_libvirts_or_its_default() -> None:
     assert nvram_path("<os><nvram template='/t.fd'>/x/vm_VARS.fd</nvram></os>", "vm") == "/x/vm_VARS.fd"
     assert nvram_path("<os><nvram template='/t.fd'/></os>", "vm") == "/var/lib/libvirt/qemu/nvram/vm_VARS.fd"
     assert nvram_path("<os firmware='efi'/>", "vm") == "/var/lib/libvirt/qemu/nvram/vm_VARS.fd"
+
+
+# -- start paths (a sealed vTPM's key lent by tvorch; resuming only the save image tvorch made) ----------
+
+
+def test_sealed_key_not_lent_names_tvorch_start():
+    reason = start_path_refusal("vm1", sealed=True, key_lent=False, restoring=False, saved_digest=None,
+                                image_digest=None)
+    assert reason is not None and "`tvorch start vm1`" in reason
+    assert start_path_refusal("vm1", True, True, False, None, None) is None  # tvorch start: key lent
+    assert start_path_refusal("vm1", False, False, False, None, None) is None  # state in clear: libvirt can
+
+
+def test_restore_only_of_the_save_image_tvorch_recorded():
+    assert start_path_refusal("vm1", True, True, True, "aa" * 32, "aa" * 32) is None
+    unrecorded = start_path_refusal("vm1", True, True, True, None, "aa" * 32)
+    assert unrecorded is not None and "older than its last stop" in unrecorded
+    other = start_path_refusal("vm1", True, True, True, "aa" * 32, "bb" * 32)
+    assert other is not None and "not the one `tvorch save` made" in other and "bb" * 32 in other
+    unreadable = start_path_refusal("vm1", False, False, True, "aa" * 32, None)
+    assert unreadable is not None and "unreadable" in unreadable
+    assert managed_save_path("vm1") == "/var/lib/libvirt/qemu/save/vm1.save"

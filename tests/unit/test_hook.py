@@ -413,7 +413,15 @@ def test_known_instance_under_another_domain_name_is_refused(node: Node, capfd: 
 # -- starts of a tvorch instance --------------------------------------------------
 
 
-@pytest.mark.parametrize(("operation", "sub"), [("prepare", "begin"), ("start", "begin"), ("restore", "begin")])
+def test_restore_of_a_save_tvorch_did_not_make_is_refused(node: Node, capfd: pytest.CaptureFixture[str]) -> None:
+    """A save image carries the vTPM state: only the one `tvorch save` recorded may be resumed (integration:
+    test_start_paths resumes one and refuses a replayed one)."""
+    status, line = decide(node, "restore", "begin", capfd)
+    assert status == 1 and line is not None and "virsh managedsave-remove" in line
+    assert [e["verdict"] for e in node.events()] == ["refused"]
+
+
+@pytest.mark.parametrize(("operation", "sub"), [("prepare", "begin"), ("start", "begin")])
 def test_clean_start_is_allowed_and_recorded(
     node: Node, operation: str, sub: str, capfd: pytest.CaptureFixture[str]
 ) -> None:

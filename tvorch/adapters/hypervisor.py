@@ -175,6 +175,15 @@ class Hypervisor:
             time.sleep(0.5)
         raise OperationTimeout(f"'{name}' did not shut down within {timeout:g} s; use --force to power it off")
 
+    def managed_save(self, name: str) -> None:
+        """Save the running guest to libvirt's managed save image and stop it (`virsh managedsave`)."""
+        dom = self._lookup(name)
+        self._call(f"save '{name}'", lambda: dom.managedSave(0))
+
+    def has_managed_save(self, name: str) -> bool:
+        dom = self._lookup(name)
+        return bool(self._call(f"read the managed save state of '{name}'", lambda: dom.hasManagedSaveImage(0)))
+
     def undefine(self, name: str, purge_tpm: bool) -> None:
         """Remove the definition and its NVRAM; keep the vTPM state unless PURGE_TPM."""
         dom = self._lookup(name)

@@ -51,12 +51,13 @@ def _record_text(r: InstanceRecord) -> str:
 @click.option("--rehash", is_flag=True, help="Hash every file again instead of trusting the digest cache.")
 @click.option("--allow-untrusted-image", is_flag=True,
               help="Launch an image that is not trusted, if policy.allow_untrusted_image permits.")
+@click.option("--autostart", is_flag=True, help="Start it whenever `tvorch serve` starts (node boot).")
 @json_option
 @pass_ctx
 def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int | None, firmware: str | None,
            secure_boot: bool | None, firmware_profile: str | None, tpm_model: str | None, kernel: str | None,
            initrd: str | None, cmdline: str | None, network: str | None, rehash: bool, allow_untrusted_image: bool,
-           as_json: bool) -> None:
+           autostart: bool, as_json: bool) -> None:
     """Measure IMAGE, check it is trusted, sign a manifest, then define and start it with a vTPM."""
     from ..service.launch import LaunchRequest, launch as launch_instance
 
@@ -66,6 +67,8 @@ def launch(ctx: Context, image: str, name: str, memory: int | None, vcpus: int |
         network=network, rehash=rehash, allow_untrusted_image=allow_untrusted_image,
     )
     record = launch_instance(ctx.node, req)
+    if autostart:
+        ctx.node.store.set_autostart(record.id, True)
     emit(as_json, record.to_json(), lambda: "\n".join([
         f"launched {record.name} ({record.id}, uuid {record.uuid}) running under {record.virt_type}",
         f"  serial console log: {record.console_log}",
@@ -134,6 +137,33 @@ def stop(ctx: Context, name: str, force: bool, timeout: float | None, as_json: b
     record, changed = instances.stop(ctx.node, name, force, timeout)
     emit(as_json, {**record.to_json(), "changed": changed},
          f"stopped {name}" if changed else f"{name} is already stopped")
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_ctx
+def save(ctx: Context, name: str, as_json: bool) -> None:
+    """Save a running instance (libvirt managed save, the vTPM state ledgered); `tvorch start` resumes it."""
+    from ..service import startpaths
+
+    record, changed = startpaths.save(ctx.node, name)
+    emit(as_json, {**record.to_json(), "changed": changed},
+         f"saved {name}; `tvorch start {name}` resumes it" if changed else f"{name} is already saved")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("setting", type=click.Choice(["on", "off"]))
+@json_option
+@pass_ctx
+def autostart(ctx: Context, name: str, setting: str, as_json: bool) -> None:
+    """Whether `tvorch serve` starts NAME when it starts (not libvirt's autostart, which cannot lend the key)."""
+    from ..service import startpaths
+
+    record, changed = startpaths.set_autostart(ctx.node, name, setting == "on")
+    emit(as_json, {"name": record.name, "id": record.id, "autostart": setting == "on", "changed": changed},
+         f"autostart {setting} for {name}" + ("" if changed else " (unchanged)"))
 
 
 @cli.command()

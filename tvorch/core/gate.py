@@ -14,6 +14,8 @@ from enum import Enum
 # Where libvirt keeps a domain's UEFI variable store when its XML names none (it fills this in at
 # define or start; tvorch never names another).
 LIBVIRT_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
+# Where libvirt's system qemu driver keeps managed save images (`virsh managedsave`): NAME.save.
+LIBVIRT_SAVE_DIR = "/var/lib/libvirt/qemu/save"
 
 # The measurement kinds that are files, re-checked at every start, and how a refusal names each.
 FILE_KINDS = {
@@ -130,3 +132,31 @@ def nvram_path(xml: str, name: str) -> str:
     default for the domain (what it fills in at define or start)."""
     found = _NVRAM.search(xml)
     return found.group(1).strip() if found else f"{LIBVIRT_NVRAM_DIR}/{name}_VARS.fd"
+
+
+def managed_save_path(name: str) -> str:
+    return f"{LIBVIRT_SAVE_DIR}/{name}.save"
+
+
+def start_path_refusal(name: str, sealed: bool, key_lent: bool, restoring: bool, saved_digest: str | None,
+                       image_digest: str | None) -> str | None:
+    """Why a start of instance NAME cannot go this way, before anything is measured; None when it may.
+
+    SEALED: its vTPM key is sealed to the host TPM, so libvirt holds it only while tvorch lends it
+    (KEY_LENT): any other start (`virsh start`, libvirt's autostart, libvirt-guests) would fail on a
+    missing secret, and is told which command works instead. RESTORING: libvirt resumes it from a save
+    image, which carries the vTPM state too: only the image `tvorch save` made (SAVED_DIGEST, valid until
+    the next stop) may be resumed, never an older copy (IMAGE_DIGEST: the image's digest now)."""
+    if sealed and not key_lent:
+        return (f"its vTPM key is sealed to this host's TPM and libvirt gets it only from tvorch, for one start: "
+                f"start it with `tvorch start {name}`")
+    if not restoring:
+        return None
+    if saved_digest is None:
+        return (f"its save image was not made by `tvorch save` or is older than its last stop (resuming it would "
+                f"roll its vTPM back): remove it with `virsh managedsave-remove {name}`, then `tvorch start {name}`")
+    if image_digest != saved_digest:
+        return (f"its save image is not the one `tvorch save` made (sha256:{image_digest or 'unreadable'}, "
+                f"recorded sha256:{saved_digest}): remove it with `virsh managedsave-remove {name}`, "
+                f"then `tvorch start {name}`")
+    return None

@@ -42,6 +42,7 @@ class LedgerEvent(str, Enum):
     STOPPED = "stopped"
     BACKUP = "backup"
     RESTORED = "restored"
+    SAVED = "saved"  # a managed save through tvorch (its image's digest in the store's managed_saves)
 
 
 @dataclass(frozen=True)

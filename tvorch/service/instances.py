@@ -70,17 +70,20 @@ def _channel(node: Node, record: InstanceRecord) -> Path:
     return socket_path(Path(node.cfg.guest.channel_dir), record.id, record.domain_xml)
 
 
-def start(node: Node, name: str) -> tuple[InstanceRecord, bool]:
-    """Start a stopped instance; (record, False) when it was already running."""
+def start(node: Node, name: str, why: str = "tvorch start") -> tuple[InstanceRecord, bool]:
+    """Start a stopped instance, or resume a saved one (libvirt restores its managed save image, the
+    vTPM key lent for that as for any start); (record, False) when it was already running."""
     with instance_lock(Path(node.cfg.state_dir), name):
         record = _require_domain(node, name)
         if record.state is InstanceState.RUNNING:
             return record, False
         prepare_socket_dir(_channel(node, record), Path(node.cfg.guest.channel_dir))  # /run is empty after a reboot
+        restoring = node.hypervisor.has_managed_save(name)
         with vtpm.unlocked(node, record):
             node.hypervisor.start(name)
+        how = f"{why}: resumed from its managed save image" if restoring else why
         return node.store.update_instance(record.id, state=InstanceState.RUNNING,
-                                          event=("started", "tvorch start")), True
+                                          event=("restored" if restoring else "started", how)), True
 
 
 def stop(node: Node, name: str, force: bool, timeout: float | None) -> tuple[InstanceRecord, bool]:

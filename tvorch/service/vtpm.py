@@ -174,9 +174,14 @@ def unlocked(node: Node, record: InstanceRecord) -> Iterator[None]:
             f"start of '{record.name}' refused: its vTPM key does not unseal: {err}; if the host's firmware or "
             f"boot chain changed on purpose, recover with `tvorch vtpm rekey {record.name} --escrow-key KEY`"
         ) from None
-    with node.hypervisor.vtpm_secret(vtpm.secret_uuid, f"tvorch-vtpm-{record.id}", key):
-        crash_point("secret-lent")  # killed here, the key stays in libvirtd until the daemon takes it back
-        yield
+    # On record first: the hook tells a start with the key lent from one libvirt would fail (hook.py).
+    node.store.set_key_lent(record.id, True)
+    try:
+        with node.hypervisor.vtpm_secret(vtpm.secret_uuid, f"tvorch-vtpm-{record.id}", key):
+            crash_point("secret-lent")  # killed here, the key stays in libvirtd until the daemon takes it back
+            yield
+    finally:
+        node.store.set_key_lent(record.id, False)
 
 
 def _require_own_domain(node: Node, record: InstanceRecord) -> None:
@@ -202,6 +207,7 @@ def drop_stale_secrets(node: Node, holding: str | None = None) -> list[str]:
         with try_instance_lock(Path(node.cfg.state_dir), record.name) as got:
             if got:  # no start of it at work: nothing should hold its key
                 node.hypervisor.drop_vtpm_secret(vtpm.secret_uuid)
+                node.store.set_key_lent(record.id, False)
                 done.append(f"{record.name}: removed its vTPM secret left in libvirt by an interrupted start")
     return done
 
