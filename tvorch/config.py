@@ -59,6 +59,11 @@ class Policy:
     # layers and warns about ones owned (or group-writable) by another user or
     # group; "refuse" refuses both; "warn" only warns.
     unsafe_image_files: str = "refuse-world-writable"
+    # How an instance's first verified boot is judged (README, "Predicted boot measurements"):
+    # "predicted" against the launch manifest's signed boot prediction, event by event (a match becomes
+    # the baseline, a difference is refused and not learned; learned, and said so, where the manifest
+    # has no prediction); "learn": the first verified boot becomes the baseline (trust on first use).
+    first_boot: str = "predicted"
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ _CHOICES = {
     "launch.firmware": ("efi", "bios"),
     "launch.tpm_model": ("crb", "tis"),
     "policy.host_verdict": ("ignore", "require"),
+    "policy.first_boot": ("predicted", "learn"),
     "serve.on_shutdown": ("shutdown", "save", "none"),
     "policy.unsafe_image_files": tuple(UNSAFE_IMAGE_POLICIES),
     "host.bank": ("sha1", "sha256", "sha384"),

@@ -80,13 +80,14 @@ def test_attest_then_verify_offline(node: Host, guest, ca: Path, tmp_path: Path)
     assert rc == 0, result
     assert result["passed"] and [c["name"] for c in result["checks"]] == [
         "format", "node certificate", "bundle signature", "bundle age", "launch manifest", "live configuration",
-        "vTPM EK certificate", "AK certification", "guest quote", "guest event log", "baseline", "host"]
+        "vTPM EK certificate", "AK certification", "guest quote", "guest event log", "baseline", "prediction",
+        "host"]
     host_detail = result["checks"][-1]["detail"]  # the host AK certified at `host init`, IMA's boot_aggregate
     assert result["created_at"] and "by the host AK certified at" in host_detail
     assert "boot_aggregate is the quoted PCRs 0-9" in host_detail
     # The text form is a table, one line per check.
     table = node.run("verify", str(bundle), "--ca", str(ca), "--nonce", nonce, "--max-age", "10m").stdout
-    assert table.count("PASS") == 12 and "FAIL" not in table
+    assert table.count("PASS") == 13 and "FAIL" not in table
 
     doc = json.loads(bundle.read_text())
     assert doc["instance"] == {"id": record["id"], "name": name, "uuid": record["uuid"]}
@@ -100,7 +101,16 @@ def test_attest_then_verify_offline(node: Host, guest, ca: Path, tmp_path: Path)
             assert replayed[str(pcr)] == report.pcrs[pcr], pcr
     # The AK was certified once, against the EK tvorch issued; a second attest reuses it.
     events = [e["kind"] for e in node.json("show", name)["events"]]
-    assert events.count("ak-certified") == 1 and "baseline-learned" in events
+    assert events.count("ak-certified") == 1 and "baseline-predicted" in events and "baseline-learned" not in events
+    # The first boot was judged against the launch manifest's signed prediction, and matched it.
+    prediction = node.json("manifest", "show", name)["manifest"]["boot_prediction"]
+    assert prediction["status"] == "predicted" and {4, 5, 11} <= set(prediction["covered"])
+    checks = {c["name"]: c["detail"] for c in result["checks"]}
+    assert checks["prediction"].startswith(f"quoted PCRs {','.join(map(str, sorted(prediction['covered'])))} are "
+                                           "the launch manifest's prediction")
+    shown = node.json("baseline", "show", name)
+    assert shown["baseline"]["source"] == "predicted" and "matching the launch prediction" in shown["baseline"]["reason"]
+    assert shown["boots"][0]["verdict"]["first_boot"] == "judged against the launch prediction"
     assert attest(node, name, tmp_path / "again.json", secrets.token_hex(16)).returncode == 0
     assert [e["kind"] for e in node.json("show", name)["events"]].count("ak-certified") == 1
 
@@ -300,6 +310,47 @@ def install_changed_uki(overlay: Path, work: Path) -> None:
         piece.write_bytes(after[start:start + chunk])
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {piece} {start} {len(after[start:start + chunk])}",
                         str(overlay)], check=True, capture_output=True)
+
+
+def test_a_uki_changed_before_the_first_boot_is_refused_against_the_prediction(node: Host, guest_dir: Path,
+                                                                             ca: Path, tmp_path: Path):
+    """The attack a launch prediction stops: the overlay rewritten between launch and the first verified boot.
+
+    Launch predicts the first boot from the image and signs it; the instance is
+    then stopped before anything attested it, and a UKI one byte different
+    (its .osrel) is written into its overlay in place, which the hook cannot
+    see (same inode, same backing file). Learning on first boot would take it
+    as the baseline; judged against the prediction it is refused, named, and
+    not learned.
+    """
+    name = f"{PREFIX}predict-{secrets.token_hex(2)}"
+    record = node.json("launch", str(guest_dir / "guest.qcow2"), "--name", name, "--memory", "512")
+    try:
+        node.run("stop", "--force", name)
+        install_changed_uki(Path(record["overlay"]), tmp_path)
+        assert node.run("start", name).returncode == 0  # the hook sees the same overlay and configuration
+        wait_for_ready(Path(record["console_log"]))
+        nonce = secrets.token_hex(16)
+        proc = attest(node, name, tmp_path / "tampered.json", nonce)
+        assert proc.returncode == ExitCode.TRUST_REFUSED, proc.stderr
+        assert "differs from the launch manifest's boot prediction (not learned)" in proc.stderr
+        assert "PCR4: EV_EFI_BOOT_SERVICES_APPLICATION: predicted " in proc.stderr
+        assert "PCR11: EV_IPL: predicted " in proc.stderr
+        shown = node.json("baseline", "show", name)
+        assert shown["baseline"] is None  # never learned
+        assert shown["boots"][-1]["matches"] is False
+        assert {d["pcr"] for d in shown["boots"][-1]["verdict"]["differences"]} == {4, 11}
+        assert "boot-differs-from-prediction" in [e["kind"] for e in node.json("show", name)["events"]]
+        # A second attestation of the same boot is refused again: nothing was learned in between.
+        assert attest(node, name, tmp_path / "again.json", secrets.token_hex(16)).returncode == ExitCode.TRUST_REFUSED
+        # The tenant's verify names the same PCRs in its prediction check.
+        rc, report = verify(node, tmp_path / "tampered.json", ca, nonce)
+        assert rc != 0 and failed_checks(report) == ["prediction"], report
+        detail = {c["name"]: c["detail"] for c in report["checks"]}["prediction"]
+        assert detail.startswith("quoted PCRs 4,11 are not the launch manifest's prediction: PCR4: "
+                                 "EV_EFI_BOOT_SERVICES_APPLICATION: predicted "), detail
+    finally:
+        node.run("destroy", "--purge-vtpm", name)
 
 
 def test_a_changed_boot_is_named_and_can_be_accepted(node: Host, guest, tmp_path: Path):

@@ -46,11 +46,13 @@ from tvorch.core.eventlog import parse_event_log
 from tvorch.core.hostverdict import HostVerdict
 from tvorch.core.ima import boot_aggregate_entry, parse_ima_list, replay_ima, to_binary
 from tvorch.core.manifest import (
+    BootPredictionRecord,
     LaunchManifest,
     Measurement,
     canonical_json,
     sign_manifest,
 )
+from tvorch.core.prediction import PredictedEvent, Prediction
 from tvorch.core.quote import HostQuote, ak_name
 from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
 from tvorch.errors import EvidenceError, InputError
@@ -61,7 +63,7 @@ NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 INSTANCE = ("i-0123456789ab", "vm1", "0f8fad5b-d9cb-469f-a165-70867728950e")
 OTHER_INSTANCE = ("i-ba9876543210", "vm2", "11111111-2222-3333-4444-555555555555")
 CHECKS = ["format", "node certificate", "bundle signature", "bundle age", "launch manifest", "live configuration",
-          "vTPM EK certificate", "AK certification", "guest quote", "guest event log", "baseline", "host"]
+          "vTPM EK certificate", "AK certification", "guest quote", "guest event log", "baseline", "prediction", "host"]
 MAX_HOST_AGE = 900  # host.verdict_max_age's default, what `tvorch verify` uses unless told
 
 
@@ -109,7 +111,8 @@ class Pieces:
             hostname=hostname, ek_public=self.host_ek_public, ak_public=ak_public, ak_name=ak_name(ak_public),
             certified_at="2025-03-01T11:00:00.000+00:00"), self.signing_key)
 
-    def manifest(self, instance=INSTANCE, ek_cert: x509.Certificate | None = None) -> bytes:
+    def manifest(self, instance=INSTANCE, ek_cert: x509.Certificate | None = None,
+                 boot_prediction: BootPredictionRecord | None = None) -> bytes:
         ek_cert = ek_cert or self.ek_cert
         return sign_manifest(LaunchManifest(
             instance_id=instance[0], name=instance[1], uuid=instance[2], node="node1",
@@ -121,7 +124,7 @@ class Pieces:
                             details={"ek_fingerprint": ek_fingerprint(ek_cert.public_key()), "encrypted": True,
                                      "swtpm_version": "0.7.1"}),
             ),
-            config_digest="c" * 64, policy_digest="d" * 64,
+            config_digest="c" * 64, policy_digest="d" * 64, boot_prediction=boot_prediction,
         ), self.signing_key, self.signing_cert)
 
     def ak_certification(self, instance=INSTANCE, ak_public: bytes | None = None,
@@ -280,13 +283,13 @@ ALTERATIONS: list[tuple[str, Mutation, set[str]]] = [
      {"bundle age", "host"}),
     ("nonce", lambda d, p: d.update(nonce="00" * 32), {"guest quote"}),
     ("instance", lambda d, p: d["instance"].update(uuid=OTHER_INSTANCE[2]),
-     {"launch manifest", "live configuration", "vTPM EK certificate", "AK certification"}),
+     {"launch manifest", "live configuration", "vTPM EK certificate", "AK certification", "prediction"}),
     ("node hostname", lambda d, p: d["node"].update(hostname="node2"), {"host"}),  # the host AK is node1's
     ("node ca_pem", lambda d, p: d["node"].update(ca_pem=other_node_cert(p)), set()),
     ("node signing cert", lambda d, p: d["node"].update(signing_cert_pem=other_node_cert(p)),
      {"node certificate", "bundle signature", "AK certification", "host"}),
     ("manifest", lambda d, p: d.update(manifest=flip_b64(d["manifest"])),
-     {"launch manifest", "live configuration", "vTPM EK certificate"}),
+     {"launch manifest", "live configuration", "vTPM EK certificate", "prediction"}),
     ("vtpm", lambda d, p: d["vtpm"].update(ek_cert_pem=other_ek_cert(p)), {"vTPM EK certificate", "AK certification"}),
     ("ak_certification", lambda d, p: d["ak_certification"].update(certified_at="2025-03-01T11:59:59.000+00:00"),
      {"AK certification"}),
@@ -360,7 +363,8 @@ def test_the_manifest_or_ak_certification_of_another_vm_fails(pieces: Pieces) ->
     assert failing(report) == {"launch manifest": f"launch manifest is of instance {OTHER_INSTANCE[0]} "
                                                   f"({OTHER_INSTANCE[2]}), not {INSTANCE[0]} ({INSTANCE[2]})",
                                "live configuration": "not checked: the launch manifest does not verify",
-                               "vTPM EK certificate": failing(report)["vTPM EK certificate"]}
+                               "vTPM EK certificate": failing(report)["vTPM EK certificate"],
+                               "prediction": "not checked: the launch manifest does not verify"}
     assert "without a verified launch manifest" in failing(report)["vTPM EK certificate"]
     report = pieces.verify(pieces.bundle(ak_certification=pieces.ak_certification(OTHER_INSTANCE)))
     assert set(failing(report)) == {"AK certification"}
@@ -383,7 +387,7 @@ def test_a_ca_that_issued_neither_the_node_cert_nor_the_ek_fails_everything_it_a
     report = pieces.verify(valid, ca=stranger)
     assert set(failing(report)) == {"node certificate", "bundle signature", "launch manifest", "live configuration",
                                     "vTPM EK certificate",
-                                    "AK certification", "host"}
+                                    "AK certification", "prediction", "host"}
     assert "not by the CA" in failing(report)["node certificate"]
     assert failing(report)["bundle signature"].startswith("not checked: the node signing certificate")
 
@@ -464,6 +468,55 @@ def test_without_a_baseline_the_baseline_check_says_so(pieces: Pieces) -> None:
     report = pieces.verify(pieces.bundle(baseline_eventlog=None))
     assert report.passed
     assert {c.name: c.detail for c in report.checks}["baseline"] == "no baseline event log (nothing to compare with)"
+
+
+def predicted_from(eventlog: bytes, pcrs: set[int], change: int | None = None) -> BootPredictionRecord:
+    """A prediction of PCRS that is what EVENTLOG measured (with the CHANGE-th event's digest changed)."""
+    events = [PredictedEvent(e.pcr, e.type_name, e.digests["sha256"], f"event {e.index}")
+              for e in parse_event_log(eventlog).events if e.pcr in pcrs and e.type_name != "EV_NO_ACTION"]
+    if change is not None:
+        events[change] = dataclasses.replace(events[change], digest=hashlib.sha256(b"tampered").hexdigest())
+    return BootPredictionRecord("predicted", Prediction(tuple(events), frozenset(pcrs)))
+
+
+def test_a_boot_the_manifest_predicted_passes_the_prediction_check(pieces: Pieces) -> None:
+    record = predicted_from(pieces.guest.eventlog, {4, 5, 7})
+    report = pieces.verify(pieces.bundle(manifest=pieces.manifest(boot_prediction=record)))
+    assert report.passed, report.table()
+    assert {c.name: c.detail for c in report.checks}["prediction"] == \
+        "quoted PCRs 4,5,7 are the launch manifest's prediction"
+    # A predicted PCR the node did not quote is named, not passed silently as judged.
+    record = predicted_from(pieces.guest.eventlog, {4, 14})
+    detail = {c.name: c.detail for c in pieces.verify(pieces.bundle(
+        manifest=pieces.manifest(boot_prediction=record))).checks}["prediction"]
+    assert detail == "quoted PCRs 4 are the launch manifest's prediction (predicted but not quoted: 14)"
+
+
+def test_a_boot_other_than_predicted_fails_naming_the_pcr_and_event(pieces: Pieces) -> None:
+    log = parse_event_log(pieces.guest.eventlog)
+    record = predicted_from(pieces.guest.eventlog, {4, 5})
+    app = next(i for i, e in enumerate(record.prediction.events) if e.type_name == "EV_EFI_BOOT_SERVICES_APPLICATION")
+    record = predicted_from(pieces.guest.eventlog, {4, 5}, change=app)
+    report = pieces.verify(pieces.bundle(manifest=pieces.manifest(boot_prediction=record)))
+    assert set(failing(report)) == {"prediction"}
+    tampered = record.prediction.events[app]
+    found = next(e for e in log.events if e.type_name == "EV_EFI_BOOT_SERVICES_APPLICATION").digests["sha256"]
+    assert failing(report)["prediction"] == (
+        "quoted PCRs 4 are not the launch manifest's prediction: PCR4: EV_EFI_BOOT_SERVICES_APPLICATION: "
+        f"predicted {tampered.digest[:8]}… ({tampered.what}), found {found[:8]}…")
+    # --skip-check prediction: still run, not counted.
+    skipped = pieces.verify(pieces.bundle(manifest=pieces.manifest(boot_prediction=record)), skip=["prediction"])
+    assert skipped.passed and {c.name: c for c in skipped.checks}["prediction"].skipped
+
+
+def test_without_a_prediction_the_prediction_check_says_it_did_not_judge(pieces: Pieces, valid: bytes) -> None:
+    details = {c.name: c.detail for c in pieces.verify(valid).checks}
+    assert details["prediction"] == "not judged: the launch manifest carries no boot prediction"
+    unavailable = BootPredictionRecord("unavailable", reason="no EFI system partition in the image")
+    report = pieces.verify(pieces.bundle(manifest=pieces.manifest(boot_prediction=unavailable)))
+    assert report.passed and {c.name: c.detail for c in report.checks}["prediction"] == (
+        "not judged: the launch manifest's boot prediction was unavailable at launch "
+        "(no EFI system partition in the image)")
 
 
 def test_a_bundle_without_host_evidence_fails_the_host_check(pieces: Pieces) -> None:

@@ -24,9 +24,11 @@ from tvorch.core.guest_baseline import (
     TYPE_CHANGED,
     BaselineVerdict,
     compare,
+    compare_prediction,
     group_of,
 )
 from tvorch.core.manifest import canonical_json
+from tvorch.core.prediction import PredictedEvent, Prediction
 from tvorch.errors import EvidenceError, InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"
@@ -186,3 +188,63 @@ def test_the_verdict_is_frozen(crb: EventLog) -> None:
     assert isinstance(verdict, BaselineVerdict)
     with pytest.raises(dataclasses.FrozenInstanceError):
         verdict.bank = "sha1"  # type: ignore[misc]
+
+
+# --- a first boot against the launch prediction -------------------------------------
+
+
+def predicted(log: EventLog, pcrs: set[int]) -> Prediction:
+    """What a launch would have predicted for PCRS if it was right about LOG's boot."""
+    return Prediction(tuple(PredictedEvent(e.pcr, e.type_name, e.digests["sha256"], f"event {e.index}")
+                            for e in log.events if e.pcr in pcrs and e.event_type != EV_NO_ACTION), frozenset(pcrs))
+
+
+def changed(log: EventLog, position: int, what: bytes) -> EventLog:
+    """LOG with the sha256 digest of its POSITION-th event made that of WHAT."""
+    event = log.events[position]
+    return with_event(log, event.index, digests={**event.digests, "sha256": hashlib.sha256(what).hexdigest()})
+
+
+def test_a_boot_as_predicted_matches_on_the_covered_pcrs_only(crb: EventLog) -> None:
+    prediction = predicted(crb, {4, 5})
+    verdict = compare_prediction(prediction, crb)
+    assert verdict.matches and verdict.pcrs == (4, 5) and verdict.bank == "sha256"
+    # An event outside the covered PCRs is not the prediction's business.
+    other = changed(crb, next(i for i, e in enumerate(crb.events) if e.pcr == 7), b"another PK")
+    assert compare_prediction(prediction, other).matches
+
+
+def test_another_boot_application_is_named_against_the_prediction(crb: EventLog) -> None:
+    app = next(i for i, e in enumerate(crb.events) if e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
+    observed = changed(crb, app, b"a tampered BOOTX64.EFI")
+    verdict = compare_prediction(predicted(crb, {4, 5}), observed)
+    (difference,) = verdict.differences
+    want = crb.events[app].digests["sha256"]
+    found = observed.events[app].digests["sha256"]
+    assert (difference.pcr, difference.kind, difference.expected, difference.found) == (4, CHANGED, want, found)
+    assert difference.describe() == (f"PCR4: EV_EFI_BOOT_SERVICES_APPLICATION: predicted {want[:8]}… "
+                                     f"(event {crb.events[app].index}), found {found[:8]}…")
+    assert difference.to_json()["predicted_what"] == f"event {crb.events[app].index}"
+
+
+def test_an_event_not_predicted_or_a_predicted_one_missing_is_named(crb: EventLog) -> None:
+    prediction = predicted(crb, {4})
+    extra = dataclasses.replace(prediction, events=(*prediction.events,
+                                                    PredictedEvent(4, "EV_EFI_ACTION", "ab" * 32, "an action")))
+    (missing,) = compare_prediction(extra, crb).differences
+    assert missing.kind == MISSING
+    assert missing.describe() == "PCR4: EV_EFI_ACTION: predicted abababab… (an action), found none"
+    fewer = Prediction(prediction.events[:-1], prediction.covered)
+    (added,) = compare_prediction(fewer, crb).differences
+    assert added.kind == ADDED
+    assert added.describe().startswith(f"PCR4: {prediction.events[-1].type_name}: not predicted, found ")
+    # A covered PCR the boot never extended but the prediction has events for: every event missing.
+    silent = Prediction((PredictedEvent(15, "EV_IPL", "cd" * 32, "x"),), frozenset({15}))
+    assert [d.kind for d in compare_prediction(silent, crb).differences] == [MISSING]
+
+
+def test_a_baseline_difference_keeps_its_json_and_wording(crb: EventLog) -> None:
+    app = next(i for i, e in enumerate(crb.events) if e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
+    (difference,) = compare(crb, changed(crb, app, b"x")).differences
+    assert "predicted_what" not in difference.to_json()
+    assert difference.describe().startswith("PCR4: EV_EFI_BOOT_SERVICES_APPLICATION digest changed (expected ")

@@ -146,3 +146,18 @@ def test_guests_running_under_an_older_hook_keep_their_run(tmp_path, monkeypatch
         assert not s.run_open("i-000000000001") and [e.event for e in s.ledger("i-000000000001")] == ["stopped"]
     finally:
         s.close()
+
+
+def test_a_baseline_records_its_source_and_older_rows_are_read_by_their_reason(store):
+    store.create_instance(record())
+    assert store.guest_baseline_source("i-000000000001") is None
+    store.set_guest_baseline("i-000000000001", b"log", "first verified boot, matching the launch prediction",
+                             "baseline-predicted", "predicted")
+    assert store.guest_baseline_source("i-000000000001") == "predicted"
+    with pytest.raises(ValueError, match="not one of"):
+        store.set_guest_baseline("i-000000000001", b"log", "x", "baseline-learned", "trusted")
+    # A row from before the source column: what its reason says.
+    for reason, source in (("first verified boot", "learned"), ("accepted by root: kernel update", "accepted")):
+        with store._write() as db:
+            db.execute("UPDATE guest_baselines SET source = NULL, reason = ?", (reason,))
+        assert store.guest_baseline_source("i-000000000001") == source

@@ -259,8 +259,15 @@ MIGRATIONS: tuple[str, ...] = (
     -- refuses a start with no key lent by naming `tvorch start` instead of libvirt's "Secret not found".
     ALTER TABLE vtpms ADD COLUMN key_lent_at TEXT;
     """,
+    """
+    -- Where a boot baseline came from (README, "Predicted boot measurements"): "predicted" (a first boot
+    -- that matched the launch manifest's signed prediction), "learned" or "accepted"; NULL in rows from
+    -- before, read by their reason.
+    ALTER TABLE guest_baselines ADD COLUMN source TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+BASELINE_SOURCES = ("predicted", "learned", "accepted")  # guest_baselines.source
 
 _VTPM_COLUMNS = (
     "instance_id, state_dir, swtpm_version, ek_fingerprint, ek_cert, ek_public_pem, key_protection, secret_uuid, "
@@ -838,11 +845,23 @@ class Store:
                                "WHERE instance_id = ?", (instance_id,)).fetchone()
         return (bytes(row[0]), bytes(row[1]), row[2], row[3]) if row else None
 
-    def set_guest_baseline(self, instance_id: str, eventlog: bytes, reason: str, event: str) -> None:
+    def set_guest_baseline(self, instance_id: str, eventlog: bytes, reason: str, event: str,
+                           source: str) -> None:
+        """Record EVENTLOG as the baseline; SOURCE is one of BASELINE_SOURCES."""
+        if source not in BASELINE_SOURCES:
+            raise ValueError(f"baseline source {source!r} is not one of {BASELINE_SOURCES}")
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO guest_baselines (instance_id, eventlog, learned_at, reason) "
-                       "VALUES (?,?,?,?)", (instance_id, eventlog, utc_now(), reason))
+            db.execute("INSERT OR REPLACE INTO guest_baselines (instance_id, eventlog, learned_at, reason, source) "
+                       "VALUES (?,?,?,?,?)", (instance_id, eventlog, utc_now(), reason, source))
             self._add_event(db, instance_id, event, reason)
+
+    def guest_baseline_source(self, instance_id: str) -> str | None:
+        """Where the baseline came from (BASELINE_SOURCES); rows from before the column, by their reason."""
+        row = self._db.execute("SELECT source, reason FROM guest_baselines WHERE instance_id = ?",
+                               (instance_id,)).fetchone()
+        if row is None:
+            return None
+        return row[0] or ("accepted" if str(row[1]).startswith("accepted by") else "learned")
 
     def guest_baseline(self, instance_id: str) -> tuple[bytes, str, str] | None:
         """(event log, learned at, reason) of the instance's baseline."""

@@ -29,7 +29,8 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
         write_output(out, bundle)
         emit(as_json, {**summary, "bundle": out}, lambda: "\n".join([
             f"{name}: guest quote verified (vTPM reset count {summary['reset_count']}); "
-            f"boot {summary['baseline']}",
+            f"boot {summary['baseline']}" + (" the launch prediction" if summary["judged_against"] == "prediction"
+                                             else ""),
             *(f"  {line}" for line in summary["differences"]),
             *(f"keylime ({what}): " + ("valid" if r.get("valid") else "INVALID: " + "; ".join(r["failures"])
                                        if r["submitted"] else f"not submitted: {r['queued']}")
@@ -37,7 +38,9 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
             f"evidence bundle: {out}",
         ]))
     if summary["baseline"] == "differs":
-        raise TrustError(f"{name}: this boot differs from its baseline: {'; '.join(summary['differences'])}")
+        against = "the launch manifest's boot prediction (not learned)" if summary["judged_against"] == \
+            "prediction" else "its baseline"
+        raise TrustError(f"{name}: this boot differs from {against}: {'; '.join(summary['differences'])}")
 
 
 class Duration(click.ParamType):
@@ -112,7 +115,7 @@ def baseline_show(ctx: Context, name: str, as_json: bool) -> None:
     def text() -> str:
         b = info["baseline"]
         lines = [f"baseline: {'none yet (learned at the first verified boot)' if b is None else ''}"
-                 f"{'' if b is None else b['learned_at'] + ', ' + b['reason']}"]
+                 f"{'' if b is None else b['source'] + ' at ' + b['learned_at'] + ', ' + b['reason']}"]
         if b is not None:
             lines.append("  events by PCR: " + ", ".join(f"{p}: {n}" for p, n in sorted(
                 b["events_by_pcr"].items(), key=lambda item: int(item[0]))))

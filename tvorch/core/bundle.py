@@ -73,6 +73,13 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
   each such PCR is quoted), naming each PCR that does not.
 - "baseline": with a baseline event log, the boot matches it event by event
   (recomputed; each difference described) and the node's verdict says the same.
+- "prediction": the quoted guest PCRs the launch manifest's signed boot
+  prediction covers equal its predicted values; each difference is named by
+  event from the guest event log. A manifest with no prediction, or one
+  unavailable at launch, passes saying "not judged" and why (the manifest
+  signs the policy's digest, not its first_boot setting, so a verifier cannot
+  tell whether the node required one); a quote in another bank than the
+  prediction's sha256 fails.
 - "host": a passing host verdict at most the verifier's maximum host age
   older than the bundle; a host quote over the same nonce, by the host AK the
   node certified by credential activation against its TPM's EK (signed by the
@@ -113,7 +120,7 @@ from tvorch.core.akcert import ek_cert_sha256, verify_ak_certification, verify_h
 from tvorch.core.chain import issuer_under
 from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
 from tvorch.core.eventlog import parse_event_log, replay
-from tvorch.core.guest_baseline import compare
+from tvorch.core.guest_baseline import compare, compare_prediction
 from tvorch.core.hostverdict import HostVerdict
 from tvorch.core.ima import (
     IMA_PCR,
@@ -131,6 +138,8 @@ from tvorch.core.manifest import (
     manifest_digest,
     verify_manifest,
 )
+from tvorch.core.prediction import BANK as PREDICTION_BANK
+from tvorch.core.prediction import Prediction
 from tvorch.core.quote import (
     HostQuote,
     ak_fingerprint,
@@ -570,6 +579,39 @@ def _check_baseline(ctx: _Context) -> str:
     return f"boot matches the baseline event by event ({b.bank}, {shown})"
 
 
+def _check_prediction(ctx: _Context) -> str:
+    b = ctx.bundle
+    if ctx.manifest is None:
+        raise TrustError("not checked: the launch manifest does not verify")
+    record = ctx.manifest.boot_prediction
+    if record is None:
+        return "not judged: the launch manifest carries no boot prediction"
+    if record.prediction is None:
+        return f"not judged: the launch manifest's boot prediction was unavailable at launch ({record.reason})"
+    return judge_prediction(record.prediction, b.bank, b.pcrs, b.eventlog)
+
+
+def judge_prediction(prediction: Prediction, bank: str, pcrs: Mapping[int, bytes], eventlog: bytes) -> str:
+    """What the "prediction" check says of quoted PCRS: TrustError naming each PCR (and event) that differs."""
+    if bank != PREDICTION_BANK:
+        raise TrustError(f"the guest quote is of the {bank} bank; the boot prediction is {PREDICTION_BANK}")
+    judged = sorted(p for p in prediction.covered if p in pcrs)
+    unquoted = sorted(prediction.covered - set(pcrs))
+    if not judged:
+        raise TrustError(f"none of the predicted PCRs {_pcr_list(prediction.covered)} is quoted")
+    wrong = [p for p in judged if pcrs[p].hex() != prediction.pcrs[p]]
+    if wrong:
+        try:
+            events = [d.describe() for d in compare_prediction(prediction, parse_event_log(eventlog)).differences
+                      if d.pcr in wrong]
+        except TvorchError:  # the event log's own check names why it does not parse
+            events = []
+        raise TrustError(f"quoted PCRs {_pcr_list(wrong)} are not the launch manifest's prediction"
+                         + (": " + "; ".join(events) if events else ""))
+    return (f"quoted PCRs {_pcr_list(judged)} are the launch manifest's prediction"
+            + (f" (predicted but not quoted: {_pcr_list(unquoted)})" if unquoted else ""))
+
+
 def _check_host(ctx: _Context) -> str:
     b = ctx.bundle
     if b.host_verdict is None and b.host_quote is None:
@@ -670,6 +712,7 @@ _CHECKS: tuple[tuple[str, Callable[[_Context], str]], ...] = (
     ("guest quote", _check_guest_quote),
     ("guest event log", _check_eventlog),
     ("baseline", _check_baseline),
+    ("prediction", _check_prediction),
     ("host", _check_host),
 )
 CHECK_NAMES = tuple(name for name, _ in _CHECKS)  # the checks a verifier may skip ("format" is not one)

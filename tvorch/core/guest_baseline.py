@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tvorch.core.eventlog import EV_NO_ACTION, MAX_PCR, EventLog, TcgEvent
+from tvorch.core.prediction import BANK, PredictedEvent, Prediction
 from tvorch.errors import EvidenceError, InputError
 
 EARLY_BOOT = "early boot"
@@ -62,10 +63,15 @@ class Difference:
     found: str | None  # hex digest observed; None if missing
     expected_type: str | None = None  # the baseline's event type, when the kind is TYPE_CHANGED
     variable: str | None = None  # UEFI variable name, for EV_EFI_VARIABLE_* events
+    # With a launch prediction (compare_prediction) instead of a baseline: what the predicted event measured.
+    predicted: bool = False
+    predicted_what: str | None = None
 
     def describe(self) -> str:
         """One line, e.g. "PCR4: EV_EFI_BOOT_SERVICES_APPLICATION digest changed (expected 3d458cfe…, found …)"."""
         what = _named(self.event_type, self.variable)
+        if self.predicted:
+            return self._describe_vs_prediction(what)
         if self.kind == CHANGED:
             change = "changed" if self.variable else "digest changed"
             return f"PCR{self.pcr}: {what} {change} (expected {_short(self.expected)}, found {_short(self.found)})"
@@ -79,12 +85,27 @@ class Difference:
             return f"PCR{self.pcr}: {what} added (found {_short(self.found)})"
         return f"PCR{self.pcr}: {what} missing (expected {_short(self.expected)})"
 
+    def _describe_vs_prediction(self, what: str) -> str:
+        """E.g. "PCR4: EV_EFI_BOOT_SERVICES_APPLICATION: predicted 3d458cfe… (\\EFI\\BOOT\\BOOTX64.EFI), found 1f2e…"."""
+        measured = "" if self.predicted_what is None else f" ({self.predicted_what})"
+        if self.kind == CHANGED:
+            return f"PCR{self.pcr}: {what}: predicted {_short(self.expected)}{measured}, found {_short(self.found)}"
+        if self.kind == TYPE_CHANGED:
+            return (f"PCR{self.pcr}: event {self.index}: predicted {self.expected_type} {_short(self.expected)}"
+                    f"{measured}, found {what} {_short(self.found)}")
+        if self.kind == ADDED:
+            return f"PCR{self.pcr}: {what}: not predicted, found {_short(self.found)}"
+        return f"PCR{self.pcr}: {what}: predicted {_short(self.expected)}{measured}, found none"
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "pcr": self.pcr, "group": self.group, "kind": self.kind, "event_type": self.event_type,
             "expected_type": self.expected_type, "variable": self.variable, "index": self.index,
             "expected": self.expected, "found": self.found, "description": self.describe(),
         }
+        if self.predicted:  # a baseline difference's JSON stays what it was (verify compares it)
+            out["predicted_what"] = self.predicted_what
+        return out
 
 
 @dataclass(frozen=True)
@@ -141,24 +162,59 @@ def _events_by_pcr(log: EventLog, bank: str, which: str) -> dict[int, list[TcgEv
 
 
 def _compare_pcr(pcr: int, expected: Sequence[TcgEvent], found: Sequence[TcgEvent], bank: str) -> list[Difference]:
-    def keys(events: Sequence[TcgEvent]) -> list[tuple[int, str]]:
-        return [(e.event_type, e.digests[bank]) for e in events]
-
     out: list[Difference] = []
-    matcher = difflib.SequenceMatcher(None, keys(expected), keys(found), autojunk=False)
+    for kind, e, f in _align([(x.type_name, x.digests[bank]) for x in expected],
+                             [(x.type_name, x.digests[bank]) for x in found]):
+        old = None if e is None else expected[e]
+        new = None if f is None else found[f]
+        event = new if new is not None else old
+        assert event is not None
+        out.append(_difference(pcr, kind, event, f if f is not None else e or 0, old, new, bank))
+    return out
+
+
+def _align(expected: Sequence[tuple[str, str]], found: Sequence[tuple[str, str]]
+           ) -> list[tuple[str, int | None, int | None]]:
+    """(kind, index in EXPECTED, index in FOUND) of every unmatched event of two (type, digest) sequences."""
+    out: list[tuple[str, int | None, int | None]] = []
+    matcher = difflib.SequenceMatcher(None, list(expected), list(found), autojunk=False)
     for op, e1, e2, f1, f2 in matcher.get_opcodes():
         if op == "equal":
             continue
         paired = min(e2 - e1, f2 - f1)
         for k in range(paired):
-            old, new = expected[e1 + k], found[f1 + k]
-            kind = CHANGED if old.event_type == new.event_type else TYPE_CHANGED
-            out.append(_difference(pcr, kind, new, f1 + k, old, new, bank))
-        for k in range(e1 + paired, e2):
-            out.append(_difference(pcr, MISSING, expected[k], k, expected[k], None, bank))
-        for k in range(f1 + paired, f2):
-            out.append(_difference(pcr, ADDED, found[k], k, None, found[k], bank))
+            kind = CHANGED if expected[e1 + k][0] == found[f1 + k][0] else TYPE_CHANGED
+            out.append((kind, e1 + k, f1 + k))
+        out += [(MISSING, k, None) for k in range(e1 + paired, e2)]
+        out += [(ADDED, None, k) for k in range(f1 + paired, f2)]
     return out
+
+
+def compare_prediction(prediction: Prediction, observed: EventLog) -> BaselineVerdict:
+    """Every event of OBSERVED on the PCRs PREDICTION covers that differs from the predicted events (sha256).
+
+    Aligned like a baseline comparison; each difference says "predicted"
+    where a baseline's says "expected", and names what the prediction measured.
+    """
+    found = _events_by_pcr(observed, BANK, "observed")
+    predicted: dict[int, list[PredictedEvent]] = {}
+    for p in prediction.events:
+        predicted.setdefault(p.pcr, []).append(p)
+    differences: list[Difference] = []
+    for pcr in sorted(prediction.covered):
+        want, got = predicted.get(pcr, []), found.get(pcr, [])
+        for kind, e, f in _align([(p.type_name, p.digest) for p in want],
+                                 [(x.type_name, x.digests[BANK]) for x in got]):
+            old = None if e is None else want[e]
+            new = None if f is None else got[f]
+            differences.append(Difference(
+                pcr=pcr, group=group_of(pcr), kind=kind,
+                event_type=new.type_name if new is not None else old.type_name if old is not None else "",
+                index=f if f is not None else e or 0,
+                expected=None if old is None else old.digest, found=None if new is None else new.digests[BANK],
+                expected_type=old.type_name if kind == TYPE_CHANGED and old is not None else None,
+                variable=_variable(new, None), predicted=True, predicted_what=None if old is None else old.what))
+    return BaselineVerdict(BANK, tuple(sorted(prediction.covered)), tuple(differences))
 
 
 def _difference(pcr: int, kind: str, event: TcgEvent, index: int, old: TcgEvent | None, new: TcgEvent | None,

@@ -50,8 +50,10 @@ from ..core.bundle import (
 )
 from ..core.canonical import autoselection_hint, config_digest
 from ..core.eventlog import parse_event_log
-from ..core.guest_baseline import BaselineVerdict, compare
+from ..core.guest_baseline import BaselineVerdict, compare, compare_prediction
 from ..core.instance import InstanceRecord, InstanceState, validate_name
+from ..core.manifest import manifest_from_dict
+from ..core.prediction import Prediction
 from ..core.quote import QuoteInfo, ak_name, verify_quote
 from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, TrustError, TvorchError
 from ..logs import get_logger
@@ -74,11 +76,13 @@ class GuestAttestation:
     learned: bool
     ak_certification: dict[str, Any]
     keylime: dict[str, Any] | None = None  # Keylime's verdicts beside tvorch's (service.keylime), when submitted
+    against: str | None = "baseline"  # "prediction": a first boot judged against the launch prediction
 
     def summary(self) -> dict[str, Any]:
         return {**({} if self.keylime is None else {"keylime": self.keylime}),
             "name": self.record.name, "instance_id": self.record.id, "reset_count": self.quote.reset_count,
             "pcrs": {str(i): v.hex() for i, v in sorted(self.evidence.pcrs.items())},
+            "judged_against": self.against,
             "baseline": "learned from this boot" if self.learned else (
                 "matches" if self.baseline is not None and self.baseline.matches else "differs"),
             "differences": [] if self.baseline is None else [d.describe() for d in self.baseline.differences],
@@ -132,8 +136,8 @@ def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = No
     if problems:
         node.store.add_event(record.id, "guest-evidence-refused", "; ".join(problems))
         raise TrustError(f"the guest's event log does not hold together with its quote: {'; '.join(problems)}")
-    verdict, learned = _judge_boot(node, record, evidence, info)
-    return GuestAttestation(record, evidence, info, verdict, learned, certification)
+    verdict, learned, against = _judge_boot(node, record, evidence, info)
+    return GuestAttestation(record, evidence, info, verdict, learned, certification, against=against)
 
 
 def _certified_ak(node: Node, record: InstanceRecord, ek_cert: x509.Certificate, ek_fingerprint: str,
@@ -166,29 +170,63 @@ def _certified_ak(node: Node, record: InstanceRecord, ek_cert: x509.Certificate,
 
 
 def _judge_boot(node: Node, record: InstanceRecord, evidence: GuestEvidence,
-                info: QuoteInfo) -> tuple[BaselineVerdict | None, bool]:
-    """Compare with the baseline (or learn it from this first verified boot) and record the boot once."""
+                info: QuoteInfo) -> tuple[BaselineVerdict | None, bool, str | None]:
+    """Compare with the baseline, or judge this first verified boot (policy.first_boot), and record the boot once.
+
+    (verdict, learned, against): AGAINST is "prediction" when a first boot was judged against the launch
+    manifest's signed prediction, "baseline" otherwise, None when this boot was learned unjudged.
+    A first boot that differs from the prediction is refused and never becomes the baseline.
+    """
     baseline = node.store.guest_baseline(record.id)
-    learned = baseline is None
-    if learned:
-        node.store.set_guest_baseline(record.id, evidence.eventlog, "first verified boot", "baseline-learned")
-        verdict = None
-    else:
-        assert baseline is not None
+    verdict: BaselineVerdict | None = None
+    against: str | None = "baseline"
+    learned, note = False, ""
+    if baseline is not None:
         verdict = compare(parse_event_log(baseline[0]), parse_event_log(evidence.eventlog), evidence.bank)
+    else:
+        prediction, why_not = first_boot_prediction(node.cfg, node.store.manifest(record.id))
+        if prediction is not None:
+            against = "prediction"
+            verdict = compare_prediction(prediction, parse_event_log(evidence.eventlog))
+            if verdict.matches:
+                node.store.set_guest_baseline(
+                    record.id, evidence.eventlog, "first verified boot, matching the launch prediction (PCRs "
+                    f"{', '.join(map(str, sorted(prediction.covered)))})", "baseline-predicted", "predicted")
+        else:
+            learned, against, note = True, None, why_not
+            node.store.set_guest_baseline(record.id, evidence.eventlog, "first verified boot" + (
+                f" ({why_not})" if why_not else ""), "baseline-learned", "learned")
     boots = node.store.guest_boots(record.id, limit=1)
     if not boots or boots[-1]["reset_count"] != info.reset_count:
         matches = verdict is None or verdict.matches
-        shown = {"baseline": "learned" if learned else ("matches" if matches else "differs"),
-                 "differences": [] if verdict is None else [d.to_json() for d in verdict.differences]}
+        shown: dict[str, Any] = {
+            "baseline": "learned" if learned else ("matches" if matches else "differs"),
+            "differences": [] if verdict is None else [d.to_json() for d in verdict.differences]}
+        if against == "prediction" or note:
+            shown["first_boot"] = note or "judged against the launch prediction"
         node.store.add_guest_boot(record.id, info.reset_count, matches, json.dumps(shown), evidence.eventlog)
         if not matches:
             assert verdict is not None
-            node.store.add_event(record.id, "boot-differs",
-                                 "; ".join(d.describe() for d in verdict.differences)[:2000])
-            log.warning("guest_boot_differs", name=record.name,
+            kind = "boot-differs-from-prediction" if against == "prediction" else "boot-differs"
+            node.store.add_event(record.id, kind, "; ".join(d.describe() for d in verdict.differences)[:2000])
+            log.warning("guest_boot_differs", name=record.name, against=against,
                         differences=[d.describe() for d in verdict.differences])
-    return verdict, learned
+    return verdict, learned, against
+
+
+def first_boot_prediction(cfg: Config, manifest: bytes | None) -> tuple[Prediction | None, str]:
+    """The prediction a first boot is judged against, or None and why it is learned instead ("" under "learn")."""
+    if cfg.policy.first_boot == "learn":
+        return None, ""
+    if manifest is None:
+        return None, "policy.first_boot is predicted, but the instance has no launch manifest: learned"
+    record = manifest_from_dict(json.loads(manifest)["manifest"]).boot_prediction
+    if record is None:
+        return None, "policy.first_boot is predicted, but the launch manifest has no boot prediction: learned"
+    if record.prediction is None:
+        return None, (f"policy.first_boot is predicted, but the launch manifest's boot prediction is unavailable "
+                      f"({record.reason}): learned")
+    return record.prediction, ""
 
 
 # -- evidence bundle -----------------------------------------------------------
@@ -289,6 +327,7 @@ def baseline_show(node: Node, name: str) -> dict[str, Any]:
     return {
         "name": record.name, "instance_id": record.id,
         "baseline": None if baseline is None else {"learned_at": baseline[1], "reason": baseline[2],
+                                                   "source": node.store.guest_baseline_source(record.id),
                                                    "events_by_pcr": events},
         "boots": node.store.guest_boots(record.id),
     }
@@ -301,7 +340,7 @@ def baseline_accept(node: Node, name: str, reason: str) -> dict[str, Any]:
     if last is None:
         raise NotFoundError(f"no verified boot of '{name}' to accept: run `tvorch attest {name}` first")
     who = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
-    node.store.set_guest_baseline(record.id, last, f"accepted by {who}: {reason}", "baseline-accepted")
+    node.store.set_guest_baseline(record.id, last, f"accepted by {who}: {reason}", "baseline-accepted", "accepted")
     return baseline_show(node, name)
 
 
