@@ -377,6 +377,32 @@ def test_a_changed_boot_is_named_and_can_be_accepted(node: Host, guest, tmp_path
     assert [e for e in events if e["kind"] == "baseline-accepted" and "guest kernel update" in e["detail"]]
 
 
+def test_a_planned_boot_change_predicted_from_the_guest_disk_becomes_the_baseline(node: Host, guest,
+                                                                                   tmp_path: Path):
+    """A kernel update inside the guest, predicted before its boot (`tvorch predict --instance`): no accept."""
+    name, record, _ = guest
+    assert node.json("baseline", "show", name)["baseline"] is not None  # after the accepted change above
+    node.run("stop", "--force", name)
+    install_changed_uki(Path(record["overlay"]), tmp_path)  # another UKI: differs from the baseline in PCRs 4, 11
+    refused = node.run("predict", "--instance", name, "--kernel", "/boot/vmlinuz")
+    assert refused.returncode == ExitCode.INVALID_INPUT and "refused --kernel with --instance" in refused.stderr
+    done = node.json("predict", "--instance", name, "--boot-file", "/EFI/BOOT/BOOTX64.EFI")
+    assert {4, 5, 11} <= set(done["prediction"]["covered"]) and done["boot_file"] == "/EFI/BOOT/BOOTX64.EFI"
+    assert node.run("start", name).returncode == 0
+    wait_for_ready(Path(record["console_log"]))
+
+    proc = node.run("attest", name, "--nonce", secrets.token_hex(16), "--out", str(tmp_path / "b.json"),
+                    "--timeout", "120")
+    assert proc.returncode == 0, proc.stderr
+    assert "boot matches its expected next boot" in proc.stdout
+    shown = node.json("baseline", "show", name)
+    assert shown["baseline"]["source"] == "predicted" and "tvorch predict --instance" in shown["baseline"]["reason"]
+    kinds = [e["kind"] for e in node.json("show", name)["events"]]
+    assert "next-boot-predicted" in kinds and kinds.count("baseline-predicted") >= 1
+    # The expectation is used up: the next verified boot is judged against the new baseline.
+    assert attest(node, name, tmp_path / "again.json", secrets.token_hex(16)).returncode == 0
+
+
 def test_secure_boot_on_versus_off_is_named_in_pcr7(tv: Tv, booted_guest: BootedGuest, guest_dir: Path,
                                                      tmp_path: Path):
     """Two real boots of the test guest, Secure Boot off and on: the comparison names PCR 7's SecureBoot."""

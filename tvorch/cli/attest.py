@@ -29,8 +29,9 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
         write_output(out, bundle)
         emit(as_json, {**summary, "bundle": out}, lambda: "\n".join([
             f"{name}: guest quote verified (vTPM reset count {summary['reset_count']}); "
-            f"boot {summary['baseline']}" + (" the launch prediction" if summary["judged_against"] == "prediction"
-                                             else ""),
+            f"boot {summary['baseline']}" + {"prediction": " the launch prediction",
+                                             "next-boot prediction": " its expected next boot"}.get(
+                                                 summary["judged_against"], ""),
             *(f"  {line}" for line in summary["differences"]),
             *(f"keylime ({what}): " + ("valid" if r.get("valid") else "INVALID: " + "; ".join(r["failures"])
                                        if r["submitted"] else f"not submitted: {r['queued']}")
@@ -38,8 +39,9 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
             f"evidence bundle: {out}",
         ]))
     if summary["baseline"] == "differs":
-        against = "the launch manifest's boot prediction (not learned)" if summary["judged_against"] == \
-            "prediction" else "its baseline"
+        against = {"prediction": "the launch manifest's boot prediction (not learned)",
+                   "next-boot prediction": "its baseline and its expected next boot (tvorch predict --instance; "
+                                           "not learned)"}.get(summary["judged_against"], "its baseline")
         raise TrustError(f"{name}: this boot differs from {against}: {'; '.join(summary['differences'])}")
 
 

@@ -10,15 +10,33 @@ from .instances import launch
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", required=False)
+@click.option("--instance", metavar="NAME", help="Predict the next boot of instance NAME from its own disk "
+              "(a planned change inside the guest) and keep it as its expected next boot; no IMAGE.")
+@click.option("--boot-file", metavar="PATH", help="With --instance: the boot file on the guest's EFI system "
+              "partition, as firmware names it (default \\EFI\\BOOT\\BOOTX64.EFI).")
 @json_option
 @pass_ctx
-def predict(ctx: Context, image: str, firmware: str | None, secure_boot: bool | None, firmware_profile: str | None,
+def predict(ctx: Context, image: str | None, instance: str | None, boot_file: str | None, firmware: str | None,
+            secure_boot: bool | None, firmware_profile: str | None,
             tpm_model: str | None, kernel: str | None, initrd: str | None, cmdline: str | None,
             memory: int | None, vcpus: int | None, as_json: bool) -> None:
     """The boot measurements (PCR, event type, sha256, what) launching IMAGE would produce, and the PCR values."""
     from ..config import load_config
+    from ..errors import InputError
     from ..service.predict import PredictRequest, predict as run
+
+    if instance is not None:
+        given = [n for n, v in (("IMAGE", image), ("--firmware", firmware), ("--secure-boot", secure_boot),
+                                ("--firmware-profile", firmware_profile), ("--tpm-model", tpm_model),
+                                ("--kernel", kernel), ("--initrd", initrd), ("--cmdline", cmdline),
+                                ("--memory", memory), ("--vcpus", vcpus)) if v is not None]
+        if given:
+            raise InputError(f"refused {', '.join(given)} with --instance: the instance's launch decided them")
+        _predict_instance(ctx, instance, boot_file, as_json)
+        return
+    if image is None or boot_file is not None:
+        raise InputError("give IMAGE, or --instance NAME [--boot-file PATH]")
 
     d = load_config(ctx.config_path).launch
     req = PredictRequest(
@@ -38,6 +56,22 @@ def predict(ctx: Context, image: str, firmware: str | None, secure_boot: bool | 
         return "\n".join(lines)
 
     emit(as_json, result.to_json(), text)
+
+
+def _predict_instance(ctx: Context, name: str, boot_file: str | None, as_json: bool) -> None:
+    from ..core.bootdisk import DEFAULT_BOOT_PATH
+    from ..service.next_boot import predict_next_boot
+
+    done = predict_next_boot(ctx.node, name, boot_file or DEFAULT_BOOT_PATH)
+
+    def text() -> str:
+        p = done["prediction"]
+        lines = [f"{name}: expected next boot, from {done['boot_file']} on its disk "
+                 "(its next boot that differs from the baseline is judged against it)", "PCRs (sha256):"]
+        lines += [f"  {pcr:>2}: {value}" for pcr, value in p["pcrs"].items()]
+        return "\n".join(lines)
+
+    emit(as_json, done, text)
 
 
 # The launch options that decide what is measured, the very Option objects `tvorch launch` takes.

@@ -183,6 +183,8 @@ def _judge_boot(node: Node, record: InstanceRecord, evidence: GuestEvidence,
     learned, note = False, ""
     if baseline is not None:
         verdict = compare(parse_event_log(baseline[0]), parse_event_log(evidence.eventlog), evidence.bank)
+        if not verdict.matches:
+            verdict, against = _judge_next_boot(node, record, evidence, verdict)
     else:
         prediction, why_not = first_boot_prediction(node.cfg, node.store.manifest(record.id))
         if prediction is not None:
@@ -204,14 +206,37 @@ def _judge_boot(node: Node, record: InstanceRecord, evidence: GuestEvidence,
             "differences": [] if verdict is None else [d.to_json() for d in verdict.differences]}
         if against == "prediction" or note:
             shown["first_boot"] = note or "judged against the launch prediction"
+        elif against == "next-boot prediction":
+            shown["judged_against"] = "the expected next boot (tvorch predict --instance)"
         node.store.add_guest_boot(record.id, info.reset_count, matches, json.dumps(shown), evidence.eventlog)
         if not matches:
             assert verdict is not None
-            kind = "boot-differs-from-prediction" if against == "prediction" else "boot-differs"
+            kind = "boot-differs" if against == "baseline" else "boot-differs-from-prediction"
             node.store.add_event(record.id, kind, "; ".join(d.describe() for d in verdict.differences)[:2000])
             log.warning("guest_boot_differs", name=record.name, against=against,
                         differences=[d.describe() for d in verdict.differences])
     return verdict, learned, against
+
+
+def _judge_next_boot(node: Node, record: InstanceRecord, evidence: GuestEvidence,
+                     vs_baseline: BaselineVerdict) -> tuple[BaselineVerdict, str]:
+    """A boot that differs from the baseline, judged against the expected next boot when one is kept
+    (`tvorch predict --instance`): on the PCRs it covers against it, elsewhere against the baseline.
+    A match becomes the baseline (source "predicted") and the expectation is used up."""
+    from .next_boot import expected_next_boot, forget_next_boot
+
+    expected = expected_next_boot(node.cfg, record.id) if evidence.bank == "sha256" else None
+    if expected is None:
+        return vs_baseline, "baseline"
+    prediction, boot_file = expected
+    differences = compare_prediction(prediction, parse_event_log(evidence.eventlog)).differences + tuple(
+        d for d in vs_baseline.differences if d.pcr not in prediction.covered)
+    verdict = BaselineVerdict(evidence.bank, None, tuple(sorted(differences, key=lambda d: d.pcr)))
+    if verdict.matches:
+        node.store.set_guest_baseline(record.id, evidence.eventlog, f"verified boot matching the prediction of "
+                                      f"{boot_file} (tvorch predict --instance)", "baseline-predicted", "predicted")
+        forget_next_boot(node.cfg, record.id)
+    return verdict, "next-boot prediction"
 
 
 def first_boot_prediction(cfg: Config, manifest: bytes | None) -> tuple[Prediction | None, str]:
