@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import imagefiles
+from ..adapters.files import ensure_private_dir
 from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.locks import instance_lock
 from ..core.instance import InstanceRecord, InstanceState, validate_name
@@ -78,6 +79,7 @@ def start(node: Node, name: str, why: str = "tvorch start") -> tuple[InstanceRec
         if record.state is InstanceState.RUNNING:
             return record, False
         prepare_socket_dir(_channel(node, record), Path(node.cfg.guest.channel_dir))  # /run is empty after a reboot
+        ensure_private_dir(Path(node.cfg.console_log_dir))  # libvirt opens the console log, but makes no directory
         restoring = node.hypervisor.has_managed_save(name)
         with vtpm.unlocked(node, record):
             node.hypervisor.start(name)
