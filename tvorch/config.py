@@ -134,7 +134,7 @@ class GuestAttestation:
 
 @dataclass(frozen=True)
 class Keylime:
-    """A Keylime verifier that judges each boot and host quote tvorch has verified (README, "Keylime")."""
+    """A Keylime verifier that judges each boot and host quote tvorch has verified (docs/keylime.md)."""
 
     # https://HOST:PORT of the verifier (or of the pool's one URL); empty: no submissions.
     verifier_url: str = ""

@@ -1,4 +1,4 @@
-"""`tvorch firmware reference list|show|create|remove`: the signed firmware references (README, "Firmware references")."""
+"""`tvorch firmware reference list|show|create|remove`: the signed firmware references (docs/firmware-references.md)."""
 
 from __future__ import annotations
 

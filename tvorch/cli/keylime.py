@@ -15,7 +15,7 @@ from .host import host
 
 @cli.group()
 def keylime() -> None:
-    """Export what tvorch knows for a Keylime verifier (README, "Keylime")."""
+    """Export what tvorch knows for a Keylime verifier (docs/keylime.md)."""
 
 
 @keylime.command(name="policy")

@@ -18,7 +18,7 @@ The file is one JSON object in canonical form (``manifest.canonical_json``)::
       "instance": {"id": "i-...", "name": "vm1", "uuid": "<libvirt UUID>"},
       "node": {"hostname": "compute-7",
                "signing_cert_pem": "<PEM of the node signing certificate>",
-               "ca_pem": "<PEM of the node CA>"},           # then, in a fleet, the chain above it (README)
+               "ca_pem": "<PEM of the node CA>"},           # then, in a fleet, the chain above it (docs/evidence-bundle.md)
       "manifest": "<base64 of the signed launch manifest file>",
       "vtpm": {"ek_cert_pem": "<PEM of the vTPM's RSA EK certificate>"},
       "ak_certification": {...},                           # core.akcert's signed object
@@ -92,7 +92,7 @@ Information, not a check (shown as INFO, never counted, only when the
 bundle carries it): "keylime", the verdicts of the Keylime verifier the node
 submitted the guest boot and host quote to, as the node recorded them. A
 verifier that trusts that Keylime may act on them; they are not evidence
-itself (README, "Keylime").
+itself (docs/keylime.md).
 
 A check whose premise did not verify (say, the AK certification when the node
 certificate does not chain to the CA) fails saying "not checked: ..." rather

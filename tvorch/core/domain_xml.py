@@ -29,7 +29,7 @@ from tvorch.core.spec import (
 )
 from tvorch.errors import InputError
 
-# The virtio-serial port the guest agent opens (/dev/virtio-ports/<name>); README, "Guest attestation".
+# The virtio-serial port the guest agent opens (/dev/virtio-ports/<name>); docs/tvorch-attest.md.
 GUEST_CHANNEL_NAME = "org.tvorch.attest.0"
 
 TEMPLATE_PACKAGE = "tvorch.xml_templates"

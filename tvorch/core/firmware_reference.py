@@ -16,7 +16,7 @@ after the last event is 0xFF fill), and frames exactly that span with
 has measured everything up to its separators before it gives up on the disk.
 
 What keys a reference (``ReferenceKey``) is what was found to change these
-events (README, "Firmware references"): the code, vars template and QEMU
+events (docs/firmware-references.md): the code, vars template and QEMU
 digests, the machine and virt type, memory and vCPUs (OVMF's PEI volume,
 measured into PCR 0, differs with both), Secure Boot and the device layout
 (PCR 1's boot options name PCI paths). The TPM model and the domain UUID

@@ -3,7 +3,7 @@
 Pure: bytes and dicts in, Keylime's JSON shapes out, and Keylime's answer
 parsed back into a ``KeylimeVerdict``.
 
-Two weaknesses of that endpoint decide what tvorch sends (README, "Keylime"):
+Two weaknesses of that endpoint decide what tvorch sends (docs/keylime.md):
 it does not tie the AK to an EK (any AK is accepted), and it reports a quote
 whose signature is bad as valid when the tpm_policy names no PCR. So
 ``evidence_payload`` is only ever called on evidence tvorch has verified

@@ -1,7 +1,7 @@
 """The launch manifest: what a VM was started from, signed by the node key.
 
 Pure: dataclasses and bytes in, bytes and dataclasses out. The signed file is
-one JSON object in canonical form (README, "Launch manifest"); its SHA-256 is
+one JSON object in canonical form (docs/launch-manifest.md); its SHA-256 is
 what the domain's ``<metadata>`` names, so the file is checked byte for byte:
 a verifier refuses anything that is not exactly the canonical serialisation
 of what it parsed, and signatures have one encoding only (DER, low S), so no
@@ -37,7 +37,7 @@ DIGEST_ALGORITHM = "sha256"
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
 
 # What each measurement is of. A verifier must know what every entry means,
-# so a new kind is a change to this list (and to the README), not free text.
+# so a new kind is a change to this list (and to docs/launch-manifest.md), not free text.
 MEASUREMENT_KINDS = frozenset(
     {
         "image-layer",  # one file of the disk image's backing chain
@@ -127,7 +127,7 @@ def canonical_json(obj: object) -> bytes:
 
 
 def manifest_to_dict(manifest: LaunchManifest) -> dict[str, Any]:
-    """The manifest as JSON-ready values (README, "Launch manifest")."""
+    """The manifest as JSON-ready values (docs/launch-manifest.md)."""
     return {
         "version": manifest.version,
         "instance_id": manifest.instance_id,
