@@ -21,12 +21,19 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-NEEDS = re.compile(r'^SMOKE_NEEDS = "(node|guest)"$', re.MULTILINE)
+NEEDS = re.compile(r'^SMOKE_NEEDS = "(node|guest)"(?:\s*#.*)?$', re.MULTILINE)
 
 
 def _needs(path: Path) -> str | None:
     found = NEEDS.search(path.read_text())
     return found[1] if found else None
+
+
+def test_smoke_needs_are_read() -> None:
+    """The benchmarks that launch or attest declare it (else they would run against the node's default config)."""
+    found = {p.stem: _needs(p) for p in BENCHMARKS.glob("*.py")}
+    assert {"launch_overhead": "node", "launch_scale": "node", "guest_attest": "guest",
+            "keylime_submit": "guest"}.items() <= found.items()
 
 
 @pytest.mark.parametrize("path", sorted(BENCHMARKS.glob("*.py")), ids=lambda p: p.stem)
