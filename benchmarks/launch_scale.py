@@ -16,7 +16,7 @@ The config is $TVORCH_CONFIG, else the node's default config; the installed
 hook must read that config (as for launch_overhead.py). Its store may hold
 instances already: the comparison is then N against N + INSTANCES, which is
 what the ratio is about. Everything made is named `tvbench-scale-*`.
---smoke (what `make test` runs): 2 instances, 1 run of each, goal not judged.
+--smoke (what `make test` runs): 1 instance, 1 run of each, no warm-up, goal not judged.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=30, help="stopped instances added (default 30)")
     parser.add_argument("--runs", type=int, default=5, help="timed launches at each size (default 5)")
-    parser.add_argument("--smoke", action="store_true", help="2 instances, 1 run, goal not judged (make test)")
+    parser.add_argument("--smoke", action="store_true", help="1 instance, 1 run, goal not judged (make test)")
     args = parser.parse_args()
     if args.smoke:
-        args.instances, args.runs = 2, 1
+        args.instances, args.runs = 1, 1
     if args.runs < 1 or args.instances < 1:
         parser.error("--runs and --instances must be at least 1")
     if not IMAGE.is_file():
@@ -82,10 +82,11 @@ def main() -> int:
     made: list[str] = []
     try:
         before = len(json.loads(tvorch("list", "--json").stdout))
-        warm = f"tvbench-scale-{TAG}-warm"
-        made.append(warm)
-        launch(warm)  # untimed: page cache, digest cache, node keys
-        tvorch("destroy", "--purge-vtpm", warm)
+        if not args.smoke:
+            warm = f"tvbench-scale-{TAG}-warm"
+            made.append(warm)
+            launch(warm)  # untimed: page cache, digest cache, node keys
+            tvorch("destroy", "--purge-vtpm", warm)
         print(f"launch with the node as it is ({before} instances):", flush=True)
         base = timed_launches(args.runs, "base", made)
         t0 = time.perf_counter()
