@@ -403,11 +403,16 @@ def test_save_and_restore_pass_the_gate(tv: Tv, gated: Gated, tmp_path: Path):
     saved = tmp_path / "saved.img"
     virsh("start", gated.name)
     try:
+        # A save image tvorch did not make carries a vTPM state nobody ledgered: refused.
         virsh("save", gated.name, str(saved))
         proc = virsh("restore", str(saved), check=False)
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode != 0 and "was not made by `tvorch save`" in proc.stderr, proc.stderr
+        virsh("start", gated.name)
+        # tvorch save + tvorch start: the restore passes the gate, canonical form included.
+        tv.run("save", gated.name)
+        tv.run("start", gated.name)
         assert virsh("domstate", gated.name).stdout.strip() == "running"
-        restore = [e for e in tv.json("events", gated.name) if e["operation"] == "restore begin"]
+        restore = [e for e in tv.json("events", gated.name) if e["operation"] in ("restore begin", "prepare begin")]
         assert restore and restore[-1]["verdict"] == "allowed", restore
     finally:
         virsh("destroy", gated.name, check=False)

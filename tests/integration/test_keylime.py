@@ -13,6 +13,7 @@ leaves tvorch's verdict standing and the submission queued.
 from __future__ import annotations
 
 import base64
+import shutil
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import pytest
 from tests.host_fixtures import Host, sha256, simulated_host
 from tests.keylime_verifier import KeylimeUnavailable, Verifier, keylime_verifier
 from tvorch.adapters.keylime import KeylimeClient
+from tvorch.adapters.tpm import HOST_DIR
 from tvorch.config import load_config
 from tvorch.core.eventlog import parse_event_log
 from tvorch.core.ima import ima_ng_entry
@@ -59,11 +61,22 @@ def keylime_table(url: str, ca: Path) -> str:
 @pytest.fixture(scope="module")
 def node(tv: Tv, verifier: Verifier, tmp_path_factory) -> Host:
     root = tmp_path_factory.mktemp("keylime-node")
-    with simulated_host(root, tv.config.read_text() + keylime_table(verifier.url, verifier.ca_file)) as host:
-        proc = host.run("host", "baseline", "--out", str(root / "host-policy.json"))
-        assert proc.returncode == 0, proc.stderr
-        assert host.json("host", "attest")["passed"] is True
-        yield host
+    # This node shares the session's state (its instances) but has a TPM of its own, so it needs
+    # an AK of its own: the session's host AK (if an earlier test made one) is put aside meanwhile.
+    host_dir = tv.state_dir / HOST_DIR
+    aside = tv.state_dir / f"{HOST_DIR}.session"
+    if host_dir.exists():
+        host_dir.rename(aside)
+    try:
+        with simulated_host(root, tv.config.read_text() + keylime_table(verifier.url, verifier.ca_file)) as host:
+            proc = host.run("host", "baseline", "--out", str(root / "host-policy.json"))
+            assert proc.returncode == 0, proc.stderr
+            assert host.json("host", "attest")["passed"] is True
+            yield host
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+        if aside.exists():
+            aside.rename(host_dir)
 
 
 def client(verifier: Verifier) -> KeylimeClient:

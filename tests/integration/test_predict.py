@@ -50,9 +50,17 @@ def _signed_prediction(tv: Tv, name: str, out: Path) -> dict:
 
 
 def _same(signed: dict, prediction: dict) -> None:
+    """The launch's signed prediction is predict's, for every PCR the launch covered.
+
+    A firmware reference made after the launch (another test's) lets predict
+    cover PCRs 0-3 and 6 too; the launch must then have said why it did not.
+    """
     assert signed["status"] == "predicted"
-    for key in ("covered", "pcrs", "events", "not_predicted"):
-        assert signed[key] == prediction[key], key
+    covered = set(signed["covered"])
+    assert covered <= set(prediction["covered"])
+    assert signed["pcrs"] == {p: v for p, v in prediction["pcrs"].items() if int(p) in covered}
+    assert signed["events"] == [e for e in prediction["events"] if e["pcr"] in covered]
+    assert covered | {int(p) for p in signed["not_predicted"]} >= set(prediction["covered"])
 
 
 def _launch_and_check(tv: Tv, image: Path, launch: tuple[str, ...], predict: tuple[str, ...] = ()) -> None:

@@ -125,9 +125,16 @@ def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[],
     choice = choice_from_options(n.cfg, memory_mib=req.memory_mib, vcpus=req.vcpus, secure_boot=req.secure_boot,
                                  firmware_profile=req.firmware_profile, tpm_model=req.tpm_model)
     try:
-        return tuple(firmware_events(n, choice, disk.firmware_loads, create=False)), ()
+        events = tuple(firmware_events(n, choice, disk.firmware_loads, create=False))
     except NotFoundError as err:
         missing = tuple((p, f"{err} (tvorch firmware reference create)") for p in FIRMWARE_PCRS if p != 7)
+    else:
+        if not req.kernel:
+            return events, ()
+        # A reference boots from a disk: its Boot#### variables (PCR 1) are not the ones
+        # OVMF writes for a direct kernel boot, so that PCR is left to the boot itself.
+        return (tuple(e for e in events if e.pcr != 1),
+                ((1, "direct kernel boot: OVMF's boot options differ from the firmware reference's"),))
     _key, resolved = reference_key(n.cfg, choice)
     assert resolved.vars_template is not None  # reference_key refuses firmware without one
     store = parse_vars_file(_read_file(resolved.vars_template, "vars template"), resolved.vars_template)
