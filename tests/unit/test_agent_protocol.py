@@ -117,3 +117,27 @@ def test_channel_times_out_and_refuses_a_missing_socket(tmp_path):
     with pytest.raises(EvidenceError, match="cannot open the guest channel"):
         with GuestChannel(tmp_path / "none.sock", timeout=1):
             pass
+
+
+def test_hello_is_said_again_until_the_agent_hears_it(tmp_path, monkeypatch):
+    """An agent re-opening its port misses the first hello; the channel says it again."""
+    import tvorch.adapters.guest_channel as guest_channel
+
+    monkeypatch.setattr(guest_channel, "HELLO_RESEND", 0.2)
+    path = tmp_path / "agent.sock"
+    heard = []
+
+    def answers(request_id: bytes):
+        heard.append(request_id)
+        if len(heard) >= 2:  # the first hello fell on a closed port
+            yield b"tvorch-attest/1 " + request_id + b" ok agent=test/1\n"
+
+    _guest(path, answers)
+    with GuestChannel(path, timeout=5) as channel:
+        assert channel.hello().text("agent") == "test/1"
+    assert len(heard) == 2
+    silent = tmp_path / "silent.sock"
+    _guest(silent, lambda request_id: iter(()))
+    with GuestChannel(silent, timeout=0.5) as channel:
+        with pytest.raises(OperationTimeout, match="did not answer hello within 0.5 s"):
+            channel.hello()

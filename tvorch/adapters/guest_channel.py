@@ -67,6 +67,10 @@ class GuestAgentError(TvorchError):
     exit_code = EvidenceError.exit_code
 
 
+# Seconds between hellos while the agent has not answered (see GuestChannel.hello).
+HELLO_RESEND = 5.0
+
+
 class GuestChannel:
     def __init__(self, path: Path, timeout: float) -> None:
         self.path = path
@@ -90,7 +94,23 @@ class GuestChannel:
             self._sock.close()
             self._sock = None
 
-    def call(self, op: str, **fields: str) -> Response:
+    def hello(self) -> Response:
+        """`hello`, sent again every HELLO_RESEND seconds until the timeout.
+
+        An agent that is re-opening its port after the previous client hung up
+        misses what arrived meanwhile; hello has no effect in the guest, so
+        saying it again is safe, and a late answer to an earlier one is skipped.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.call("hello", _deadline=min(deadline, time.monotonic() + HELLO_RESEND))
+            except OperationTimeout:
+                if time.monotonic() >= deadline:
+                    raise OperationTimeout(f"the guest agent did not answer hello within {self.timeout:g} s "
+                                           "(is it running in the guest?)") from None
+
+    def call(self, op: str, _deadline: float | None = None, **fields: str) -> Response:
         """Send one request and return its answer; an `error` answer raises GuestAgentError."""
         assert self._sock is not None, "use GuestChannel as a context manager"
         request_id = secrets.token_hex(6)
@@ -98,7 +118,7 @@ class GuestChannel:
             self._sock.sendall(request_line(request_id, op, **fields))
         except OSError as err:
             raise EvidenceError(f"the guest channel {self.path} failed: {err.strerror or err}") from None
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout if _deadline is None else _deadline
         while True:
             response = parse_response(self._read_line(deadline, op))
             if response.request_id != request_id:

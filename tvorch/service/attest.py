@@ -120,7 +120,7 @@ def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = No
     ek_cert = x509.load_der_x509_certificate(vtpm.ek_cert)
     wait = float(cfg.guest.agent_timeout if timeout is None else timeout)
     with GuestChannel(channel_path(cfg, record), wait) as channel:
-        hello = channel.call("hello")
+        hello = channel.hello()
         certification = _certified_ak(node, record, ek_cert, vtpm.ek_fingerprint, hello, channel)
         ak_public = hello.data("ak_public")
         answer = channel.call("quote", nonce=nonce.hex(), pcrs=pcr_list(cfg.guest.bank, cfg.guest.pcrs))
