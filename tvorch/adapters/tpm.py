@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -184,18 +185,28 @@ def read_ak(state_dir: Path) -> AkInfo | None:
 
 @contextmanager
 def open_tpm(tcti: str) -> Iterator[Tpm]:
-    """An ESAPI session on the TPM named by TCTI (``device:/dev/tpmrm0``, ``swtpm:host=H,port=N``)."""
+    """An ESAPI session on the TPM named by TCTI (``device:/dev/tpmrm0``, ``swtpm:host=H,port=N``).
+
+    One session at a time in this process (the daemon starts instances in
+    parallel): without a resource manager (a swtpm, /dev/tpm0) the sessions'
+    transient objects share the TPM's three object slots, and a second
+    unseal fails with TPM_RC_OBJECT_MEMORY.
+    """
     # tpm2-tss logs every TPM error to stderr itself; tvorch reports them as
     # one TpmError line instead. An operator's own TSS2_LOG still wins.
     os.environ.setdefault("TSS2_LOG", "all+none")
-    try:
-        esapi = ESAPI(tcti)
-    except TSS2_Exception as err:
-        raise TpmError(f"cannot open the TPM at {tcti!r}: {err}", err.rc) from None
-    try:
-        yield Tpm(esapi)
-    finally:
-        esapi.close()
+    with _ONE_SESSION:
+        try:
+            esapi = ESAPI(tcti)
+        except TSS2_Exception as err:
+            raise TpmError(f"cannot open the TPM at {tcti!r}: {err}", err.rc) from None
+        try:
+            yield Tpm(esapi)
+        finally:
+            esapi.close()
+
+
+_ONE_SESSION = threading.RLock()  # re-entrant: a nested session in one thread must not deadlock
 
 
 class Tpm:
