@@ -51,7 +51,7 @@ def test_missing_or_undecodable_fields():
     answer = parse_response(b"tvorch-attest/1 ab12 ok attest=abc pcrs=sha256:0=zz")
     with pytest.raises(EvidenceError, match="lacks 'signature'"):
         answer.data("signature")
-    with pytest.raises(EvidenceError, match="not base64"):
+    with pytest.raises(EvidenceError, match="not valid base64"):
         answer.data("attest")
     with pytest.raises(EvidenceError, match="malformed"):
         parse_pcr_values(answer.text("pcrs"))

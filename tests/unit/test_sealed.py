@@ -99,11 +99,11 @@ def test_round_trip_is_canonical_and_keeps_the_private_blob_out_of_repr() -> Non
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"", "not JSON"),
-        (b"{", "not JSON"),
-        (b"\xff\xfe\x00", "not JSON"),
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe\x00", "not UTF-8"),
         (b"[]", "not a JSON object"),
-        (b'{"version":1,"version":1}', "a key twice"),
+        (b'{"version":1,"version":1}', "duplicate key 'version'"),
         (edited(extra=1), r"unknown \['extra'\]"),
         (json.dumps({"version": 1}).encode(), "missing"),
         (edited(version=2), "version 2 is not 1"),

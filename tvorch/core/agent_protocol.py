@@ -39,11 +39,10 @@ lines.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from dataclasses import dataclass
 
+from tvorch.core.codec import b64decode
 from tvorch.errors import EvidenceError
 
 VERSION = "tvorch-attest/1"
@@ -73,10 +72,7 @@ class Response:
             if optional:
                 return None
             raise EvidenceError(f"the guest agent's answer has no '{key}'")
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise EvidenceError(f"the guest agent's '{key}' is not base64") from None
+        return b64decode(value, f"the guest agent's '{key}'", EvidenceError)
 
     def data(self, key: str) -> bytes:
         value = self.b64(key)

@@ -50,8 +50,6 @@ TPM whose EK is named, not a key the node made up afterwards.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -65,8 +63,8 @@ from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential as _tss_make_credential
 
+from tvorch.core.codec import b64decode, b64encode, canonical_json
 from tvorch.core.ekcert import ek_fingerprint
-from tvorch.core.manifest import canonical_json
 from tvorch.core.quote import ak_key, ak_name, parse_public
 from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
 
@@ -160,7 +158,7 @@ class AkCertification:
             "format": AK_CERT_FORMAT, "version": AK_CERT_VERSION,
             "instance_id": self.instance_id, "uuid": self.uuid,
             "ek_fingerprint": self.ek_fingerprint, "ek_cert_sha256": self.ek_cert_sha256,
-            "ak_public": base64.b64encode(self.ak_public).decode("ascii"), "ak_name": self.ak_name.hex(),
+            "ak_public": b64encode(self.ak_public), "ak_name": self.ak_name.hex(),
             "method": self.method, "certified_at": self.certified_at,
         }
 
@@ -184,8 +182,8 @@ class HostAkCertification:
     def to_fields(self) -> dict[str, Any]:
         return {
             "format": HOST_AK_CERT_FORMAT, "version": AK_CERT_VERSION, "hostname": self.hostname,
-            "ek_public": base64.b64encode(self.ek_public).decode("ascii"),
-            "ak_public": base64.b64encode(self.ak_public).decode("ascii"), "ak_name": self.ak_name.hex(),
+            "ek_public": b64encode(self.ek_public),
+            "ak_public": b64encode(self.ak_public), "ak_name": self.ak_name.hex(),
             "method": self.method, "certified_at": self.certified_at,
         }
 
@@ -230,7 +228,7 @@ def verify_host_ak_certification(obj: object, signer_public_key: ec.EllipticCurv
 
 def _signed(fields: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
     signature = key.sign(canonical_json(fields), ec.ECDSA(hashes.SHA256()))
-    return {**fields, "signature": base64.b64encode(signature).decode("ascii")}
+    return {**fields, "signature": b64encode(signature)}
 
 
 def _verified(obj: object, names: tuple[str, ...], fmt: str, what: str,
@@ -325,7 +323,4 @@ def _check_name(name: bytes) -> None:
 
 
 def _b64(value: str, field: str, what: str = "AK certification") -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise TrustError(f"{what} field {field!r} is not valid base64") from None
+    return b64decode(value, f"{what} field {field!r}", TrustError)

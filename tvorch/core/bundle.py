@@ -8,7 +8,7 @@ checks every link with nothing but the CA certificate, the verifier's own
 nonce and a time. Like Keylime, it runs every check and reports each one
 instead of stopping at the first failure.
 
-The file is one JSON object in canonical form (``manifest.canonical_json``)::
+The file is one JSON object in canonical form (``codec.canonical_json``)::
 
     {
       "format": "tvorch-evidence",
@@ -103,9 +103,6 @@ with what they found, and do not count.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -130,14 +127,8 @@ from tvorch.core.ima import (
     parse_ima_list,
     replay_until,
 )
-from tvorch.core.manifest import (
-    LaunchManifest,
-    _no_duplicate_keys,
-    _refuse_float,
-    canonical_json,
-    manifest_digest,
-    verify_manifest,
-)
+from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
+from tvorch.core.manifest import LaunchManifest, manifest_digest, verify_manifest
 from tvorch.core.prediction import BANK as PREDICTION_BANK
 from tvorch.core.prediction import Prediction
 from tvorch.core.quote import (
@@ -283,19 +274,19 @@ def build_bundle(
         "nonce": nonce.hex(),
         "instance": {"id": instance_id, "name": name, "uuid": uuid},
         "node": {"hostname": hostname, "signing_cert_pem": _pem(signing_cert), "ca_pem": "".join(_pem(c) for c in (ca_cert, *ca_chain))},
-        "manifest": _b64(manifest),
+        "manifest": b64encode(manifest),
         "vtpm": {"ek_cert_pem": _pem(ek_cert)},
         "ak_certification": dict(ak_certification),
         "guest": {
             "bank": guest.bank,
             "pcrs": {str(i): guest.pcrs[i].hex() for i in sorted(guest.pcrs)},
-            "attest": _b64(guest.attest),
-            "signature": _b64(guest.signature),
-            "ak_public": _b64(guest.ak_public),
-            "eventlog": _b64(guest.eventlog),
-            "ima": None if guest.ima is None else _b64(guest.ima),
+            "attest": b64encode(guest.attest),
+            "signature": b64encode(guest.signature),
+            "ak_public": b64encode(guest.ak_public),
+            "eventlog": b64encode(guest.eventlog),
+            "ima": None if guest.ima is None else b64encode(guest.ima),
         },
-        "baseline": {"eventlog": None if baseline_eventlog is None else _b64(baseline_eventlog), "verdict": verdict},
+        "baseline": {"eventlog": None if baseline_eventlog is None else b64encode(baseline_eventlog), "verdict": verdict},
         "host": {
             "verdict": None if host_verdict is None else {
                 "passed": host_verdict.passed, "failures": list(host_verdict.failures), "at": host_verdict.at,
@@ -309,15 +300,16 @@ def build_bundle(
     if keylime is not None:  # additive: a node that does not submit to Keylime makes the same bundle as before
         body["keylime"] = _keylime_section(keylime, "keylime")
     signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
-    return canonical_json({**body, "signature": _b64(signature)})
+    return canonical_json({**body, "signature": b64encode(signature)})
 
 
 def _judged_pcrs(verdict: HostVerdict) -> dict[str, Any]:
     """The bank and PCR values of the host quote VERDICT was judged on, as the bundle carries them."""
     try:
-        judged = HostQuote.from_json(json.loads(verdict.quote_json))
-    except (ValueError, RecursionError):
+        doc = parse_json(verdict.quote_json, "host quote", EvidenceError, top=None)
+    except EvidenceError:
         raise EvidenceError(f"the host verdict of {verdict.at} does not carry the quote it was judged on") from None
+    judged = HostQuote.from_json(doc)
     return {"bank": judged.bank, "pcrs": {str(i): judged.pcrs[i].hex() for i in sorted(judged.pcrs)}}
 
 
@@ -741,17 +733,7 @@ def _same_instance(what: str, instance_id: str, uuid: str, b: _Bundle) -> None:
 # --- parsing ------------------------------------------------------------------------
 
 def _parse(data: bytes) -> _Bundle:
-    try:
-        doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                         parse_float=_refuse_float, parse_constant=_refuse_float)
-    except UnicodeDecodeError:
-        raise _Malformed("bundle is not UTF-8") from None
-    except ValueError as err:
-        raise _Malformed(f"bundle is not valid JSON: {err}") from None
-    except RecursionError:
-        raise _Malformed("bundle is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise _Malformed("bundle is not a JSON object")
+    doc = parse_json(data, "bundle", EvidenceError)
     if doc.get("format") != BUNDLE_FORMAT:
         raise _Malformed(f"not a {BUNDLE_FORMAT} bundle (format {doc.get('format')!r})")
     if type(doc.get("version")) is not int or doc["version"] != BUNDLE_VERSION:
@@ -858,10 +840,7 @@ def _utc(value: object, where: str) -> datetime:
 
 
 def _unb64(value: object, where: str) -> bytes:
-    try:
-        return base64.b64decode(_text(value, where), validate=True)
-    except (binascii.Error, ValueError):
-        raise _Malformed(f"bundle field '{where}' is not valid base64") from None
+    return b64decode(_text(value, where), f"bundle field '{where}'", EvidenceError)
 
 
 def _digest_hex(value: object, where: str) -> str:
@@ -916,10 +895,6 @@ def _pcr_list(pcrs: Iterable[int]) -> str:
 
 def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _one_line(err: BaseException) -> str:

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import ConfigError
+from .codec import parse_json
 from .quote import pcr_index
 
 POLICY_VERSION = 1
@@ -65,12 +66,7 @@ def _require(condition: bool, where: str, what: str) -> None:
 
 def parse_policy(data: bytes, source: str = "host policy") -> HostPolicy:
     """Strict: an unknown or missing key, or a malformed value, is refused by name."""
-    try:
-        doc: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{source} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise ConfigError(f"{source} is nested too deeply to be a host policy") from None
+    doc: Any = parse_json(data, source, ConfigError, top=None)
     _require(isinstance(doc, dict) and set(doc) == _FIELDS, "top level",
              f"must have exactly the keys {', '.join(sorted(_FIELDS))}")
     _require(doc["version"] == POLICY_VERSION, "version", f"must be {POLICY_VERSION}")

@@ -22,7 +22,6 @@ keylime/ima/ima.py's RUNTIME_POLICY_SCHEMA, its excludes regular expressions.
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import json
 import re
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, EvidenceError
+from .codec import b64encode
 from .eventlog import EventLog
 from .hostpolicy import DEFAULT_EXCLUDES, HostPolicy
 
@@ -73,7 +73,7 @@ def pcr_blob(bank: str, pcrs: Mapping[int, bytes]) -> bytes:
 
 
 def quote_string(attest: bytes, signature: bytes, bank: str, pcrs: Mapping[int, bytes]) -> str:
-    return "r" + ":".join(_b64(x) for x in (attest, signature, pcr_blob(bank, pcrs)))
+    return "r" + ":".join(b64encode(x) for x in (attest, signature, pcr_blob(bank, pcrs)))
 
 
 def tpm_policy(expected: Mapping[int, Sequence[str]]) -> dict[str, Any]:
@@ -138,11 +138,11 @@ def evidence_payload(ev: Evidence, policy: Mapping[str, Any], mb_refstate: Mappi
         raise EvidenceError(f"refused to submit to Keylime: the tpm_policy leaves quoted PCRs {missing} unnamed")
     data: dict[str, Any] = {
         "quote": quote_string(ev.attest, ev.signature, ev.bank, ev.pcrs),
-        "nonce": _b64(ev.nonce), "hash_alg": ev.bank, "tpm_ak": _b64(ev.ak_public), "tpm_ek": _b64(ev.ek),
+        "nonce": b64encode(ev.nonce), "hash_alg": ev.bank, "tpm_ak": b64encode(ev.ak_public), "tpm_ek": b64encode(ev.ek),
         "tpm_policy": json.dumps(dict(policy)),
     }
     if mb_refstate is not None and ev.eventlog is not None:
-        data["mb_log"] = _b64(ev.eventlog)
+        data["mb_log"] = b64encode(ev.eventlog)
         data["mb_policy"] = json.dumps(dict(mb_refstate))
     if runtime is not None and ev.ima_ascii is not None:
         data["ima_measurement_list"] = ev.ima_ascii
@@ -257,8 +257,3 @@ def import_runtime_policy(data: bytes, current: HostPolicy, source: str) -> Host
     return HostPolicy(bank=current.bank, pcrs=current.pcrs,
                       ima_allowlist={p: frozenset(v) for p, v in digests.items()},
                       ima_required=current.ima_required, ima_excludes=tuple(excludes))
-
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")

@@ -9,8 +9,9 @@ entry's digest.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
+
+from tvorch.core.codec import canonical_json
 
 GENESIS = "0" * 64
 
@@ -33,8 +34,8 @@ class LedgerEntry:
 
 
 def _entry_hash(instance_id: str, seq: int, at: str, event: str, state_digest: str, prev_hash: str) -> str:
-    body = json.dumps([instance_id, seq, at, event, state_digest, prev_hash], separators=(",", ":"))
-    return hashlib.sha256(body.encode()).hexdigest()
+    body = canonical_json([instance_id, seq, at, event, state_digest, prev_hash], ensure_ascii=True)
+    return hashlib.sha256(body).hexdigest()
 
 
 def chain_entry(

@@ -10,9 +10,7 @@ second file with the same content can verify.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import re
 import uuid as uuid_module
 from collections.abc import Mapping, Sequence
@@ -28,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from tvorch.core.chain import MAX_PATH, issuer_under
+from tvorch.core.codec import MAX_JSON_INT, b64decode, b64encode, canonical_json, parse_json
 from tvorch.core.prediction import BANK, EventSource, PredictedEvent, Prediction
 from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
 from tvorch.errors import TrustError
@@ -54,8 +53,6 @@ MEASUREMENT_KINDS = frozenset(
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _DETAIL_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
-# Integers beyond 2**53 lose precision in many JSON readers (RFC 7493, I-JSON).
-_MAX_JSON_INT = 2**53 - 1
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 DetailValue = str | int | bool
@@ -114,16 +111,6 @@ class BootPredictionRecord:
         out["status"] = self.status
         out["not_predicted"] = {str(p): why for p, why in sorted(self.not_predicted.items())}
         return out
-
-
-def canonical_json(obj: object) -> bytes:
-    """The one serialisation that is signed and hashed: UTF-8, sorted keys, no spaces, no floats.
-
-    Raises ValueError for anything JSON cannot carry exactly: floats, integers
-    beyond 2**53-1, non-string keys, strings that are not valid Unicode.
-    """
-    _check_json_value(obj, "$")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def manifest_to_dict(manifest: LaunchManifest) -> dict[str, Any]:
@@ -196,7 +183,7 @@ def sign_manifest(manifest: LaunchManifest, key: ec.EllipticCurvePrivateKey, cer
     signature = encode_dss_signature(r, min(s, _P256_ORDER - s))
     signed: dict[str, Any] = {
         "algorithm": SIGNATURE_ALGORITHM,
-        "value": base64.b64encode(signature).decode("ascii"),
+        "value": b64encode(signature),
         "certificate": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
     }
     if chain:
@@ -218,19 +205,7 @@ def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime,
     intermediates the verifier has, say for a manifest made before its node
     joined the fleet) by ``core.chain.issuer_under``.
     """
-    try:
-        parsed = json.loads(
-            file_bytes.decode("utf-8"),
-            object_pairs_hook=_no_duplicate_keys,
-            parse_float=_refuse_float,
-            parse_constant=_refuse_float,
-        )
-    except UnicodeDecodeError:
-        raise TrustError("manifest file is not UTF-8") from None
-    except ValueError as err:
-        raise TrustError(f"manifest file is not valid JSON: {err}") from None
-    except RecursionError:
-        raise TrustError("manifest file is nested too deeply to be a manifest") from None
+    parsed = parse_json(file_bytes, "manifest file", TrustError)
     try:
         canonical = canonical_json(parsed)
     except ValueError as err:
@@ -291,15 +266,13 @@ def _chain(value: object) -> tuple[x509.Certificate, ...]:
 
 
 def _signature(value: object) -> bytes:
-    if not isinstance(value, str):
-        raise TrustError("manifest signature field 'value': must be a base64 string")
+    der = b64decode(value, "manifest signature field 'value'", TrustError)
     try:
-        der = base64.b64decode(value, validate=True)
         r, s = decode_dss_signature(der)
     except ValueError:
         raise TrustError("manifest signature field 'value': not a base64 DER ECDSA signature") from None
-    # One encoding per signature: canonical base64 and DER, and the low of the two S values.
-    if base64.b64encode(der).decode("ascii") != value or encode_dss_signature(r, s) != der or s > _P256_ORDER // 2:
+    # One encoding per signature: canonical base64 (b64decode) and DER, and the low of the two S values.
+    if encode_dss_signature(r, s) != der or s > _P256_ORDER // 2:
         raise TrustError("manifest signature field 'value': signature is not in canonical form")
     return der
 
@@ -397,7 +370,7 @@ def _str(value: object, name: str) -> str:
 
 
 def _int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_JSON_INT:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_JSON_INT:
         raise TrustError(f"manifest field '{name}': must be an integer from 0 to 2**53-1")
     return value
 
@@ -428,39 +401,3 @@ def _is_canonical_uuid(text: str) -> bool:
         return str(uuid_module.UUID(text)) == text
     except ValueError:
         return False
-
-
-def _check_json_value(value: object, where: str) -> None:
-    if value is None or isinstance(value, (bool, str)):
-        if isinstance(value, str):
-            value.encode("utf-8")  # lone surrogates: UnicodeEncodeError, a ValueError
-        return
-    if isinstance(value, int):
-        if abs(value) > _MAX_JSON_INT:
-            raise ValueError(f"{where}: integer {value} is beyond 2**53-1")
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_json_value(item, f"{where}[{index}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where}: key {key!r} is not a string")
-            key.encode("utf-8")
-            _check_json_value(item, f"{where}.{key}")
-        return
-    raise ValueError(f"{where}: {type(value).__name__} has no canonical JSON form")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _refuse_float(text: str) -> None:
-    raise ValueError(f"number {text} is not an integer")

@@ -36,8 +36,6 @@ kernel said, not tvorch's reading of it. ``ak_pem`` must be the key in
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ from tpm2_pytss.types import (
     TPMT_SIGNATURE,
 )
 
+from tvorch.core.codec import b64decode, b64encode
 from tvorch.errors import EvidenceError, InputError, TrustError
 
 _T = TypeVar("_T", bound=TPM_OBJECT)
@@ -341,12 +340,12 @@ class HostQuote:
             "nonce": self.nonce.hex(),
             "bank": self.bank,
             "pcrs": {str(i): self.pcrs[i].hex() for i in sorted(self.pcrs)},
-            "attest": _b64(self.attest),
-            "signature": _b64(self.signature),
-            "ak_public": _b64(self.ak_public),
+            "attest": b64encode(self.attest),
+            "signature": b64encode(self.signature),
+            "ak_public": b64encode(self.ak_public),
             "ak_pem": self.ak_pem,
-            "eventlog": None if self.eventlog is None else _b64(self.eventlog),
-            "ima_log": None if self.ima_log is None else _b64(self.ima_log),
+            "eventlog": None if self.eventlog is None else b64encode(self.eventlog),
+            "ima_log": None if self.ima_log is None else b64encode(self.ima_log),
         }
 
     @classmethod
@@ -382,10 +381,6 @@ class HostQuote:
         return quote
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _shown_key(key: object) -> str:
     """KEY for an error line: a 5000-digit key is cut, not printed whole."""
     text = repr(key)
@@ -409,9 +404,4 @@ def _hex(value: object, what: str) -> bytes:
 
 
 def _unb64(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise EvidenceError(f"host quote {what!r} is not a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise EvidenceError(f"host quote {what!r} is not valid base64") from None
+    return b64decode(value, f"host quote {what!r}", EvidenceError)

@@ -37,15 +37,13 @@ unseals only through the policy.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpm2_pytss.types import TPML_PCR_SELECTION
 
+from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
 from tvorch.core.quote import BANKS, MAX_PCR, pcr_indices
 from tvorch.errors import InputError
 
@@ -91,21 +89,16 @@ class SealedKey:
             "version": SEALED_FORMAT_VERSION,
             "bank": self.bank,
             "pcrs": list(self.pcrs),
-            "public": _b64(self.public),
-            "private": _b64(self.private),
-            "policy_digest": _b64(self.policy_digest),
+            "public": b64encode(self.public),
+            "private": b64encode(self.private),
+            "policy_digest": b64encode(self.policy_digest),
         }
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return canonical_json(obj, ensure_ascii=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedKey:
         """Parse what ``to_bytes`` wrote; InputError naming the first thing wrong."""
-        try:
-            obj = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"sealed key is not JSON: {err}") from None
-        if not isinstance(obj, dict):
-            raise InputError("sealed key is not a JSON object")
+        obj = parse_json(data, "sealed key", InputError)
         if set(obj) != _KEYS:
             missing, unknown = sorted(_KEYS - set(obj)), sorted(set(obj) - _KEYS)
             raise InputError(f"sealed key keys wrong: missing {missing}, unknown {unknown}")
@@ -120,9 +113,9 @@ class SealedKey:
         return cls(
             bank=bank,
             pcrs=tuple(pcrs),
-            public=_unb64(obj["public"], "public"),
-            private=_unb64(obj["private"], "private"),
-            policy_digest=_unb64(obj["policy_digest"], "policy_digest"),
+            public=b64decode(obj["public"], "sealed key 'public'"),
+            private=b64decode(obj["private"], "sealed key 'private'"),
+            policy_digest=b64decode(obj["policy_digest"], "sealed key 'policy_digest'"),
         )
 
 
@@ -157,27 +150,3 @@ def policy_pcr_digest(pcr_values: Mapping[int, bytes], bank: str = "sha256") -> 
 def _check_bank(bank: str) -> None:
     if bank not in BANKS:
         raise InputError(f"unknown PCR bank {bank!r} (known: {', '.join(BANKS)})")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise InputError(f"sealed key {what!r} is not a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"sealed key {what!r} is not valid base64") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise InputError("sealed key has a key twice")
-    return obj
-
-
-def _no_constant(name: str) -> object:
-    raise InputError(f"sealed key holds {name}, which is not JSON")

@@ -8,9 +8,7 @@ refuses a backup of another VM, of another vTPM, or with any byte changed.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
 from tvorch.core.ledger import state_digest_of
 from tvorch.errors import TrustError
 
@@ -57,14 +56,14 @@ def sign_backup(header: BackupHeader, key: ec.EllipticCurvePrivateKey) -> bytes:
     """The header file: canonical JSON of the header and an ECDSA signature over it by the node key."""
     body = _canonical(header.to_dict())
     signature = key.sign(body, ec.ECDSA(hashes.SHA256()))
-    return _canonical({"header": header.to_dict(), "signature": base64.b64encode(signature).decode()})
+    return _canonical({"header": header.to_dict(), "signature": b64encode(signature)})
 
 
 def verify_backup(header_file: bytes, files: dict[str, bytes], signer: ec.EllipticCurvePublicKey) -> BackupHeader:
     """The header, if the node key signed it and FILES are exactly the files it names; TrustError otherwise."""
     try:
-        outer = json.loads(header_file)
-        data, signature = outer["header"], base64.b64decode(outer["signature"], validate=True)
+        outer = parse_json(header_file, "the backup's header", TrustError)
+        data, signature = outer["header"], b64decode(outer["signature"], "the backup's header signature", TrustError)
         if data.get("format") != BACKUP_FORMAT or data.get("version") != BACKUP_VERSION:
             raise TrustError(f"not a {BACKUP_FORMAT} version {BACKUP_VERSION}")
         header = BackupHeader(
@@ -92,7 +91,7 @@ def verify_backup(header_file: bytes, files: dict[str, bytes], signer: ec.Ellipt
 
 
 def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return canonical_json(obj, ensure_ascii=True)
 
 
 def _str(value: object) -> str:

@@ -11,7 +11,6 @@ boot is recorded with its verdict, so an operator sees which boots matched.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hmac
 import json
@@ -49,13 +48,14 @@ from ..core.bundle import (
     verify_bundle,
 )
 from ..core.canonical import autoselection_hint, config_digest
+from ..core.codec import b64encode, parse_json
 from ..core.eventlog import parse_event_log
 from ..core.guest_baseline import BaselineVerdict, compare, compare_prediction
 from ..core.instance import InstanceRecord, InstanceState, validate_name
 from ..core.manifest import manifest_from_dict
 from ..core.prediction import Prediction
 from ..core.quote import QuoteInfo, ak_name, verify_quote
-from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, TrustError, TvorchError
+from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, StoreError, TrustError, TvorchError
 from ..logs import get_logger
 from .manifests import node_identity, read_chain, read_with_ca
 from .node import Node
@@ -146,7 +146,7 @@ def _certified_ak(node: Node, record: InstanceRecord, ek_cert: x509.Certificate,
     ak_public, name = hello.data("ak_public"), hello.hex("ak_name")
     stored = node.store.guest_ak(record.id)
     if stored is not None and stored[0] == ak_public:
-        return json.loads(stored[2])
+        return parse_json(stored[2], "the stored AK certification", StoreError)
     ek_public = hello.data("ek_public")
     if not ek_matches_certificate(ek_public, ek_cert):
         raise TrustError(f"the guest agent of '{record.name}' reports an EK that is not its vTPM's "
@@ -156,7 +156,7 @@ def _certified_ak(node: Node, record: InstanceRecord, ek_cert: x509.Certificate,
         raise TrustError("the guest agent's AK name does not match its AK public area")
     secret = secrets.token_bytes(32)
     id_object, encrypted_secret = make_credential(ek_public, name, secret)
-    answer = channel.call("activate", id_object=_b64(id_object), encrypted_secret=_b64(encrypted_secret))
+    answer = channel.call("activate", id_object=b64encode(id_object), encrypted_secret=b64encode(encrypted_secret))
     if not hmac.compare_digest(answer.data("secret"), secret):
         raise TrustError("the guest's vTPM did not activate the credential: its AK is not under its EK")
     identity = node_identity(node.cfg)
@@ -367,7 +367,3 @@ def baseline_accept(node: Node, name: str, reason: str) -> dict[str, Any]:
     who = os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
     node.store.set_guest_baseline(record.id, last, f"accepted by {who}: {reason}", "baseline-accepted", "accepted")
     return baseline_show(node, name)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")

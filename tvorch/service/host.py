@@ -8,10 +8,8 @@ for an operator to review (it is never applied by itself).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import socket
@@ -28,6 +26,7 @@ from ..adapters.files import atomic_write
 from ..adapters.tpm import HOST_DIR, AkInfo, Tpm, open_tpm, read_ak
 from ..config import Config
 from ..core.akcert import HostAkCertification, check_ak_public, make_credential, sign_host_ak_certification
+from ..core.codec import b64encode, canonical_json, parse_json
 from ..core.eventlog import parse_event_log, replay
 from ..core.hostpolicy import (
     DEFAULT_EXCLUDES,
@@ -68,7 +67,7 @@ def init(cfg: Config) -> tuple[AkInfo, dict[str, Any]]:
     with open_tpm(cfg.host.tcti) as tpm:
         ak = tpm.create_ak(Path(cfg.state_dir))
         statement = ak_certification(cfg)
-        if statement is None or statement.get("ak_public") != base64.b64encode(ak.public).decode("ascii"):
+        if statement is None or statement.get("ak_public") != b64encode(ak.public):
             statement = certify_ak(cfg, tpm, ak)
     return ak, statement
 
@@ -97,10 +96,11 @@ def certify_ak(cfg: Config, tpm: Tpm, ak: AkInfo) -> dict[str, Any]:
 def ak_certification(cfg: Config) -> dict[str, Any] | None:
     """The node's stored certification of the host AK, as written (None before `tvorch host init` made one)."""
     try:
-        doc = json.loads(read_bounded(str(Path(cfg.state_dir) / HOST_DIR / AK_CERT), 1024 * 1024))
+        doc = parse_json(read_bounded(str(Path(cfg.state_dir) / HOST_DIR / AK_CERT), 1024 * 1024),
+                         "the file", HostError, top=None)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
+    except (OSError, HostError) as err:
         raise HostError(f"cannot read the host AK certification: {err}; run `tvorch host init` again") from None
     return doc if isinstance(doc, dict) else None
 
@@ -227,4 +227,4 @@ def baseline(cfg: Config) -> HostPolicy:
 
 
 def _json_text(obj: object) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return canonical_json(obj, ensure_ascii=True).decode("ascii")
