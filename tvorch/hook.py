@@ -16,8 +16,6 @@ domain XML on stdin (which is also what the `hooks/qemu` shim does), or as
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import signal
@@ -37,6 +35,7 @@ from .core.metadata import parse_instance_metadata
 from .core.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, managed_save_path, nvram_path, phase_of,
                         start_path_refusal, start_refusals)
 from .core.hostverdict import host_problem
+from .core.manifest_format import Measurement, manifest_digest, stored_manifest
 from .core.instance import InstanceRecord
 from .service.owned_files import stranger_refusals
 from .errors import StoreError, TvorchError, describe_os_error
@@ -62,15 +61,17 @@ def gather(
     body = store.manifest(record.id)
     if body is None:
         raise StoreError(f"instance {record.id} has no launch manifest in the store")
-    manifest = json.loads(body)["manifest"]
-    measurements = manifest["measurements"]
+    manifest = stored_manifest(body)
+    measurements = manifest.measurements
     # Every file the launch measured, not only the image: the digest cache keeps the unchanged ones cheap.
     files = []
-    for m in (m for m in measurements if m["kind"] in FILE_KINDS and m.get("path")):
+    for m in measurements:
+        if m.kind not in FILE_KINDS or not m.path:
+            continue
         try:
-            files.append(FileEvidence(m["path"], m["digest"], measure_file(m["path"], store).digest, kind=m["kind"]))
+            files.append(FileEvidence(m.path, m.digest, measure_file(m.path, store).digest, kind=m.kind))
         except TvorchError as err:
-            files.append(FileEvidence(m["path"], m["digest"], None, str(err), kind=m["kind"]))
+            files.append(FileEvidence(m.path, m.digest, None, str(err), kind=m.kind))
     layers = [f for f in files if f.kind == "image-layer"]
     top = layers[-1].path if layers else None
     last = None if running else store.last_ledger_entry(record.id)
@@ -80,9 +81,9 @@ def gather(
         host = host_problem(store.latest_host_verdict(), time.time(), cfg.host.verdict_max_age)
     return StartEvidence(
         manifest_in_xml=meta_manifest,
-        manifest_stored=hashlib.sha256(body).hexdigest(),
+        manifest_stored=manifest_digest(body),
         config_now=config_digest(xml, autoselection_hint(record.domain_xml, measurements)),
-        config_manifest=manifest["config_digest"],
+        config_manifest=manifest.config_digest,
         files=tuple(files),
         overlay_problem=overlay_problem(record.overlay, store.overlay_identity(record.id), top),
         vtpm_now=None if running else state_digest(Path(cfg.swtpm_state_dir) / record.uuid),
@@ -96,11 +97,11 @@ def gather(
 
 
 def _nvram_evidence(
-    store: Store, record: InstanceRecord, measurements: list[dict[str, object]], xml: str
+    store: Store, record: InstanceRecord, measurements: tuple[Measurement, ...], xml: str
 ) -> tuple[str | None, str | None, str | None]:
     """(path, digest now, last ledgered digest) of the instance's UEFI variable store; Nones when it
     has none (SeaBIOS) or no NVRAM ledger yet (launched before tvorch kept one)."""
-    template = next((str(m["digest"]) for m in measurements if m["kind"] == "firmware-vars"), None)
+    template = next((m.digest for m in measurements if m.kind == "firmware-vars"), None)
     last = store.last_ledger_entry(record.id, "nvram_ledger") if template is not None else None
     if last is None:
         return None, None, None

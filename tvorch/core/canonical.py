@@ -85,10 +85,12 @@ from __future__ import annotations
 import hashlib
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tvorch.core.gate import LIBVIRT_NVRAM_DIR
+from tvorch.core.manifest_format import Measurement
 from tvorch.errors import InputError
 
 # libvirt's memory units, in bytes (its virScaleInteger table).
@@ -165,12 +167,16 @@ def config_digest(xml: str, autoselected: AutoSelectedFirmware | None = None) ->
     return hashlib.sha256(canonical_domain(xml, autoselected)).hexdigest()
 
 
-def autoselection_hint(defined_xml: str, measurements: list[dict[str, Any]]) -> AutoSelectedFirmware | None:
+def autoselection_hint(defined_xml: str,
+                       measurements: Iterable[Measurement] | Iterable[Mapping[str, Any]]) -> AutoSelectedFirmware | None:
     """The hint for XML libvirt re-read after a restart: the features tvorch defined (DEFINED_XML)
-    and the firmware files its launch manifest measured (its ``measurements`` as JSON)."""
+    and the firmware files its launch manifest measured (its measurements, or their JSON)."""
     features = firmware_features(defined_xml)
-    code = next((m["path"] for m in measurements if m["kind"] == "firmware-code"), None)
-    vars_template = next((m["path"] for m in measurements if m["kind"] == "firmware-vars"), None)
+    paths: dict[str, str | None] = {}
+    for m in measurements:
+        kind, path = (m.kind, m.path) if isinstance(m, Measurement) else (m["kind"], m["path"])
+        paths.setdefault(kind, path)  # the first of a kind, as before
+    code, vars_template = paths.get("firmware-code"), paths.get("firmware-vars")
     if features is None or code is None or vars_template is None:
         return None
     return AutoSelectedFirmware(features, code, vars_template)

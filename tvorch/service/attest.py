@@ -52,7 +52,7 @@ from ..core.codec import b64encode, parse_json
 from ..core.eventlog import parse_event_log
 from ..core.guest_baseline import BaselineVerdict, compare, compare_prediction
 from ..core.instance import InstanceRecord, InstanceState, validate_name
-from ..core.manifest import manifest_from_dict
+from ..core.manifest_format import stored_manifest
 from ..core.prediction import Prediction
 from ..core.quote import QuoteInfo, ak_name, verify_quote
 from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, StoreError, TrustError, TvorchError
@@ -245,7 +245,7 @@ def first_boot_prediction(cfg: Config, manifest: bytes | None) -> tuple[Predicti
         return None, ""
     if manifest is None:
         return None, "policy.first_boot is predicted, but the instance has no launch manifest: learned"
-    record = manifest_from_dict(json.loads(manifest)["manifest"]).boot_prediction
+    record = stored_manifest(manifest).boot_prediction
     if record is None:
         return None, "policy.first_boot is predicted, but the launch manifest has no boot prediction: learned"
     if record.prediction is None:
@@ -312,10 +312,10 @@ def _live_config_digest(node: Node, record: InstanceRecord, manifest: bytes) -> 
     """The canonical configuration digest of the domain as it runs now; a live change (a hot-plugged
     device, memory or vCPUs set) that makes it differ from the manifest's is recorded, and the bundle
     carries it for verify's "live configuration" check."""
-    measurements = json.loads(manifest)["manifest"]["measurements"]
+    recorded = stored_manifest(manifest)
     live = config_digest(node.hypervisor.domain_xml(record.name),
-                         autoselection_hint(record.domain_xml, measurements))
-    launched = json.loads(manifest)["manifest"]["config_digest"]
+                         autoselection_hint(record.domain_xml, recorded.measurements))
+    launched = recorded.config_digest
     if live != launched:
         detail = f"running configuration sha256:{live[:16]}... is not the manifest's sha256:{launched[:16]}..."
         node.store.add_event(record.id, "live-config-differs", detail)

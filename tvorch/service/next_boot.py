@@ -27,8 +27,9 @@ from ..adapters.store import utc_now
 from ..config import Config
 from ..core.bootdisk import read_boot_file
 from ..core.bootpredict import predict_uefi_disk
+from ..core.codec import canonical_json
 from ..core.instance import validate_name
-from ..core.manifest import canonical_json, manifest_from_dict
+from ..core.manifest_format import stored_manifest
 from ..core.prediction import EventSource, PredictedEvent, Prediction
 from ..errors import ConflictError, NotFoundError
 from .node import Node
@@ -47,7 +48,7 @@ def predict_next_boot(node: Node, name: str, boot_path: str) -> dict[str, Any]:
     manifest = node.store.manifest(record.id)
     if manifest is None:
         raise NotFoundError(f"instance '{name}' has no launch manifest to take the firmware side from")
-    parsed = manifest_from_dict(json.loads(manifest)["manifest"])
+    parsed = stored_manifest(manifest)
     launched = parsed.boot_prediction
     if launched is None or launched.prediction is None:
         why = "none" if launched is None else f"unavailable: {launched.reason}"

@@ -44,7 +44,7 @@ from ..config import Config
 from ..core.instance import InstanceRecord, InstanceState
 from ..core.ledger import LedgerEntry, broken_link
 from ..core.ekcert import verify_ek_certificate
-from ..core.manifest import Measurement
+from ..core.manifest_format import Measurement, manifest_digest
 from ..core.metadata import parse_instance_metadata
 from ..core.platformcert import verify_platform_certificate
 from ..core.vtpm import KeyProtection, LedgerEvent, VtpmRecord, check_key, key_check_value, new_state_key
@@ -190,7 +190,7 @@ def _require_own_domain(node: Node, record: InstanceRecord) -> None:
     meta = parse_instance_metadata(node.hypervisor.domain_xml(record.name, inactive=True))
     body = node.store.manifest(record.id)
     if meta is None or meta.instance_id != record.id or body is None \
-            or meta.manifest_digest != hashlib.sha256(body).hexdigest():
+            or meta.manifest_digest != manifest_digest(body):
         node.store.add_event(record.id, "vtpm-key-withheld", "libvirt's definition no longer names this instance")
         raise TrustError(f"start of '{record.name}' refused: libvirt's definition of it no longer carries its "
                          "tvorch metadata and manifest; the vTPM key is not lent to it")
