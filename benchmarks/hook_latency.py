@@ -54,7 +54,7 @@ from tvorch import hook
 from tvorch.adapters.digests import measure_file, sha256_file
 from tvorch.adapters.imagefiles import create_overlay, file_identity, inspect_image
 from tvorch.adapters.node_keys import load_or_create
-from tvorch.adapters.store import Store, utc_now
+from tvorch.adapters.store import Store
 from tvorch.adapters.vtpm_state import state_digest
 from tvorch.config import Config, parse_config
 from tvorch.core.canonical import config_digest
@@ -64,6 +64,7 @@ from tvorch.core.manifest import LaunchManifest, Measurement, manifest_digest, s
 from tvorch.core.measurements import DigestKey
 from tvorch.core.references import ReferenceValue
 from tvorch.core.spec import DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.core.timestamps import utc_now
 from tvorch.service.hook_install import render_shim
 
 URI = "qemu:///system"

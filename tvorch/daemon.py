@@ -30,9 +30,9 @@ from tenacity import RetryCallState, Retrying, wait_exponential
 from .adapters.libvirt_events import LifecycleFeed
 from .adapters.locks import StoreLock
 from .adapters.sdnotify import notify, watchdog_interval
-from .adapters.store import utc_now
 from .config import Config, load_config
 from .core.lifecycle import LifecycleEvent, interpret, is_boot
+from .core.timestamps import utc_now
 from .errors import ConflictError, TvorchError
 from .logs import configure_logging, get_logger
 from .service.node import Node

@@ -420,7 +420,8 @@ def test_save_and_restore_pass_the_gate(tv: Tv, gated: Gated, tmp_path: Path):
 
 def test_host_verdict_gates_starts_when_required(tv: Tv, gated: Gated):
     """With policy.host_verdict = "require", a failing or stale host verdict refuses the start."""
-    from tvorch.adapters.store import Store, utc_now
+    from tvorch.adapters.store import Store
+    from tvorch.core.timestamps import utc_now
     from tvorch.core.hostverdict import HostVerdict
 
     original = tv.config.read_text()

@@ -30,7 +30,7 @@ import pytest
 from tvorch import hook
 from tvorch.adapters.imagefiles import file_identity
 from tvorch.adapters.node_keys import load_or_create
-from tvorch.adapters.store import Store, utc_now
+from tvorch.adapters.store import Store
 from tvorch.adapters.vtpm_state import state_digest
 from tvorch.config import Config, parse_config
 from tvorch.core.canonical import config_digest
@@ -44,6 +44,7 @@ from tvorch.core.manifest import (
     sign_manifest,
 )
 from tvorch.core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.core.timestamps import utc_now
 
 REPO = Path(__file__).resolve().parents[2]
 LIBVIRT_XML = REPO / "tests" / "data" / "libvirt"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.adapters.store import Store, utc_now
+from tvorch.adapters.store import Store
 from tvorch.core.instance import InstanceRecord, InstanceState
 from tvorch.core.ledger import GENESIS, LedgerEntry, broken_link, chain_entry
+from tvorch.core.timestamps import utc_now
 
 INSTANCE = "i-000000000001"
 

@@ -17,11 +17,12 @@ import time
 import pytest
 
 from tvorch.adapters.locks import StoreLock
-from tvorch.adapters.store import Store, utc_now
+from tvorch.adapters.store import Store
 from tvorch.cli import main
 from tvorch.config import INT_MAX, Config, parse_config
 from tvorch.core.hostverdict import DaemonStatus
 from tvorch.core.instance import InstanceRecord, InstanceState
+from tvorch.core.timestamps import utc_now
 from tvorch.errors import ConfigError, ConflictError, ExitCode
 from tvorch.service.measure import policy_digest
 

@@ -11,11 +11,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tvorch.adapters import vtpm_state
-from tvorch.adapters.store import Store, utc_now
+from tvorch.adapters.store import Store
 from tvorch.config import ConfigError, parse_config
 from tvorch.core.gate import start_refusals
 from tvorch.core.instance import InstanceRecord, InstanceState
 from tvorch.core.ledger import broken_link, state_digest_of
+from tvorch.core.timestamps import utc_now
 from tvorch.core.vtpm import KeyProtection, VtpmRecord, check_key, key_check_value, new_state_key
 from tvorch.core.vtpm_backup import backup_header, sign_backup, verify_backup
 from tvorch.core.vtpm_escrow import (

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ from ..core.ledger import LedgerEntry, chain_entry
 from ..core.vtpm import KeyProtection, VtpmRecord
 from ..core.hostverdict import DaemonStatus, HostVerdict
 from ..core.references import ReferenceValue
+from ..core.timestamps import utc_now
 from ..errors import ConflictError, NotFoundError, StoreError
 from .files import ensure_private_dir
 
@@ -275,10 +275,6 @@ _VTPM_COLUMNS = (
     "platform_cert"
 )
 _COLUMNS = "id, name, uuid, image, overlay, console_log, state, virt_type, domain_xml, created_at, updated_at, error"
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _row_to_record(row: sqlite3.Row) -> InstanceRecord:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -66,6 +65,7 @@ from tpm2_pytss.utils import make_credential as _tss_make_credential
 from tvorch.core.codec import b64decode, b64encode, canonical_json
 from tvorch.core.ekcert import ek_fingerprint
 from tvorch.core.quote import ak_key, ak_name, parse_public
+from tvorch.core.timestamps import parse_utc
 from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
 
 AK_CERT_FORMAT = "tvorch-ak-certification"
@@ -291,11 +291,7 @@ def _check_ak(what: str, method: str, certified_at: str, public: bytes, name: by
     """The method, time and AK of a statement, guest's or host's."""
     if method != METHOD:
         raise TrustError(f"{what} method {method!r} is not {METHOD!r}")
-    try:
-        moment = datetime.fromisoformat(certified_at)
-    except ValueError:
-        moment = None
-    if moment is None or moment.utcoffset() != timedelta(0):
+    if parse_utc(certified_at) is None:
         raise TrustError(f"{what} time {certified_at!r} is not a UTC ISO-8601 time")
     try:
         check_ak_public(public)

@@ -105,7 +105,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -139,6 +139,7 @@ from tvorch.core.quote import (
     verify_quote,
 )
 from tvorch.core.signing import DOCUMENT_SIGNING, verify_chain
+from tvorch.core.timestamps import format_utc, parse_utc
 from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
 
 BUNDLE_FORMAT = "tvorch-evidence"
@@ -270,7 +271,7 @@ def build_bundle(
     body: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
-        "created_at": created_at.astimezone(timezone.utc).isoformat(timespec="milliseconds"),
+        "created_at": format_utc(created_at),
         "nonce": nonce.hex(),
         "instance": {"id": instance_id, "name": name, "uuid": uuid},
         "node": {"hostname": hostname, "signing_cert_pem": _pem(signing_cert), "ca_pem": "".join(_pem(c) for c in (ca_cert, *ca_chain))},
@@ -829,12 +830,8 @@ def _text(value: object, where: str) -> str:
 
 
 def _utc(value: object, where: str) -> datetime:
-    text = _text(value, where)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        moment = None
-    if moment is None or moment.utcoffset() != timedelta(0):
+    moment = parse_utc(_text(value, where))
+    if moment is None:
         raise _Malformed(f"bundle field '{where}' is not a UTC ISO-8601 time")
     return moment
 

@@ -15,12 +15,13 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
 from tvorch.core.codec import MAX_JSON_INT, parse_json
 from tvorch.core.prediction import BANK, EventSource, PredictedEvent, Prediction
+from tvorch.core.timestamps import EXAMPLE as TIME_EXAMPLE
+from tvorch.core.timestamps import is_canonical_utc
 from tvorch.errors import TrustError
 
 MANIFEST_VERSION = 1
@@ -293,16 +294,8 @@ def _digest(value: object, name: str) -> str:
 
 def _timestamp(value: object, name: str) -> str:
     text = _str(value, name)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        moment = None
-    if (
-        moment is None
-        or moment.utcoffset() != timedelta(0)
-        or moment.isoformat(timespec="milliseconds") != text
-    ):
-        raise TrustError(f"manifest field '{name}': {text!r} is not a UTC time like 2024-05-01T12:00:00.123+00:00")
+    if not is_canonical_utc(text):
+        raise TrustError(f"manifest field '{name}': {text!r} is not a UTC time like {TIME_EXAMPLE}")
     return text
 
 

@@ -27,7 +27,6 @@ from typing import Any
 from cryptography import x509
 
 from ..adapters.guest_channel import GuestChannel, socket_path
-from ..adapters.store import utc_now
 from ..config import Config
 from ..core.agent_protocol import Response, parse_pcr_values, pcr_list
 from ..core.akcert import (
@@ -55,6 +54,7 @@ from ..core.instance import InstanceRecord, InstanceState, validate_name
 from ..core.manifest_format import stored_manifest
 from ..core.prediction import Prediction
 from ..core.quote import QuoteInfo, ak_name, verify_quote
+from ..core.timestamps import utc_now
 from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, StoreError, TrustError, TvorchError
 from ..logs import get_logger
 from .manifests import node_identity, read_chain, read_with_ca

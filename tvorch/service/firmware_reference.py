@@ -27,7 +27,6 @@ from ..adapters.hostcaps import probe_kvm
 from ..adapters.locks import instance_lock
 from ..adapters.node_keys import NodeIdentity, load_or_create
 from ..adapters.reference_vm import boot_and_read_log, make_empty_disk
-from ..adapters.store import utc_now
 from ..config import Config
 from ..core.domain_xml import render_domain_xml
 from ..core.firmware import ResolvedFirmware
@@ -43,6 +42,7 @@ from ..core.firmware_reference import (
 from ..core.prediction import PredictedEvent
 from ..core.secureboot import pcr7_events
 from ..core.spec import DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
+from ..core.timestamps import utc_now
 from ..core.uefi_vars import parse_vars_file
 from ..errors import EvidenceError, InputError, NotFoundError, TrustError
 from ..logs import get_logger

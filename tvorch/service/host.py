@@ -21,7 +21,7 @@ from typing import Any
 import tvorch
 
 from ..adapters.files import read_bounded
-from ..adapters.store import Store, utc_now
+from ..adapters.store import Store
 from ..adapters.files import atomic_write
 from ..adapters.tpm import HOST_DIR, AkInfo, Tpm, open_tpm, read_ak
 from ..config import Config
@@ -44,6 +44,7 @@ from ..core.ima import (
     parse_ima_list,
 )
 from ..core.quote import HostQuote
+from ..core.timestamps import utc_now
 from ..errors import ConfigError, EvidenceError, HostError, TrustError
 from ..logs import get_logger
 from .manifests import node_identity

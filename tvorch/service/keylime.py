@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives import serialization
 from ..adapters.files import atomic_write, ensure_private_dir, read_bounded
 from ..adapters.keylime import KeylimeClient
 from ..adapters.retry import keylime_backoff, keylime_retry
-from ..adapters.store import utc_now
 from ..config import Config
 from ..core.eventlog import parse_event_log, replay
 from ..core.hostpolicy import HostPolicy, parse_policy, policy_to_json
@@ -48,6 +47,7 @@ from ..core.keylime import (
     tpm_policy,
 )
 from ..core.quote import HostQuote
+from ..core.timestamps import utc_now
 from ..errors import ConfigError, EvidenceError, InputError, KeylimeUnreachable, NotFoundError, TvorchError
 from ..logs import get_logger
 from .node import Node

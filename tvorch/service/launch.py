@@ -21,7 +21,6 @@ from ..adapters.files import ensure_private_dir
 from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.hostcaps import is_executable, probe_kvm
 from ..adapters.locks import instance_lock
-from ..adapters.store import utc_now
 from ..config import Config
 from ..core.domain_xml import render_domain_xml
 from ..core.hostverdict import host_problem
@@ -36,6 +35,7 @@ from ..core.instance import (
 )
 from ..core.manifest import BootPredictionRecord, manifest_digest
 from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
+from ..core.timestamps import utc_now
 from ..errors import ConflictError, HostError, ImageError, InputError, TrustError, TvorchError
 from ..faults import crash_point
 from ..logs import get_logger

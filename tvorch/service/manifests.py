@@ -10,12 +10,12 @@ from cryptography import x509
 
 from ..adapters.files import read_bounded
 from ..adapters.node_keys import NodeIdentity, load_or_create
-from ..adapters.store import utc_now
 from ..config import Config
 from ..core.canonical import config_digest
 from ..core.domain_xml import render_domain_xml
 from ..core.manifest import BootPredictionRecord, LaunchManifest, sign_manifest, verify_manifest
 from ..core.spec import DomainSpec
+from ..core.timestamps import utc_now
 from ..errors import InputError, NotFoundError
 from .node import Node
 from .measure import Measured

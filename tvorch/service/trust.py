@@ -11,10 +11,10 @@ from pathlib import Path
 from cryptography import x509
 
 from ..adapters import imagefiles
-from ..adapters.store import utc_now
 from ..core.image_signature import decode_signature, verify_image_signature
 from ..core.images import UNSAFE_IMAGE_POLICIES, layer_writers
 from ..core.references import REFERENCE_KINDS, ReferenceValue
+from ..core.timestamps import utc_now
 from ..errors import InputError, NotFoundError, TrustError
 from .manifests import read_chain
 from .node import Node

@@ -38,7 +38,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..adapters import vtpm_state
 from ..adapters.files import create_new, ensure_private_dir, read_bounded
 from ..adapters.locks import instance_lock, try_instance_lock
-from ..adapters.store import utc_now
 from ..adapters.vtpm_manufacture import manufacture, swtpm_version
 from ..config import Config
 from ..core.instance import InstanceRecord, InstanceState
@@ -47,6 +46,7 @@ from ..core.ekcert import verify_ek_certificate
 from ..core.manifest_format import Measurement, manifest_digest
 from ..core.metadata import parse_instance_metadata
 from ..core.platformcert import verify_platform_certificate
+from ..core.timestamps import utc_now
 from ..core.vtpm import KeyProtection, LedgerEvent, VtpmRecord, check_key, key_check_value, new_state_key
 from ..core.vtpm_backup import backup_header, sign_backup, verify_backup
 from ..core.vtpm_escrow import (
