@@ -37,10 +37,10 @@ class DictCache:
     def __init__(self) -> None:
         self.entries: dict[DigestKey, str] = {}
 
-    def get(self, key: DigestKey) -> str | None:
+    def cached_digest(self, key: DigestKey) -> str | None:
         return self.entries.get(key)
 
-    def put(self, key: DigestKey, digest: str) -> None:
+    def cache_digest(self, key: DigestKey, digest: str) -> None:
         self.entries[key] = digest
 
 

@@ -24,11 +24,11 @@ class DictCache:
         self.entries: dict[DigestKey, str] = {}
         self.gets: list[DigestKey] = []
 
-    def get(self, key: DigestKey) -> str | None:
+    def cached_digest(self, key: DigestKey) -> str | None:
         self.gets.append(key)
         return self.entries.get(key)
 
-    def put(self, key: DigestKey, digest: str) -> None:
+    def cache_digest(self, key: DigestKey, digest: str) -> None:
         self.entries[key] = digest
 
 
@@ -156,7 +156,7 @@ def test_a_cache_hit_reads_nothing(tmp_path: Path, no_racy_window: None, monkeyp
     path.write_bytes(_data(100))
     cache = DictCache()
     # A digest no reading could produce: returning it proves nothing was read.
-    cache.put(_key(path), "ab" * 32)
+    cache.cache_digest(_key(path), "ab" * 32)
 
     def no_reading(*args: object) -> None:
         raise AssertionError("the file was read despite a cache hit")
@@ -171,7 +171,7 @@ def test_rehash_reads_again_and_replaces_the_cached_digest(tmp_path: Path, no_ra
     path = tmp_path / "image"
     path.write_bytes(b"bytes")
     cache = DictCache()
-    cache.put(_key(path), "00" * 32)
+    cache.cache_digest(_key(path), "00" * 32)
     result = measure_file(path, cache, rehash=True)
     assert not result.cached
     assert result.digest == hashlib.sha256(b"bytes").hexdigest()

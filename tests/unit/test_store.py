@@ -125,7 +125,7 @@ def test_a_second_connection_in_one_process_keeps_the_first_ones_locks(tmp_path)
 def test_guests_running_under_an_older_hook_keep_their_run(tmp_path, monkeypatch):
     """The migration that adds the hook's runs gives one to an instance whose last start operation was
     `started begin` (running, or stopped without a release the old hook saw), and none to the others."""
-    from tvorch.adapters import store as store_module
+    from tvorch.adapters.store import database as store_module
 
     index = next(i for i, m in enumerate(store_module.MIGRATIONS) if "CREATE TABLE gate_runs" in m)
     path = tmp_path / "state" / "tvorch.db"

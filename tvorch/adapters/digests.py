@@ -38,9 +38,9 @@ Progress = Callable[[int, int], None]
 class DigestCache(Protocol):
     """Where measure_file keeps digests; tvorch's store backs it with a table."""
 
-    def get(self, key: DigestKey) -> str | None: ...
+    def cached_digest(self, key: DigestKey) -> str | None: ...
 
-    def put(self, key: DigestKey, digest: str) -> None: ...
+    def cache_digest(self, key: DigestKey, digest: str) -> None: ...
 
 
 def _key(info: os.stat_result) -> DigestKey:
@@ -107,11 +107,11 @@ def measure_file(
             info = os.stat(path)
         except OSError as err:
             raise ImageError(f"cannot read {path}: {err.strerror}") from None
-        cached = cache.get(_key(info))
+        cached = cache.cached_digest(_key(info))
         if cached is not None:
             return FileDigest(str(path), ALGORITHM, cached, info.st_size, cached=True)
     started_ns = time.time_ns()
     digest, info = _hash_file(path, progress)
     if info.st_ctime_ns <= started_ns - RACY_WINDOW_NS:
-        cache.put(_key(info), digest)
+        cache.cache_digest(_key(info), digest)
     return FileDigest(str(path), ALGORITHM, digest, info.st_size, cached=False)

@@ -165,7 +165,7 @@ def _cache_key(req: PredictRequest, node: Node) -> str | None:
     layers = []
     for layer in inspect_image(req.image).layers:
         st = os.stat(layer.path)
-        digest = node.store.get(DigestKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        digest = node.store.cached_digest(DigestKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         if digest is None:
             return None
         layers.append(digest)
