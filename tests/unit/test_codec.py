@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tvorch.core.codec import MAX_JSON_INT, b64decode, b64encode, canonical_json, parse_json
+from tvorch.core.codec import MAX_JSON_INT, b64decode, b64encode, canonical_json, key_mismatch, parse_json
 from tvorch.errors import EvidenceError, InputError, TrustError
 
 
@@ -122,3 +122,12 @@ def test_strict_base64_refuses(value: object, message: str) -> None:
     with pytest.raises(EvidenceError, match=message) as err:
         b64decode(value, "field 'x'", EvidenceError)
     assert str(err.value).startswith("field 'x' is not")
+
+
+# --- key checks ---------------------------------------------------------------------------------
+
+def test_key_mismatch_names_what_is_missing_and_unknown() -> None:
+    assert key_mismatch({"a": 1, "b": 2}, ("a", "b")) is None
+    assert key_mismatch({"a": 1, "c": 3}, ("a", "b"), optional=("c",)) == "missing ['b'], unknown []"
+    assert key_mismatch({"a": 1, "b": 2, "z": 0, "y": 0}, ("a", "b")) == "missing [], unknown ['y', 'z']"
+    assert key_mismatch({}, {"b", "a"}) == "missing ['a', 'b'], unknown []"

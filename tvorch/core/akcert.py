@@ -62,7 +62,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential as _tss_make_credential
 
-from tvorch.core.codec import b64decode, b64encode, canonical_json
+from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch
 from tvorch.core.ekcert import ek_fingerprint
 from tvorch.core.quote import ak_key, ak_name, parse_public
 from tvorch.core.timestamps import parse_utc
@@ -236,9 +236,8 @@ def _verified(obj: object, names: tuple[str, ...], fmt: str, what: str,
     """OBJ's fields if it has exactly NAMES, is FMT, and SIGNER_PUBLIC_KEY signed it; TrustError naming WHAT."""
     if not isinstance(obj, dict):
         raise TrustError(f"{what} is not a JSON object")
-    if set(obj) != set(names):
-        missing, unknown = sorted(set(names) - set(obj)), sorted(set(obj) - set(names))
-        raise TrustError(f"{what} fields wrong: missing {missing}, unknown {unknown}")
+    if (wrong := key_mismatch(obj, names)) is not None:
+        raise TrustError(f"{what} fields wrong: {wrong}")
     if obj["format"] != fmt or obj["version"] != AK_CERT_VERSION or type(obj["version"]) is not int:
         raise TrustError(f"{what} is not a {fmt} version {AK_CERT_VERSION}")
     for name in names[2:]:

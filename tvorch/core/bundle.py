@@ -127,7 +127,7 @@ from tvorch.core.ima import (
     parse_ima_list,
     replay_until,
 )
-from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
+from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch, parse_json
 from tvorch.core.manifest import LaunchManifest, manifest_digest, verify_manifest
 from tvorch.core.prediction import BANK as PREDICTION_BANK
 from tvorch.core.prediction import Prediction
@@ -817,9 +817,8 @@ def _keylime_detail(section: Mapping[str, Any]) -> str:
 def _object(value: object, where: str, names: tuple[str, ...] | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _Malformed(f"bundle field '{where}' is not a JSON object")
-    if names is not None and set(value) != set(names):
-        missing, unknown = sorted(set(names) - set(value)), sorted(set(value) - set(names))
-        raise _Malformed(f"bundle field '{where}' has wrong keys: missing {missing}, unknown {unknown}")
+    if names is not None and (wrong := key_mismatch(value, names)) is not None:
+        raise _Malformed(f"bundle field '{where}' has wrong keys: {wrong}")
     return value
 
 

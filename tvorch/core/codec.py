@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from tvorch.errors import InputError, TvorchError
@@ -87,6 +88,14 @@ def b64decode(value: object, what: str, error: type[TvorchError] = InputError) -
     if base64.b64encode(raw).decode("ascii") != value:
         raise error(f"{what} is not valid base64 (not its canonical encoding)")
     return raw
+
+
+def key_mismatch(obj: Mapping[str, object], names: Collection[str], optional: Collection[str] = ()) -> str | None:
+    """None when OBJ has every key in NAMES and no other (OPTIONAL ones aside); else what is wrong,
+    "missing [...], unknown [...]", for the caller's one-line refusal."""
+    keys = set(obj)
+    missing, unknown = sorted(set(names) - keys), sorted(keys - set(names) - set(optional))
+    return f"missing {missing}, unknown {unknown}" if missing or unknown else None
 
 
 def _check_json_value(value: object, where: str) -> None:

@@ -56,7 +56,7 @@ from tpm2_pytss.types import (
     TPMT_SIGNATURE,
 )
 
-from tvorch.core.codec import b64decode, b64encode
+from tvorch.core.codec import b64decode, b64encode, key_mismatch
 from tvorch.errors import EvidenceError, InputError, TrustError
 
 _T = TypeVar("_T", bound=TPM_OBJECT)
@@ -355,9 +355,8 @@ class HostQuote:
             raise EvidenceError("host quote is not a JSON object")
         expected = {"version", "nonce", "bank", "pcrs", "attest", "signature", "ak_public", "ak_pem",
                     "eventlog", "ima_log"}
-        if set(obj) != expected:
-            missing, unknown = sorted(expected - set(obj)), sorted(set(obj) - expected)
-            raise EvidenceError(f"host quote keys wrong: missing {missing}, unknown {unknown}")
+        if (wrong := key_mismatch(obj, expected)) is not None:
+            raise EvidenceError(f"host quote keys wrong: {wrong}")
         if type(obj["version"]) is not int or obj["version"] != QUOTE_FORMAT_VERSION:
             raise EvidenceError(f"host quote version {obj['version']!r} is not {QUOTE_FORMAT_VERSION}")
         bank = _text(obj, "bank")

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from tpm2_pytss.types import TPML_PCR_SELECTION
 
-from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
+from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch, parse_json
 from tvorch.core.quote import BANKS, MAX_PCR, pcr_indices
 from tvorch.errors import InputError
 
@@ -99,9 +99,8 @@ class SealedKey:
     def from_bytes(cls, data: bytes) -> SealedKey:
         """Parse what ``to_bytes`` wrote; InputError naming the first thing wrong."""
         obj = parse_json(data, "sealed key", InputError)
-        if set(obj) != _KEYS:
-            missing, unknown = sorted(_KEYS - set(obj)), sorted(set(obj) - _KEYS)
-            raise InputError(f"sealed key keys wrong: missing {missing}, unknown {unknown}")
+        if (wrong := key_mismatch(obj, _KEYS)) is not None:
+            raise InputError(f"sealed key keys wrong: {wrong}")
         if type(obj["version"]) is not int or obj["version"] != SEALED_FORMAT_VERSION:
             raise InputError(f"sealed key version {obj['version']!r} is not {SEALED_FORMAT_VERSION}")
         bank = obj["bank"]
