@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 GUEST_DIR=${GUEST_DIR:-/var/cache/tvorch/test-guest}
 NAME=${DEMO_NAME:-tvorch-demo}
+URI=${LIBVIRT_URI:-qemu:///system}
 tvorch() { "$VENV/bin/tvorch" "$@"; }
 
 # vTPM keys are sealed to the host TPM. A machine without one (a laptop, a CI
@@ -38,6 +39,12 @@ fi
 if tvorch show "$NAME" >/dev/null 2>&1; then
     echo "demo: replacing the previous $NAME"
     tvorch destroy --purge-vtpm "$NAME"
+elif virsh -c "$URI" dumpxml "$NAME" 2>/dev/null | grep -q 'https://tvorch.dev/xmlns/instance/1'; then
+    # An earlier demo's domain whose tvorch state was wiped (say, by a reset while libvirtd was down):
+    # tvorch no longer knows it, so it would refuse the name. It is the demo's own; remove it.
+    echo "demo: removing a stale $NAME that this node's tvorch state does not know"
+    virsh -c "$URI" destroy "$NAME" >/dev/null 2>&1 || true
+    virsh -c "$URI" undefine "$NAME" --nvram --tpm --managed-save >/dev/null
 fi
 
 # Reference values: the node trusts the test guest's image (idempotent).

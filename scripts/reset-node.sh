@@ -50,10 +50,11 @@ print(get("overlay_dir", "/var/lib/libvirt/images/tvorch"))
 print(get("console_log_dir", "/var/log/tvorch"))
 print(get("swtpm_state_dir", "/var/lib/libvirt/swtpm"))
 print(get("channel_dir", "/run/tvorch/channels", "guest").rstrip("/").rsplit("/", 1)[0] or "/run/tvorch")
+print(get("boot_files_dir", "/run/tvorch/boot"))
 EOF
 ) || { echo "reset-node: cannot read $CONFIG" >&2; exit 1; }
 mapfile -t P <<<"$paths"
-STATE=${P[0]} OVERLAYS=${P[1]} LOGS=${P[2]} SWTPM=${P[3]} RUNDIR=${P[4]}
+STATE=${P[0]} OVERLAYS=${P[1]} LOGS=${P[2]} SWTPM=${P[3]} RUNDIR=${P[4]} BOOTVIEW=${P[5]}
 
 act() {  # act DESCRIPTION COMMAND...: run it with --yes, else only say it
     if [ $yes -eq 1 ]; then
@@ -81,6 +82,18 @@ if libvirt_up; then
     for uuid in $(virsh -c "$URI" secret-list 2>/dev/null | awk 'NR > 2 && $1 ~ /-/ {print $1}'); do
         if virsh -c "$URI" secret-dumpxml "$uuid" 2>/dev/null | grep -qiE 'tvorch|<usage type=.vtpm.>'; then
             act "remove libvirt secret $uuid" virsh -c "$URI" secret-undefine "$uuid"
+        fi
+    done
+else
+    # libvirtd is down: its persistent definitions would come back with it, naming instances whose
+    # tvorch state is about to go. Remove them where libvirtd keeps them (what undefine removes).
+    for xmlfile in /etc/libvirt/qemu/*.xml; do
+        [ -f "$xmlfile" ] || continue
+        dom=$(basename "$xmlfile" .xml)
+        if grep -q 'tvorch.dev/xmlns/instance' "$xmlfile" || [[ $dom == tvtest-* ]]; then
+            act "remove libvirt's definition of $dom (libvirtd is not running)" \
+                rm -f -- "$xmlfile" "/etc/libvirt/qemu/autostart/$dom.xml" "/var/lib/libvirt/qemu/save/$dom.save" \
+                         "/var/lib/libvirt/qemu/nvram/${dom}_VARS.fd"
         fi
     done
 fi
@@ -123,8 +136,13 @@ if dpkg-query -W -f='${Status}' tvorch 2>/dev/null | grep -q 'install ok install
     act "purge the tvorch package" env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq tvorch
 fi
 
-# 5. Files.
-for path in "$STATE" "$OVERLAYS" "$LOGS" "$RUNDIR" /etc/tvorch /var/cache/tvorch \
+# 5. Files. First the read-only view of the staged direct-boot files (boot_files_dir), a bind mount
+#    (one per namespace that made it; stacked ones too), so that its directory can go.
+while grep -q " $BOOTVIEW " /proc/self/mountinfo 2>/dev/null; do
+    act "unmount $BOOTVIEW (read-only view of direct-boot files)" umount -l "$BOOTVIEW" || break
+    [ $yes -eq 1 ] || break
+done
+for path in "$STATE" "$OVERLAYS" "$LOGS" "$RUNDIR" "$BOOTVIEW" /etc/tvorch /var/cache/tvorch \
             /etc/libvirt/hooks/qemu.d/50-tvorch; do
     [ -e "$path" ] || [ -L "$path" ] || continue
     act "remove $path" rm -rf -- "$path"

@@ -144,12 +144,17 @@ def _record_stop(cfg: Config, store: Store, record: InstanceRecord, phase: Phase
 _BOOT_FILE = re.compile(r"<(kernel|initrd)>([^<]+)</\1>")
 
 
-def _protect_boot_files(xml: str) -> tuple[str, ...]:
+def _protect_boot_files(cfg: Config, xml: str) -> tuple[str, ...]:
     """libvirt hands the direct-boot kernel and initrd to the qemu user for the whole run, so any QEMU
-    could rewrite them. QEMU has read them by `started begin` (the guest has not run yet): give them
-    back to root, not writable by group or others, for the rest of the run. Returns what failed."""
+    could rewrite them. An instance launched before tvorch staged them (boot_files_dir's read-only view,
+    which libvirt cannot chown) boots the operator's own files: QEMU has read them by `started begin`
+    (the guest has not run yet), so give them back to root, not writable by group or others, for the
+    rest of the run. Returns what failed."""
     problems = []
+    view = cfg.boot_files_dir.rstrip("/") + "/"
     for _, path in _BOOT_FILE.findall(xml):
+        if path.startswith(view):
+            continue
         try:
             info = os.lstat(path)
             if stat.S_ISREG(info.st_mode):
@@ -158,6 +163,21 @@ def _protect_boot_files(xml: str) -> tuple[str, ...]:
         except OSError as err:
             problems.append(f"cannot give {path} back to root: {err.strerror}")
     return tuple(problems)
+
+
+def boot_view_problem(cfg: Config, xml: str) -> str | None:
+    """Staged direct-boot files are read through a read-only mount that a reboot takes away: make it
+    again before they are re-checked, and before libvirt would chown them (adapters.boot_files)."""
+    view = cfg.boot_files_dir.rstrip("/") + "/"
+    if not any(path.startswith(view) for _, path in _BOOT_FILE.findall(xml)):
+        return None
+    from .adapters.boot_files import ensure_view  # ctypes: only for a direct boot
+
+    try:
+        ensure_view(cfg.state_dir, cfg.boot_files_dir)
+    except TvorchError as err:
+        return str(err)
+    return None
 
 
 _UUID = re.compile(r"<uuid>\s*([0-9a-fA-F-]{36})\s*</uuid>")
@@ -207,7 +227,7 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
             store.add_hook_event(None, name, op, "refused" if phase is Phase.START else "warning", (reason,))
             return (REFUSE, f"tvorch: refused to start {name}: {reason}") if phase is Phase.START else (ALLOW, None)
         if phase is Phase.STARTED:
-            problems = _protect_boot_files(xml)
+            problems = _protect_boot_files(cfg, xml)
             store.begin_run(record.id, name, op)
             if problems:
                 store.add_hook_event(record.id, name, op, "warning", problems)
@@ -222,6 +242,10 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
             if path_refusal is not None:
                 store.record_start_decision(record.id, name, op, (path_refusal,))
                 return REFUSE, f"tvorch: refused to start {name}: {path_refusal}"
+            view_problem = boot_view_problem(cfg, xml)
+            if view_problem is not None:
+                store.record_start_decision(record.id, name, op, (view_problem,))
+                return REFUSE, f"tvorch: refused to start {name}: {view_problem}"
         evidence = gather(cfg, store, record, meta.manifest_digest, xml, running=phase is Phase.RECONNECT)
         reasons = start_refusals(evidence)
         if phase is Phase.RECONNECT:

@@ -137,10 +137,12 @@ def tv(libvirt_ready, hook_for, guest_dir: Path, host_tpm: str, escrow_key: Path
         overlay_dir=Path(f"/var/lib/libvirt/images/{PREFIX}{tag}"),
         log_dir=root / "console",
     )
+    boot_view = Path(f"/run/tvorch/{PREFIX}boot-{tag}")  # the read-only view of staged direct-boot files
     env.config.write_text(
         f'state_dir = "{env.state_dir}"\n'
         f'overlay_dir = "{env.overlay_dir}"\n'
         f'console_log_dir = "{env.log_dir}"\n'
+        f'boot_files_dir = "{boot_view}"\n'
         f'libvirt_uri = "{URI}"\n'
         "stop_timeout = 60\n"
         "[host]\n"
@@ -163,6 +165,9 @@ def tv(libvirt_ready, hook_for, guest_dir: Path, host_tpm: str, escrow_key: Path
             virsh("destroy", name, check=False)
             virsh("undefine", "--nvram", "--remove-all-storage", "--tpm", name, check=False)
     shutil.rmtree(env.overlay_dir, ignore_errors=True)
+    while subprocess.run(["umount", "-l", str(boot_view)], capture_output=True).returncode == 0:
+        pass
+    shutil.rmtree(boot_view, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ ledgered at each stop and checked at each start like its vTPM state.
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -134,30 +136,71 @@ def _writable_by_qemu(path: str) -> bool:
     return subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "test", "-w", path]).returncode == 0
 
 
+def _boot_paths(name: str) -> list[str]:
+    """The kernel and initrd the domain boots (what libvirt hands QEMU)."""
+    xml = ET.fromstring(virsh("dumpxml", "--inactive", name).stdout)
+    paths = [xml.findtext("os/kernel"), xml.findtext("os/initrd")]
+    assert all(paths), paths
+    return [str(p) for p in paths]
+
+
 def test_changed_initrd_is_refused(tv: Tv, direct: Direct):
-    """Not an image layer, yet measured at launch: a changed initrd is refused at the next start."""
+    """Not an image layer, yet measured at launch: a changed initrd is refused at the next start. The
+    instance boots tvorch's copy, so the operator's file changing later changes nothing; the copy
+    changing (root, while nothing runs) is refused."""
     original = direct.initrd.read_bytes()
     with open(direct.initrd, "ab") as f:
         f.write(b"\0")
     try:
-        refused(direct.name, f"initrd {direct.initrd} changed")
+        starts_clean(direct.name)
     finally:
         direct.initrd.write_bytes(original)
+    booted = _boot_paths(direct.name)[1]
+    copy = tv.state_dir / "boot-files" / Path(booted).name
+    assert copy.read_bytes() == original
+    with open(copy, "ab") as f:
+        f.write(b"\0")
+    try:
+        refused(direct.name, f"initrd {booted} changed")
+    finally:
+        copy.write_bytes(original)
     starts_clean(direct.name)
 
 
-def test_boot_files_stay_out_of_qemus_reach_while_the_guest_runs(tv: Tv, direct: Direct):
-    """libvirt hands the direct-boot kernel and initrd to the qemu user for the run; no QEMU may write them."""
+def test_boot_files_are_never_handed_to_qemu(tv: Tv, direct: Direct):
+    """libvirt chowns a direct-boot kernel and initrd to the qemu user from its relabelling until the
+    start's end (and the run's, for the files given back later), when any QEMU on the node could rewrite
+    them. The files the domain boots are on a read-only view: libvirt's chown fails (EROFS, which it
+    tolerates), so they stay root's and unwritable by libvirt-qemu at every moment, the guest boots."""
+    paths = _boot_paths(direct.name)
+    qemu = pwd.getpwnam("libvirt-qemu")
+    for path in paths:
+        with pytest.raises(OSError) as err:
+            os.chown(path, qemu.pw_uid, qemu.pw_gid)  # what libvirt's DAC driver does at each start
+        assert err.value.errno == errno.EROFS, err.value
+    console = Path(direct.record["console_log"])
+    console.unlink(missing_ok=True)
     virsh("start", direct.name)
     try:
-        live = ET.fromstring(virsh("dumpxml", direct.name).stdout)
-        paths = [live.findtext("os/kernel"), live.findtext("os/initrd")]
-        assert all(paths), paths
+        wait_for_ready(console)
         for path in paths:
+            assert os.stat(path).st_uid == 0, f"{path} was handed to uid {os.stat(path).st_uid}"
             assert not _writable_by_qemu(path), f"{path} is writable by libvirt-qemu while the guest runs"
     finally:
         virsh("destroy", direct.name)
     starts_clean(direct.name)
+
+
+def test_boot_view_is_made_again_after_a_reboot(tv: Tv, direct: Direct):
+    """A reboot takes the read-only mount away (and a reset may replace its directory): the hook makes it
+    again before the start's checks, and the guest boots from it."""
+    view = str(Path(_boot_paths(direct.name)[0]).parent)
+    while subprocess.run(["umount", "-l", view], capture_output=True).returncode == 0:
+        pass
+    assert not any(line.split()[4] == view for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    starts_clean(direct.name)
+    assert any(line.split()[4] == view and "ro" in line.split()[5].split(",")
+               for line in Path("/proc/self/mountinfo").read_text().splitlines())
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ predicted values:
 
   UKI on GPT under OVMF (guest.qcow2)       PCRs 4, 5, 8, 9, 11, 12, 13, 14
   the same with another .cmdline (raw disk) PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  the same with another initramfs (raw)     PCRs 4, 5, 8, 9, 11, 12, 13, 14
   OVMF direct kernel boot                   PCRs 4, 5, 8, 9, 11, 12, 13, 14
   SeaBIOS direct kernel boot, TPM TIS       PCRs 4, 5, 8, 9, 11, 12, 13, 14
 """
@@ -82,27 +83,72 @@ def test_uki_on_gpt_under_ovmf(tv: Tv, booted_guest: BootedGuest, guest_dir: Pat
     _same(_signed_prediction(tv, booted_guest.name, tmp_path / "manifest.json"), prediction)
 
 
-def test_another_build_with_a_changed_cmdline_section(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
-    """The test guest with .cmdline "console=ttyS0 panic=-2": another UKI, on a raw disk this time."""
-    raw = tmp_path / "guest-cmdline.raw"
+def _variant(tv: Tv, guest_dir: Path, tmp_path: Path, old: bytes, new: bytes, label: str) -> Path:
+    """The test guest's disk, raw, with OLD (found once, in the UKI) replaced by NEW of the same length:
+    another build of its UKI, trusted."""
+    raw = tmp_path / "variant.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(guest_dir / "guest.qcow2"), str(raw)],
                    check=True)
     disk = bytearray(raw.read_bytes())
-    at = disk.find(GUEST_CMDLINE + b"\0")  # the .cmdline section (VirtualSize 22, zero padded)
-    assert at > 0 and disk.find(GUEST_CMDLINE + b"\0", at + 1) < 0
-    disk[at:at + len(GUEST_CMDLINE)] = b"console=ttyS0 panic=-2"
+    at = disk.find(old)
+    assert at > 0 and disk.find(old, at + 1) < 0 and len(old) == len(new)
+    disk[at:at + len(old)] = new
     raw.write_bytes(bytes(disk))
     raw.chmod(0o644)
     tmp_path.chmod(0o755)
-    image = Path(tv.overlay_dir) / f"cmdline-{secrets.token_hex(2)}.raw"
+    image = Path(tv.overlay_dir) / f"variant-{secrets.token_hex(2)}.raw"
     image.parent.mkdir(parents=True, exist_ok=True)
     raw.replace(image)
-    tv.run("image", "trust", str(image), "--label", "test guest, another .cmdline")
+    tv.run("image", "trust", str(image), "--label", f"test guest, {label}")
+    return image
+
+
+def test_another_build_with_a_changed_cmdline_section(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """The test guest with .cmdline "console=ttyS0 panic=-2": another UKI, on a raw disk this time."""
+    # the .cmdline section (VirtualSize 22, zero padded)
+    image = _variant(tv, guest_dir, tmp_path, GUEST_CMDLINE + b"\0", b"console=ttyS0 panic=-2\0", "another .cmdline")
     before = tv.json("predict", str(guest_dir / "guest.qcow2"))
     after = tv.json("predict", str(image))
     assert before["pcrs"]["11"] != after["pcrs"]["11"] and before["pcrs"]["4"] != after["pcrs"]["4"]
     assert before["pcrs"]["5"] == after["pcrs"]["5"]
     _launch_and_check(tv, image, ())
+
+
+def test_a_third_build_with_a_changed_initramfs(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """The test guest whose .initrd differs: its gzip header names another OS (byte 9: Unix 3 -> 255,
+    which gunzip and the kernel ignore), so the initramfs bytes change and the guest still boots."""
+    head = (guest_dir / "initrd.img").read_bytes()[:64]
+    assert head[:3] == b"\x1f\x8b\x08" and head[9] == 3, head[:10]
+    image = _variant(tv, guest_dir, tmp_path, head, head[:9] + b"\xff" + head[10:], "another initramfs")
+    before = tv.json("predict", str(guest_dir / "guest.qcow2"))
+    after = tv.json("predict", str(image))
+    for pcr in ("4", "9", "11"):  # the UKI's Authenticode, the initrd the stub hands over, its .initrd section
+        assert before["pcrs"][pcr] != after["pcrs"][pcr], pcr
+    assert before["pcrs"]["5"] == after["pcrs"]["5"]
+    _launch_and_check(tv, image, ())
+
+
+def test_launch_boots_a_missing_firmware_reference_and_its_first_boot_matches(tv: Tv, guest_dir: Path) -> None:
+    """Issue #14: no reference for 2 vCPUs yet, so predict leaves PCRs 0-3 and 6 out; launch boots the
+    reference itself (launch.firmware_reference = "create"), signs a prediction covering them, and the first
+    boot equals it on every covered PCR, 0-3 and 6 included."""
+    image = guest_dir / "guest.qcow2"
+    before = {r["key_digest"] for r in tv.json("firmware", "reference", "list")}
+    unreferenced = tv.json("predict", str(image), "--memory", "512", "--vcpus", "2")
+    assert not {0, 1, 2, 3, 6} & set(unreferenced["covered"]), unreferenced["not_predicted"]
+    name = f"{PREFIX}predict-{secrets.token_hex(2)}"
+    try:
+        record = tv.launch(image, name, "--vcpus", "2")
+        made = {r["key_digest"] for r in tv.json("firmware", "reference", "list")} - before
+        assert len(made) == 1, made
+        signed = _signed_prediction(tv, name, Path(record["console_log"]).with_suffix(".manifest.json"))
+        assert {0, 1, 2, 3, 4, 5, 6, 7} <= set(signed["covered"]), signed["not_predicted"]
+        _check(signed, wait_for_ready(Path(record["console_log"])))
+    finally:
+        tv.destroy(name)
+    # Reused, not booted again: predict now covers the firmware side from the stored reference.
+    assert {0, 1, 2, 3, 6} <= set(tv.json("predict", str(image), "--memory", "512", "--vcpus", "2")["covered"])
+    assert {r["key_digest"] for r in tv.json("firmware", "reference", "list")} - before == made
 
 
 def test_ovmf_direct_kernel_boot(tv: Tv, guest_dir: Path) -> None:

@@ -60,3 +60,11 @@ def progress_for(
         last_drawn, width, finished = now, len(line), complete
 
     return draw
+
+
+def tell(line: str, stream: TextIO | None = None) -> None:
+    """One line for a person waiting at a terminal on something slow (a reference VM's boot); else nothing."""
+    out = sys.stderr if stream is None else stream
+    if out.isatty():
+        out.write(line + "\n")
+        out.flush()

@@ -36,6 +36,7 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
             *(f"keylime ({what}): " + ("valid" if r.get("valid") else "INVALID: " + "; ".join(r["failures"])
                                        if r["submitted"] else f"not submitted: {r['queued']}")
               for what, r in summary.get("keylime", {}).items()),
+            *([f"live configuration DIFFERS: {guest.live_config}"] if guest.live_config else []),
             f"evidence bundle: {out}",
         ]))
     if summary["baseline"] == "differs":
@@ -43,6 +44,9 @@ def attest(ctx: Context, name: str, nonce: str, out: str | None, timeout: int | 
                    "next-boot prediction": "its baseline and its expected next boot (tvorch predict --instance; "
                                            "not learned)"}.get(summary["judged_against"], "its baseline")
         raise TrustError(f"{name}: this boot differs from {against}: {'; '.join(summary['differences'])}")
+    if guest.live_config is not None:
+        raise TrustError(f"{name}: the {guest.live_config}: changed while it runs (tvorch events {name}); "
+                         "the bundle says so and verify fails its live configuration check")
 
 
 class Duration(click.ParamType):

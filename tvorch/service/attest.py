@@ -77,6 +77,7 @@ class GuestAttestation:
     ak_certification: dict[str, Any]
     keylime: dict[str, Any] | None = None  # Keylime's verdicts beside tvorch's (service.keylime), when submitted
     against: str | None = "baseline"  # "prediction": a first boot judged against the launch prediction
+    live_config: str | None = None  # why the running configuration is not the manifest's (a live change)
 
     def summary(self) -> dict[str, Any]:
         return {**({} if self.keylime is None else {"keylime": self.keylime}),
@@ -86,6 +87,8 @@ class GuestAttestation:
             "baseline": "learned from this boot" if self.learned else (
                 "matches" if self.baseline is not None and self.baseline.matches else "differs"),
             "differences": [] if self.baseline is None else [d.describe() for d in self.baseline.differences],
+            "live_configuration": "matches" if self.live_config is None else "differs",
+            **({} if self.live_config is None else {"live_configuration_detail": self.live_config}),
         }
 
 
@@ -273,7 +276,8 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
     except TvorchError as err:  # a node without host attestation: the bundle says so, verify fails it
         log.warning("no_host_quote", reason=str(err))
         host_quote, host_ak = None, None
-    live_digest = _live_config_digest(node, record, manifest)
+    live_digest, live_differs = _live_config_digest(node, record, manifest)
+    guest = dataclasses.replace(guest, live_config=live_differs)
     guest = _submit_to_keylime(node, guest, nonce, host_quote)
     baseline = node.store.guest_baseline(record.id)
     identity = node_identity(node.cfg)
@@ -308,7 +312,7 @@ def _submit_to_keylime(node: Node, guest: GuestAttestation, nonce: bytes, host_q
     return dataclasses.replace(guest, keylime=shown)
 
 
-def _live_config_digest(node: Node, record: InstanceRecord, manifest: bytes) -> str:
+def _live_config_digest(node: Node, record: InstanceRecord, manifest: bytes) -> tuple[str, str | None]:
     """The canonical configuration digest of the domain as it runs now; a live change (a hot-plugged
     device, memory or vCPUs set) that makes it differ from the manifest's is recorded, and the bundle
     carries it for verify's "live configuration" check."""
@@ -320,7 +324,8 @@ def _live_config_digest(node: Node, record: InstanceRecord, manifest: bytes) -> 
         detail = f"running configuration sha256:{live[:16]}... is not the manifest's sha256:{launched[:16]}..."
         node.store.add_event(record.id, "live-config-differs", detail)
         log.warning("live_config_differs", name=record.name, live=live, manifest=launched)
-    return live
+        return live, detail
+    return live, None
 
 
 def verify_file(path: str, ca_path: str, nonce: bytes, uuid: str | None = None, *, max_host_age: float,

@@ -26,6 +26,7 @@ from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, sock
 from ..adapters.hostcaps import probe_kvm
 from ..adapters.locks import instance_lock
 from ..adapters.node_keys import NodeIdentity, load_or_create
+from ..adapters.progress import tell
 from ..adapters.reference_vm import boot_and_read_log, make_empty_disk
 from ..config import Config
 from ..core.domain_xml import render_domain_xml
@@ -179,6 +180,8 @@ def reference_for(node: Node, choice: FirmwareChoice, *, create: bool = True) ->
     with instance_lock(Path(cfg.state_dir), name):  # one reference boot per key at a time
         if path.exists():  # made while we waited
             return _load(path, identity, key)
+        tell(f"booting the firmware reference VM for this firmware and platform ({key.digest[:12]}), once: "
+             f"about 15 s under TCG")
         reference = _boot_reference(node, choice, key, name)
         atomic_write(path, sign_reference(reference, identity.signing_key, identity.signing_cert))
         log.info("firmware_reference_made", key=key.digest, path=str(path))

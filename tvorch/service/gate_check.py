@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..core.gate import start_refusals
 from ..core.instance import InstanceState
 from ..core.metadata import parse_instance_metadata
-from ..hook import gather
+from ..hook import boot_view_problem, gather
 from .node import Node
 
 
@@ -37,5 +37,8 @@ def check_start(node: Node, name: str) -> StartCheck:
     # libvirt's definition, as its hook gets it at `prepare begin` (the live one when running).
     xml = hv.domain_xml(record.name, inactive=not running)
     meta = parse_instance_metadata(xml)
+    view = boot_view_problem(node.cfg, xml)  # the direct-boot view, made again as the hook would
+    if view is not None:
+        return StartCheck(record.name, running, (view,))
     evidence = gather(node.cfg, node.store, record, meta.manifest_digest if meta else None, xml, running)
     return StartCheck(record.name, running, start_refusals(evidence))

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import imagefiles
+from ..adapters import boot_files, imagefiles
 from ..adapters.files import ensure_private_dir
 from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.locks import instance_lock
+from ..core.domain_files import file_uses
 from ..core.instance import InstanceRecord, InstanceState, validate_name
 from ..errors import ConflictError, NotFoundError
 from ..logs import get_logger
@@ -148,6 +149,15 @@ def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> Ins
     imagefiles.remove_overlay(record.overlay)
     remove_socket_dir(_channel(node, record), Path(node.cfg.guest.channel_dir))
     kept = "purged" if purge_vtpm else f"kept in {node.cfg.swtpm_state_dir}/{record.uuid}"
-    return node.store.update_instance(
+    gone = node.store.update_instance(
         record.id, state=InstanceState.DESTROYED, event=("destroyed", f"vTPM state {kept}")
     )
+    prune_boot_files(node)
+    return gone
+
+
+def prune_boot_files(node: Node) -> None:
+    """Staged direct-boot files that no instance's domain boots any more (adapters.boot_files)."""
+    named = {use.path for r in node.store.list_instances() if r.domain_xml for use in file_uses(r.domain_xml)}
+    for digest in boot_files.prune(node.cfg.state_dir, node.cfg.boot_files_dir, named):
+        log.info("boot_file_pruned", digest=digest)

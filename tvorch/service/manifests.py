@@ -11,8 +11,6 @@ from cryptography import x509
 from ..adapters.files import read_bounded
 from ..adapters.node_keys import NodeIdentity, load_or_create
 from ..config import Config
-from ..core.canonical import config_digest
-from ..core.domain_xml import render_domain_xml
 from ..core.manifest import BootPredictionRecord, LaunchManifest, sign_manifest, verify_manifest
 from ..core.spec import DomainSpec
 from ..core.timestamps import utc_now
@@ -25,9 +23,10 @@ def node_identity(cfg: Config) -> NodeIdentity:
     return load_or_create(Path(cfg.state_dir), socket.gethostname())
 
 
-def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured,
+def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured, launched_config: str,
                    boot_prediction: BootPredictionRecord | None = None) -> bytes:
-    """Sign what was measured, with the digest of the configuration SPEC renders to (and the boot prediction)."""
+    """Sign what was measured, with LAUNCHED_CONFIG (the canonical digest of the XML SPEC renders to) and the
+    boot prediction."""
     identity = node_identity(cfg)
     manifest = LaunchManifest(
         instance_id=spec.instance_id,
@@ -36,7 +35,7 @@ def issue_manifest(cfg: Config, spec: DomainSpec, measured: Measured,
         node=socket.gethostname(),
         created_at=utc_now(),
         measurements=measured.measurements,
-        config_digest=config_digest(render_domain_xml(spec)),
+        config_digest=launched_config,
         policy_digest=measured.policy_digest,
         boot_prediction=boot_prediction,
     )

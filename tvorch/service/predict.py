@@ -24,7 +24,7 @@ from ..core.bootpredict import (
     predict_uefi_disk,
 )
 from ..core.prediction import PredictedEvent, Prediction
-from ..errors import ImageError, InputError, NotFoundError
+from ..errors import EvidenceError, ImageError, InputError, NotFoundError, TvorchError
 
 if TYPE_CHECKING:
     from .node import Node
@@ -110,9 +110,10 @@ def predict_disk_side(req: PredictRequest) -> tuple[BootPrediction, str, int]:
     return predict_uefi_disk(gpt, boot_file, stub_dropins=dropins), "ovmf-disk", read
 
 
-def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[], Node] | None
-                   ) -> tuple[tuple[PredictedEvent, ...], tuple[tuple[int, str], ...]]:
-    """PCRs 0-3, 6 and 7 from the firmware reference (never booted here), or PCR 7 alone without one."""
+def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[], Node] | None,
+                   create_reference: bool = False) -> tuple[tuple[PredictedEvent, ...], tuple[tuple[int, str], ...]]:
+    """PCRs 0-3, 6 and 7 from the firmware reference (booted first when CREATE_REFERENCE and there is
+    none), or PCR 7 alone without one."""
     if req.firmware == "bios":
         return (), ()  # the SeaBIOS prediction has its own (core.bootpredict.predict_seabios_direct)
     if node is None:
@@ -125,9 +126,13 @@ def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[],
     choice = choice_from_options(n.cfg, memory_mib=req.memory_mib, vcpus=req.vcpus, secure_boot=req.secure_boot,
                                  firmware_profile=req.firmware_profile, tpm_model=req.tpm_model)
     try:
-        events = tuple(firmware_events(n, choice, disk.firmware_loads, create=False))
+        events = tuple(firmware_events(n, choice, disk.firmware_loads, create=create_reference))
     except NotFoundError as err:
         missing = tuple((p, f"{err} (tvorch firmware reference create)") for p in FIRMWARE_PCRS if p != 7)
+    except EvidenceError:
+        raise  # the firmware disagrees with the computed PCR 7: nothing of this is predicted
+    except TvorchError as err:  # the reference VM did not boot, or its log could not be read
+        missing = tuple((p, f"the firmware reference could not be made: {err}") for p in FIRMWARE_PCRS if p != 7)
     else:
         if not req.kernel:
             return events, ()
@@ -209,10 +214,12 @@ def _store(node: Node, key: str, disk: BootPrediction, scenario: str) -> None:
     atomic_write(path, canonical_json(body))
 
 
-def predict(req: PredictRequest, node: Callable[[], Node] | None = None) -> PredictResult:
+def predict(req: PredictRequest, node: Callable[[], Node] | None = None, *,
+            create_reference: bool = False) -> PredictResult:
     """Disk side (cached by image digest when NODE is given), then the firmware side from NODE.
 
     NODE is a factory: a request refused on its options never opens the store.
+    CREATE_REFERENCE boots the platform's firmware reference VM when there is none (launch).
     """
     _check_options(req)
     key = None
@@ -228,7 +235,7 @@ def predict(req: PredictRequest, node: Callable[[], Node] | None = None) -> Pred
         cached = False
         if key is not None and node is not None:
             _store(node(), key, disk, scenario)
-    fw_events, fw_missing = _firmware_side(req, disk, node)
+    fw_events, fw_missing = _firmware_side(req, disk, node, create_reference)
     events = sorted(tuple(fw_events) + disk.events, key=lambda e: e.pcr)  # stable: each PCR keeps its order
     covered = disk.covered | {e.pcr for e in fw_events}
     prediction = Prediction(events=tuple(events), covered=covered)
