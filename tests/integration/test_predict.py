@@ -9,6 +9,7 @@ predicted values:
   the same with another .cmdline (raw disk) PCRs 4, 5, 8, 9, 11, 12, 13, 14
   the same with another initramfs (raw)     PCRs 4, 5, 8, 9, 11, 12, 13, 14
   OVMF direct kernel boot                   PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  the same with another initramfs, cmdline  PCRs 4, 5, 8, 9, 11, 12, 13, 14
   SeaBIOS direct kernel boot, TPM TIS       PCRs 4, 5, 8, 9, 11, 12, 13, 14
 """
 
@@ -155,6 +156,22 @@ def test_ovmf_direct_kernel_boot(tv: Tv, guest_dir: Path) -> None:
     _launch_and_check(tv, guest_dir / "guest.qcow2", (
         "--firmware", "efi", "--kernel", str(guest_dir / "vmlinuz"), "--initrd", str(guest_dir / "initrd.img"),
         "--cmdline", "console=ttyS0 panic=-1"))
+
+
+def test_ovmf_direct_kernel_boot_of_another_initramfs_and_cmdline(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """A second direct-boot build: the initramfs's gzip header names another OS (ignored by the kernel's
+    gunzip), and another command line; PCR 9 (initrd, load options) follows both."""
+    initrd = (guest_dir / "initrd.img").read_bytes()
+    assert initrd[:3] == b"\x1f\x8b\x08" and initrd[9] == 3
+    changed = tmp_path / "initrd-other.img"
+    changed.write_bytes(initrd[:9] + b"\xff" + initrd[10:])
+    first = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", "--kernel", str(guest_dir / "vmlinuz"),
+                    "--initrd", str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0 panic=-1")
+    launch = ("--firmware", "efi", "--kernel", str(guest_dir / "vmlinuz"), "--initrd", str(changed),
+              "--cmdline", "console=ttyS0 panic=-2")
+    second = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", *launch)
+    assert first["pcrs"]["9"] != second["pcrs"]["9"] and first["pcrs"]["4"] == second["pcrs"]["4"]
+    _launch_and_check(tv, guest_dir / "guest.qcow2", launch)
 
 
 def test_seabios_direct_kernel_boot_with_tis(tv: Tv, guest_dir: Path) -> None:

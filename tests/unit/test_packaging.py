@@ -27,3 +27,12 @@ def test_every_runtime_dependency_is_pinned_exactly():
             assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", line), f"not an exact pin: {line}"
             pins[name_of(line)] = line
     assert {name_of(r) for r in PYPROJECT["dependencies"]} <= set(pins)
+
+
+def test_every_python_package_of_tvorch_is_installed():
+    """pyproject lists tvorch's packages by name (two live outside tvorch/): a new subpackage left out of
+    the list works in the editable checkout and is missing from `make deb`'s /opt/tvorch."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "tvorch").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found - listed == set(), "add them to [tool.setuptools] packages in pyproject.toml"
