@@ -47,7 +47,7 @@ from ..core.timestamps import utc_now
 from ..core.uefi_vars import parse_vars_file
 from ..errors import EvidenceError, InputError, NotFoundError, TrustError
 from ..logs import get_logger
-from .launch import choose_virt_type
+from .launch_options import choose_virt_type, firmware_choice
 from .node import Node
 
 log = get_logger(__name__)
@@ -272,11 +272,8 @@ def choice_from_options(cfg: Config, *, memory_mib: int | None = None, vcpus: in
                         tpm_model: str | None = None, network: str | None = None) -> FirmwareChoice:
     """The firmware choice `tvorch launch` would make from these options and the configured defaults."""
     from ..core.instance import validate_memory, validate_vcpus
-    from .launch import LaunchRequest, _firmware_choice
 
-    request = LaunchRequest(image="", name="", secure_boot=secure_boot, firmware_profile=firmware_profile,
-                            firmware=Firmware.EFI.value)
-    _firmware, secure, images = _firmware_choice(request, cfg)
+    _firmware, secure, images = firmware_choice(cfg, Firmware.EFI.value, secure_boot, firmware_profile)
     return FirmwareChoice(
         secure_boot=secure,
         memory_mib=validate_memory(cfg.launch.memory_mib if memory_mib is None else memory_mib,

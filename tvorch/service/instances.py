@@ -21,6 +21,8 @@ from ..errors import ConflictError, NotFoundError
 from ..logs import get_logger
 from . import vtpm
 from .node import Node
+from .reconcile import reconcile
+from .records import owns_domain, show  # show: `tvorch show`, a use case of this module too
 
 log = get_logger(__name__)
 
@@ -28,37 +30,10 @@ log = get_logger(__name__)
 # -- lifecycle ---------------------------------------------------------------
 
 
-def _owns_domain(node: Node, record: InstanceRecord) -> bool:
-    """True when libvirt's domain of that name is this instance's (same UUID)."""
-    return node.hypervisor.domain_uuid(record.name) == record.uuid
-
-
-def refresh(node: Node, record: InstanceRecord) -> InstanceRecord:
-    """Bring the record's state in line with what libvirt says now."""
-    if record.state in (InstanceState.LAUNCHING, InstanceState.FAILED, InstanceState.DESTROYED):
-        return record
-    hv = node.hypervisor
-    if not _owns_domain(node, record):
-        return node.store.update_instance(
-            record.id, state=InstanceState.FAILED, error="libvirt domain is missing",
-            event=("domain-missing", "libvirt no longer has the domain"),
-        )
-    live = hv.state(record.name)
-    if live is record.state:
-        return record
-    return node.store.update_instance(record.id, state=live, event=("observed", f"libvirt reports {live.value}"))
-
-
 def list_instances(node: Node) -> list[InstanceRecord]:
     """Every instance not destroyed, after reconciling the store with libvirt."""
-    from .reconcile import reconcile  # reconcile builds on this module
-
     reconcile(node)
     return node.store.list_instances()
-
-
-def show(node: Node, name: str) -> InstanceRecord:
-    return refresh(node, node.store.get_live(name))
 
 
 def _require_domain(node: Node, name: str) -> InstanceRecord:
@@ -140,7 +115,7 @@ def _vtpm_kept(node: Node, record: InstanceRecord) -> bool:
 def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> InstanceRecord:
     """What destroy does, for a caller that holds the name's lock already (launch clearing a failed one)."""
     hv = node.hypervisor
-    if _owns_domain(node, record):
+    if owns_domain(node, record):
         hv.power_off(record.name)
         hv.undefine(record.name, purge_tpm=purge_vtpm)
     if purge_vtpm:

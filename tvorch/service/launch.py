@@ -35,12 +35,13 @@ from ..core.instance import (
     validate_vcpus,
 )
 from ..core.manifest import BootPredictionRecord, manifest_digest
-from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
+from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel
 from ..core.timestamps import utc_now
 from ..errors import ConflictError, HostError, ImageError, InputError, TrustError, TvorchError
 from ..faults import crash_point
 from ..logs import get_logger
 from .instances import remove_instance
+from .launch_options import choose_virt_type, firmware_choice
 from .node import Node
 from .manifests import issue_manifest
 from .measure import Measured, judge, measure_launch
@@ -68,21 +69,6 @@ class LaunchRequest:
     allow_untrusted_image: bool = False
 
 
-_SAID: set[str] = set()  # why KVM is unusable, said once per process (a launch also predicts and may boot a reference)
-
-
-def choose_virt_type(setting: str, kvm_problem: str | None) -> VirtType:
-    """`auto` takes KVM when it is usable and falls back to TCG, saying why."""
-    if setting != "auto":
-        return VirtType(setting)
-    if kvm_problem is None:
-        return VirtType.KVM
-    if kvm_problem not in _SAID:
-        _SAID.add(kvm_problem)
-        log.warning("kvm_unusable_using_tcg", reason=kvm_problem)
-    return VirtType.QEMU
-
-
 def _check_file(option: str, path: str | None) -> str | None:
     if path is None:
         return None
@@ -90,30 +76,6 @@ def _check_file(option: str, path: str | None) -> str | None:
     if not p.is_file():
         raise InputError(f"refused {option} {path}: not a readable file")
     return str(p.resolve())
-
-
-def _firmware_choice(req: LaunchRequest, cfg: Config) -> tuple[Firmware, bool, FirmwareImages | None]:
-    if req.firmware_profile is not None:
-        profile = cfg.firmware_profiles.get(req.firmware_profile)
-        if profile is None:
-            known = ", ".join(sorted(cfg.firmware_profiles)) or "none configured"
-            raise InputError(f"refused firmware profile '{req.firmware_profile}': unknown (known: {known})")
-        if req.firmware == Firmware.BIOS.value:
-            raise InputError("refused --firmware-profile with --firmware bios: profiles are UEFI firmware")
-        if req.secure_boot is not None and req.secure_boot != profile.secure_boot:
-            raise InputError(f"refused --secure-boot setting: firmware profile '{req.firmware_profile}' fixes it")
-        for path in (profile.code, profile.vars_template):
-            if not Path(path).is_file():
-                raise HostError(f"firmware profile '{req.firmware_profile}': {path} does not exist")
-        images = FirmwareImages(profile.code, profile.vars_template, profile.secure_boot)
-        return Firmware.EFI, profile.secure_boot, images
-    firmware = Firmware(req.firmware or cfg.launch.firmware)
-    secure_boot = cfg.launch.secure_boot if req.secure_boot is None else req.secure_boot
-    if firmware is Firmware.BIOS and secure_boot:
-        if req.secure_boot:
-            raise InputError("refused --secure-boot with --firmware bios: Secure Boot needs UEFI firmware")
-        secure_boot = False  # the configured default applies to UEFI only
-    return firmware, secure_boot, None
 
 
 def predict_boot(node: Node, req: LaunchRequest, spec: DomainSpec, image: str) -> BootPredictionRecord:
@@ -190,7 +152,8 @@ def plan(cfg: Config, req: LaunchRequest) -> LaunchPlan:
     memory = validate_memory(cfg.launch.memory_mib if req.memory_mib is None else req.memory_mib, cfg.launch.max_memory_mib)
     vcpus = validate_vcpus(cfg.launch.vcpus if req.vcpus is None else req.vcpus, cfg.launch.max_vcpus)
     tpm_model = TpmModel(req.tpm_model or cfg.launch.tpm_model)
-    firmware, secure_boot, firmware_images = _firmware_choice(req, cfg)
+    firmware, secure_boot, firmware_images = firmware_choice(cfg, req.firmware, req.secure_boot,
+                                                             req.firmware_profile)
     kernel = _check_file("--kernel", req.kernel)
     initrd = _check_file("--initrd", req.initrd)
     if kernel is None and (initrd or req.cmdline):

@@ -9,7 +9,7 @@ query, one pass over libvirt's domains and one listing of the overlay directory.
   holder). If libvirt runs its domain, or the guest has run (a later `started`
   hook), the launch is adopted; otherwise it is undone as a failed launch is and
   the record marked failed, so the name can be launched again.
-- Other live records take libvirt's state (`instances.refresh`), under the
+- Other live records take libvirt's state (`records.refresh`), under the
   name's lock so that a concurrent start, stop or destroy is not overwritten.
 - An overlay of a failed or destroyed instance of this store is removed,
   unless a libvirt domain claims that instance or a guest ran on it (a
@@ -34,8 +34,8 @@ from ..core.instance import InstanceRecord, InstanceState
 from ..errors import TvorchError
 from ..logs import get_logger
 from . import vtpm
-from .instances import refresh
 from .node import Node
+from .records import owns_domain, refresh
 
 log = get_logger(__name__)
 
@@ -134,7 +134,7 @@ def _settle_launch(node: Node, instance_id: str, done: list[str]) -> None:
     if record is None or record.state is not InstanceState.LAUNCHING:
         return  # it finished between the listing and the lock
     hv = node.hypervisor
-    owned = hv.domain_uuid(record.name) == record.uuid
+    owned = owns_domain(node, record)
     live = hv.state(record.name) if owned else None
     if live is not None and (live in _ACTIVE or node.store.last_hook_operation(record.id, ("started begin",))):
         node.store.update_instance(

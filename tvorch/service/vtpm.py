@@ -61,6 +61,7 @@ from ..faults import crash_point
 from ..logs import get_logger
 from .manifests import node_identity
 from .node import Node
+from .records import show as show_instance
 
 log = get_logger(__name__)
 
@@ -224,8 +225,6 @@ def record_of(node: Node, name: str) -> tuple[InstanceRecord, VtpmRecord]:
 
 
 def show(node: Node, name: str) -> dict[str, Any]:
-    from .instances import show as show_instance  # instances builds on this module
-
     record = show_instance(node, name)
     _, vtpm = record_of(node, name)
     ledger = node.store.ledger(record.id)
@@ -319,8 +318,6 @@ def _has_staged(cfg: Config, record: InstanceRecord) -> bool:
 
 
 def _stopped(node: Node, name: str, what: str) -> InstanceRecord:
-    from .instances import show as show_instance  # instances builds on this module
-
     record = show_instance(node, name)
     if record.state is not InstanceState.STOPPED:
         raise ConflictError(f"refused {what} of '{name}': it is {record.state.value}; stop it first")
