@@ -48,6 +48,9 @@ def test_autostart_save_restore_shutdown(tv: Tv, guest_dir: Path, tmp_path: Path
     try:
         first = wait_for_ready(log)
         assert first.nv is not None and first.nv[0] == "stored", first.nv
+        # show and list say which instances the daemon starts at node boot.
+        assert tv.json("show", name)["autostart"] is True
+        assert {r["name"]: r["autostart"] for r in tv.json("list")}[name] is True
         stored = first.nv[1]
         tv.run("stop", name)
         assert _ledger_events(tv, name)[-1] == "stopped"

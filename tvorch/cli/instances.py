@@ -93,7 +93,8 @@ def list_(ctx: Context, as_json: bool) -> None:
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows)
 
-    emit(as_json, [r.to_json() for r in records], table)
+    auto = ctx.node.store.autostart_ids()
+    emit(as_json, [{**r.to_json(), "autostart": r.id in auto} for r in records], table)
 
 
 @cli.command()
@@ -106,9 +107,10 @@ def show(ctx: Context, name: str, as_json: bool) -> None:
 
     record = instances.show(ctx.node, name)
     events = ctx.node.store.events(record.id)
-    emit(as_json, {**record.to_json(), "events": [e.to_json() for e in events]},
-         lambda: _record_text(record) + "\nevents:\n" + "\n".join(
-             f"  {e.at}  {e.kind:<14} {e.detail}" for e in events))
+    auto = record.id in ctx.node.store.autostart_ids()
+    emit(as_json, {**record.to_json(), "autostart": auto, "events": [e.to_json() for e in events]},
+         lambda: _record_text(record) + f"\nautostart:  {'on (tvorch serve starts it)' if auto else 'off'}"
+         + "\nevents:\n" + "\n".join(f"  {e.at}  {e.kind:<14} {e.detail}" for e in events))
 
 
 @cli.command()
