@@ -22,7 +22,7 @@ def vtpm() -> None:
 @pass_ctx
 def vtpm_show(ctx: Context, name: str, as_json: bool) -> None:
     """NAME's vTPM record: state directory, EK, how its key is kept, and whether the state matches the ledger."""
-    from ..service import vtpm as service
+    from ..service import vtpm_records as service
 
     info = service.show(ctx.node, validate_name(name))
     last = info["ledger_last"]
@@ -69,7 +69,7 @@ def _key_line(info: dict) -> str:
 @pass_ctx
 def vtpm_ek(ctx: Context, name: str, pem: bool, as_json: bool) -> None:
     """NAME's EK certificate (issued by the node CA, `tvorch ca show`) and its key's fingerprint."""
-    from ..service import vtpm as service
+    from ..service import vtpm_records as service
     from ..service.manifests import node_identity
 
     cert, record = service.ek(ctx.node, validate_name(name))
@@ -113,7 +113,7 @@ def vtpm_ledger(ctx: Context, name: str, nvram: bool, as_json: bool) -> None:
 @pass_ctx
 def vtpm_backup(ctx: Context, name: str, dest: Path, as_json: bool) -> None:
     """Copy stopped NAME's vTPM state to DEST (a new file; the state stays encrypted), as a ledger entry."""
-    from ..service import vtpm as service
+    from ..service import vtpm_backup as service
 
     done = service.backup(ctx.node, validate_name(name), dest)
     emit(as_json, done, f"{name}: vTPM state sha256:{done['state_digest']} backed up to {dest}")
@@ -126,7 +126,7 @@ def vtpm_backup(ctx: Context, name: str, dest: Path, as_json: bool) -> None:
 @pass_ctx
 def vtpm_restore(ctx: Context, name: str, src: Path, as_json: bool) -> None:
     """Replace stopped NAME's vTPM state with a backup of that same vTPM; recorded, so not a rollback."""
-    from ..service import vtpm as service
+    from ..service import vtpm_backup as service
 
     done = service.restore(ctx.node, validate_name(name), src)
     emit(as_json, done, f"{name}: vTPM state restored from {src} (backup of {done['backup_created_at']})")
@@ -140,7 +140,7 @@ def vtpm_restore(ctx: Context, name: str, src: Path, as_json: bool) -> None:
 @pass_ctx
 def vtpm_rekey(ctx: Context, name: str, escrow_key: Path | None, as_json: bool) -> None:
     """Seal NAME's vTPM state key again to the host TPM as it is now (vtpm.seal_pcrs)."""
-    from ..service import vtpm as service
+    from ..service import vtpm_backup as service
 
     done = service.rekey(ctx.node, validate_name(name), escrow_key)
     emit(as_json, done, f"{name}: vTPM key {done['how']}; sealed to {done['sealed_to']['bank']} PCRs "
