@@ -1,16 +1,24 @@
-"""vTPM backups: the state files and a header signed by the node key.
+"""vTPM backups: the state files and a header signed by the node key, in one tar.
 
 The files are the state as swtpm wrote it, so a backup of an encrypted vTPM
 is ciphertext and only this node's record of the instance holds its key. The
 header names the instance, its EK and a digest of every file, so a restore
 refuses a backup of another VM, of another vTPM, or with any byte changed.
+
+The container is a PAX tar of regular members: the header file
+(``HEADER_MEMBER``) and each state file under ``STATE_PREFIX``. Reading one
+takes nothing else: no link, directory, device or sparse member, no name
+twice, no path outside those names, nothing past ``MAX_BACKUP`` bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+import tarfile
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -19,11 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
 from tvorch.core.ledger import state_digest_of
-from tvorch.errors import TrustError
+from tvorch.errors import InputError, TrustError
 
 BACKUP_VERSION = 1
 BACKUP_FORMAT = "tvorch-vtpm-backup"
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HEADER_MEMBER = "tvorch-vtpm-backup.json"
+STATE_PREFIX = "state/"
+MAX_BACKUP = 64 * 1024 * 1024  # the backup file, and what its members may hold together
 
 
 @dataclass(frozen=True)
@@ -104,3 +115,59 @@ def _file_name(name: object) -> str:
     if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
         raise TrustError(f"the backup names a file {name!r} that is not a plain file name")
     return name
+
+
+def pack_backup(header_file: bytes, files: dict[str, bytes]) -> bytes:
+    """The backup file: the signed header (sign_backup), then FILES by name, each 0600 with mtime 0."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        _add_member(tar, HEADER_MEMBER, header_file)
+        for file_name, content in sorted(files.items()):
+            _add_member(tar, STATE_PREFIX + file_name, content)
+    return buf.getvalue()
+
+
+def unpack_backup(data: bytes, source: str | PathLike[str]) -> tuple[bytes, dict[str, bytes]]:
+    """The header file and state files of a backup; only regular members with the names a backup has.
+
+    SOURCE names the backup in messages. Nothing here is trusted yet: the
+    header and files are checked by verify_backup.
+    """
+    if len(data) > MAX_BACKUP:
+        raise InputError(f"refused vTPM restore: {source} is larger than {MAX_BACKUP} bytes")
+    header: bytes | None = None
+    files: dict[str, bytes] = {}
+    seen: set[str] = set()
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:  # one at a time: each is judged before the next is looked for
+                if not member.isfile() or member.issparse():  # a sparse member's holes read as any size
+                    raise TrustError(f"{source}: member {member.name!r} is not a regular file")
+                if member.name in seen:
+                    raise TrustError(f"{source}: member {member.name!r} appears twice")
+                seen.add(member.name)
+                total += member.size
+                if total > MAX_BACKUP:
+                    raise TrustError(f"{source}: member {member.name!r} takes the backup past {MAX_BACKUP} bytes")
+                is_header = member.name == HEADER_MEMBER
+                file_name = member.name[len(STATE_PREFIX):]
+                if not is_header and not (member.name.startswith(STATE_PREFIX) and "/" not in file_name):
+                    raise TrustError(f"{source}: unexpected member {member.name!r}")
+                content = tar.extractfile(member)
+                body = content.read() if content else b""
+                if is_header:
+                    header = body
+                else:
+                    files[file_name] = body
+    except tarfile.TarError as err:
+        raise InputError(f"refused vTPM restore: {source} is not a tvorch vTPM backup ({err})") from None
+    if header is None:
+        raise InputError(f"refused vTPM restore: {source} has no {HEADER_MEMBER}")
+    return header, files
+
+
+def _add_member(tar: tarfile.TarFile, name: str, content: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(content), 0o600, 0
+    tar.addfile(info, io.BytesIO(content))

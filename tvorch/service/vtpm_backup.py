@@ -9,9 +9,7 @@ escrow key when the host's boot state changed.
 
 from __future__ import annotations
 
-import io
 import secrets
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from ..adapters.locks import instance_lock
 from ..core.instance import InstanceRecord, InstanceState
 from ..core.timestamps import utc_now
 from ..core.vtpm import LedgerEvent, check_key
-from ..core.vtpm_backup import backup_header, sign_backup, verify_backup
+from ..core.vtpm_backup import MAX_BACKUP, backup_header, pack_backup, sign_backup, unpack_backup, verify_backup
 from ..core.vtpm_escrow import escrow_unwrap, load_escrow_private_key
 from ..errors import ConflictError, HostError, InputError, NotFoundError, TpmError, TrustError
 from ..faults import crash_point
@@ -32,10 +30,6 @@ from .node import Node
 from .records import show as show_instance
 from .vtpm import instance_dir, read_key_file, seal, settle, unseal
 from .vtpm_records import record_of
-
-HEADER_MEMBER = "tvorch-vtpm-backup.json"
-STATE_PREFIX = "state/"
-_MAX_BACKUP = 64 * 1024 * 1024
 
 
 # -- backup and restore ---------------------------------------------------------
@@ -68,13 +62,9 @@ def backup(node: Node, name: str, dest: Path) -> dict[str, Any]:
             raise TrustError(f"refused vTPM backup of '{name}': the state on disk is not the one the ledger "
                              "recorded last (rollback or tampering); nothing written")
         identity = node_identity(node.cfg)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            _add_member(tar, HEADER_MEMBER, sign_backup(header, identity.signing_key))
-            for file_name, content in sorted(files.items()):
-                _add_member(tar, STATE_PREFIX + file_name, content)
+        packed = pack_backup(sign_backup(header, identity.signing_key), files)
         try:
-            create_new(dest, buf.getvalue())
+            create_new(dest, packed)
         except FileExistsError:
             raise exists from None
         except OSError as err:
@@ -91,7 +81,7 @@ def restore(node: Node, name: str, src: Path) -> dict[str, Any]:
         _, vtpm = record_of(node, name)
         if vtpm.purged_at is not None:
             raise ConflictError(f"refused vTPM restore of '{name}': its vTPM was purged")
-        header_file, files = _unpack(data, src)
+        header_file, files = unpack_backup(data, src)
         signer = node_identity(node.cfg).signing_cert.public_key()
         if not isinstance(signer, ec.EllipticCurvePublicKey):
             raise TrustError("the node signing key is not an EC key")
@@ -123,43 +113,13 @@ def restore(node: Node, name: str, src: Path) -> dict[str, Any]:
             "backup_created_at": header.created_at}
 
 
-def _add_member(tar: tarfile.TarFile, name: str, content: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(content), 0o600, 0
-    tar.addfile(info, io.BytesIO(content))
-
-
 def _read_backup_file(src: Path) -> bytes:
     try:
-        return read_bounded(str(src), _MAX_BACKUP)
+        return read_bounded(str(src), MAX_BACKUP)
     except FileNotFoundError:
         raise InputError(f"refused vTPM restore: {src} does not exist") from None
     except OSError as err:
         raise InputError(f"refused vTPM restore: cannot read {src}: {err.strerror or err}") from None
-
-
-def _unpack(data: bytes, src: Path) -> tuple[bytes, dict[str, bytes]]:
-    """The header and state files of a backup; only regular members with the names a backup has."""
-    header: bytes | None = None
-    files: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar.getmembers():
-                if not member.isfile():
-                    raise TrustError(f"{src}: member {member.name!r} is not a regular file")
-                content = tar.extractfile(member)
-                body = content.read() if content else b""
-                if member.name == HEADER_MEMBER:
-                    header = body
-                elif member.name.startswith(STATE_PREFIX) and "/" not in member.name[len(STATE_PREFIX):]:
-                    files[member.name[len(STATE_PREFIX):]] = body
-                else:
-                    raise TrustError(f"{src}: unexpected member {member.name!r}")
-    except tarfile.TarError as err:
-        raise InputError(f"refused vTPM restore: {src} is not a tvorch vTPM backup ({err})") from None
-    if header is None:
-        raise InputError(f"refused vTPM restore: {src} has no {HEADER_MEMBER}")
-    return header, files
 
 
 # -- rekey --------------------------------------------------------------------
