@@ -34,7 +34,7 @@ from tvorch.adapters.guest_channel import GuestChannel
 from tvorch.service.attest import channel_path
 from tvorch.adapters.store import Store
 from tvorch.config import load_config
-from tvorch.core.agent_protocol import pcr_list
+from tvorch.core.attestation.agent_protocol import pcr_list
 
 TVORCH = str(Path(sys.executable).parent / "tvorch")
 GOAL_RATIO = 2.0

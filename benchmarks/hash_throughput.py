@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tvorch.adapters import digests
 from tvorch.adapters.digests import measure_file, sha256_file
-from tvorch.core.measurements import DigestKey
+from tvorch.core.launch.measurements import DigestKey
 
 PATTERN_SIZE = 8 * 1024 * 1024
 

@@ -57,13 +57,13 @@ from tvorch.adapters.node_keys import load_or_create
 from tvorch.adapters.store import Store
 from tvorch.adapters.vtpm_state import state_digest
 from tvorch.config import Config, parse_config
-from tvorch.core.canonical import config_digest
-from tvorch.core.domain_xml import render_domain_xml
-from tvorch.core.instance import InstanceRecord, InstanceState
-from tvorch.core.manifest import LaunchManifest, Measurement, manifest_digest, sign_manifest
-from tvorch.core.measurements import DigestKey
-from tvorch.core.references import ReferenceValue
-from tvorch.core.spec import DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.core.launch.canonical import config_digest
+from tvorch.core.launch.domain_xml import render_domain_xml
+from tvorch.core.launch.instance import InstanceRecord, InstanceState
+from tvorch.core.launch.manifest import LaunchManifest, Measurement, manifest_digest, sign_manifest
+from tvorch.core.launch.measurements import DigestKey
+from tvorch.core.launch.references import ReferenceValue
+from tvorch.core.launch.spec import DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
 from tvorch.core.timestamps import utc_now
 from tvorch.service.hook_install import render_shim
 

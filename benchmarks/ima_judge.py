@@ -7,7 +7,7 @@ ENTRIES - 1 files with sha256 digests, as benchmarks/ima_replay.py makes
 them), an allowlist holding every path with its digest and one other, and
 the quoted PCRs (0-9, and PCR 10 as the list replays). Then times, best of
 ROUNDS, what `tvorch host attest` does with the list
-(tvorch.core.ima.judge_ima_list: parse, template-hash check, replay to the
+(tvorch.core.attestation.ima.judge_ima_list: parse, template-hash check, replay to the
 quoted PCR 10, boot_aggregate against PCRs 0-9, allowlist with the default
 excludes), once from the binary list and once from the ASCII one; and, in the
 same run, Keylime 7.14.3's `keylime.ima.ima.process_measurement_list` on the
@@ -39,8 +39,8 @@ from pathlib import Path
 
 from ima_replay import best, make_entries  # benchmarks/ is the script's directory
 
-from tvorch.core.hostpolicy import DEFAULT_EXCLUDES
-from tvorch.core.ima import (
+from tvorch.core.attestation.hostpolicy import DEFAULT_EXCLUDES
+from tvorch.core.attestation.ima import (
     IMA_PCR,
     ImaJudgement,
     boot_aggregate_digest,

@@ -5,7 +5,7 @@
 Builds an ima-ng binary_runtime_measurements list in memory (a boot_aggregate,
 then realistic paths with sha256 file digests), then times, best of ROUNDS,
 parse + template-hash check + sha256-bank replay of every entry: with
-tvorch.core.ima from the binary list and from the same list in ASCII form
+tvorch.core.attestation.ima from the binary list and from the same list in ASCII form
 (what a host quote carries), and with a deliberately naive reader (a BytesIO,
 one struct call per field, no validation), once building the same ImaEntry
 objects and once plain dicts; all must agree. Then appends APPEND entries and
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tvorch.core.ima import (
+from tvorch.core.attestation.ima import (
     ImaEntry,
     ImaReplay,
     bad_template_hashes,
@@ -148,9 +148,9 @@ def main() -> int:
         == (len(entries), 0, value), "the readers disagree"
     rate = n / t_fast
     print(f"parse + template-hash check + sha256 replay of {n:,} entries:")
-    print(f"  tvorch.core.ima          {t_fast * 1e3:7.1f} ms {rate:>10,.0f} entries/s  "
+    print(f"  tvorch.core.attestation.ima          {t_fast * 1e3:7.1f} ms {rate:>10,.0f} entries/s  "
           f"(goal {GOAL:,}: {'met' if rate >= GOAL else 'MISSED'})")
-    print(f"  tvorch.core.ima, ASCII   {t_ascii * 1e3:7.1f} ms {n / t_ascii:>10,.0f} entries/s  "
+    print(f"  tvorch.core.attestation.ima, ASCII   {t_ascii * 1e3:7.1f} ms {n / t_ascii:>10,.0f} entries/s  "
           f"({len(text) / 1e6:.1f} MB ascii_runtime_measurements)")
     print(f"  naive, same ImaEntry     {t_naive * 1e3:7.1f} ms {n / t_naive:>10,.0f} entries/s  "
           f"(tvorch/naive speed {t_naive / t_fast:.2f}x)")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from tests.keylime_verifier import keylime_verifier  # noqa: E402
 from tvorch.adapters.keylime import KeylimeClient  # noqa: E402
 from tvorch.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
-from tvorch.core.keylime import Evidence, evidence_payload  # noqa: E402
+from tvorch.core.attestation.keylime import Evidence, evidence_payload  # noqa: E402
 from tvorch.service import keylime as service  # noqa: E402
 from tvorch.service.node import Node  # noqa: E402
 

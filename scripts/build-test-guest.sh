@@ -348,7 +348,7 @@ poweroff -f
 EOF
 chmod 0755 root/etc/acpi/PWRF/00000080
 
-# The guest's attestation agent: tvorch-attest/1 (tvorch/core/agent_protocol.py) with
+# The guest's attestation agent: tvorch-attest/1 (tvorch/core/attestation/agent_protocol.py) with
 # busybox sh and tpm2-tools. scripts/tvorch-guest-agent is the reference agent for real
 # guests (Python); this one answers the same requests the same way, except that its
 # name is tvorch-test-guest-agent/1. tests/unit/test_guest_agent.py runs it on the

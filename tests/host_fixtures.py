@@ -21,8 +21,8 @@ from pathlib import Path
 from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import open_tpm
 from tvorch.config import parse_config
-from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log
-from tvorch.core.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
+from tvorch.core.attestation.eventlog import EV_NO_ACTION, parse_event_log
+from tvorch.core.attestation.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
 from tvorch.service.host import must_measure
 
 EVENTLOG = Path(__file__).resolve().parent / "data" / "eventlogs" / "uefi-crb.bin"

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .adapters.files import read_bounded
-from .core.images import UNSAFE_IMAGE_POLICIES
-from .core.references import REFERENCE_KINDS
+from .core.launch.images import UNSAFE_IMAGE_POLICIES
+from .core.launch.references import REFERENCE_KINDS
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/tvorch/tvorch.toml"
@@ -59,7 +59,7 @@ class Policy:
     # empty: `tvorch image trust --signature` is refused.
     image_signing_ca: str = ""
     # What launch does about an image layer someone other than root can change
-    # (core.images.layer_writers): "refuse-world-writable" refuses world-writable
+    # (core.launch.images.layer_writers): "refuse-world-writable" refuses world-writable
     # layers and warns about ones owned (or group-writable) by another user or
     # group; "refuse" refuses both; "warn" only warns.
     unsafe_image_files: str = "refuse-world-writable"

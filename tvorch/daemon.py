@@ -31,7 +31,7 @@ from .adapters.libvirt_events import LifecycleFeed
 from .adapters.locks import StoreLock
 from .adapters.sdnotify import notify, watchdog_interval
 from .config import Config, load_config
-from .core.lifecycle import LifecycleEvent, interpret, is_boot
+from .core.launch.lifecycle import LifecycleEvent, interpret, is_boot
 from .core.timestamps import utc_now
 from .errors import ConflictError, TvorchError
 from .logs import configure_logging, get_logger
@@ -225,7 +225,7 @@ class Daemon:
         verdict: start the autostart instances and resume the saved ones, serve.start_concurrency at a
         time, in a thread of its own so the loop keeps answering the watchdog."""
         if self.cfg.policy.host_verdict == "require":
-            from .core.hostverdict import host_problem
+            from .core.attestation.hostverdict import host_problem
 
             problem = host_problem(self.node.store.latest_host_verdict(), time.time(), self.cfg.host.verdict_max_age)
             if problem is not None:
@@ -329,7 +329,7 @@ class Daemon:
             log.info("keylime_submitted_from_queue", count=done)
 
     def _submit_host_quote(self, quote_json: str) -> None:
-        from .core.quote import HostQuote
+        from .core.attestation.quote import HostQuote
         from .service import keylime
 
         try:

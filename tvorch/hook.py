@@ -30,13 +30,13 @@ from .adapters.imagefiles import overlay_problem
 from .adapters.store import Store
 from .adapters.vtpm_state import state_digest
 from .config import Config, load_config
-from .core.canonical import autoselection_hint, config_digest
-from .core.metadata import parse_instance_metadata
-from .core.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, managed_save_path, nvram_path, phase_of,
+from .core.launch.canonical import autoselection_hint, config_digest
+from .core.launch.metadata import parse_instance_metadata
+from .core.launch.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, managed_save_path, nvram_path, phase_of,
                         start_path_refusal, start_refusals)
-from .core.hostverdict import host_problem
-from .core.manifest_format import Measurement, manifest_digest, stored_manifest
-from .core.instance import InstanceRecord
+from .core.attestation.hostverdict import host_problem
+from .core.launch.manifest_format import Measurement, manifest_digest, stored_manifest
+from .core.launch.instance import InstanceRecord
 from .service.owned_files import stranger_refusals
 from .errors import StoreError, TvorchError, describe_os_error
 
@@ -54,7 +54,7 @@ def _on_alarm(_signum: int, _frame: FrameType | None) -> None:
 def gather(
     cfg: Config, store: Store, record: InstanceRecord, meta_manifest: str | None, xml: str, running: bool
 ) -> StartEvidence:
-    """Observe what is on disk now for RECORD, for the pure judgement in core.gate.
+    """Observe what is on disk now for RECORD, for the pure judgement in core.launch.gate.
 
     RUNNING (a reconnect): swtpm is using the vTPM state, so it is not compared.
     """
@@ -261,7 +261,7 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
 
 
 def _start_path(store: Store, record: InstanceRecord, operation: str) -> str | None:
-    """Whether this start can go this way at all (core.gate.start_path_refusal): a sealed vTPM key lent by
+    """Whether this start can go this way at all (core.launch.gate.start_path_refusal): a sealed vTPM key lent by
     tvorch, and for a restore (libvirt resumes from the managed save image whenever there is one) the save
     image tvorch made."""
     vtpm = store.vtpm(record.id)

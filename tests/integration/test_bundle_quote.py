@@ -41,10 +41,10 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import open_tpm
-from tvorch.core.akcert import check_ak_public, make_credential
-from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log
-from tvorch.core.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
-from tvorch.core.quote import HostQuote, ak_name, verify_quote
+from tvorch.core.attestation.akcert import check_ak_public, make_credential
+from tvorch.core.attestation.eventlog import EV_NO_ACTION, parse_event_log
+from tvorch.core.attestation.ima import boot_aggregate_digest, boot_aggregate_entry, boot_aggregate_pcrs, ima_ng_entry, to_binary
+from tvorch.core.attestation.quote import HostQuote, ak_name, verify_quote
 from tvorch.errors import TpmError
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from tvorch.core.domain_xml import parse_instance_metadata
+from tvorch.core.launch.domain_xml import parse_instance_metadata
 from tvorch.errors import ExitCode
 
 from .conftest import PREFIX, Tv, our_domains, virsh

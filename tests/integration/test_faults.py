@@ -25,7 +25,7 @@ import pytest
 
 from tvorch.adapters.locks import instance_lock, is_held
 from tvorch.adapters.store import Store
-from tvorch.core.instance import InstanceState
+from tvorch.core.launch.instance import InstanceState
 from tvorch.errors import StoreError
 
 from .conftest import PREFIX, Tv, our_domains, require, virsh

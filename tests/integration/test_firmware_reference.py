@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from tvorch.config import load_config
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.firmware_reference import differences
-from tvorch.core.prediction import PredictedEvent, replay
-from tvorch.core.secureboot import CERT_X509_GUID, pcr7_events
-from tvorch.core.spec import FirmwareImages, TpmModel
-from tvorch.core.uefi_vars import IMAGE_SECURITY_DATABASE_GUID, Variable, VariableStore, parse_vars_file
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.boot.firmware_reference import differences
+from tvorch.core.boot.prediction import PredictedEvent, replay
+from tvorch.core.boot.secureboot import CERT_X509_GUID, pcr7_events
+from tvorch.core.launch.spec import FirmwareImages, TpmModel
+from tvorch.core.boot.uefi_vars import IMAGE_SECURITY_DATABASE_GUID, Variable, VariableStore, parse_vars_file
 from tvorch.service.firmware_reference import FirmwareChoice, firmware_events, list_references
 from tvorch.service.node import Node
 

@@ -28,9 +28,9 @@ from tvorch.adapters.firmware_files import (
     resolve_for_spec,
     resolve_uefi,
 )
-from tvorch.core.domain_xml import render_domain_xml
-from tvorch.core.firmware import FirmwareRequest
-from tvorch.core.spec import DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.core.launch.domain_xml import render_domain_xml
+from tvorch.core.launch.firmware import FirmwareRequest
+from tvorch.core.launch.spec import DomainSpec, Firmware, TpmModel, VirtType
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.host_fixtures import Host, simulated_host
-from tvorch.core.eventlog import parse_event_log, replay
-from tvorch.core.guest_baseline import compare
+from tvorch.core.attestation.eventlog import parse_event_log, replay
+from tvorch.core.attestation.guest_baseline import compare
 from tvorch.errors import ExitCode
 
 from .conftest import PREFIX, BootedGuest, Tv, virsh

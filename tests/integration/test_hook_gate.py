@@ -399,7 +399,7 @@ def test_libvirtd_restart_keeps_the_guest_running(tv: Tv, gated: Gated):
 
 def test_save_and_restore_pass_the_gate(tv: Tv, gated: Gated, tmp_path: Path):
     """A restore goes through the hook too; libvirt's save image forgets the firmware
-    features, and the hook maps the resolved firmware back (see tvorch.core.canonical)."""
+    features, and the hook maps the resolved firmware back (see tvorch.core.launch.canonical)."""
     saved = tmp_path / "saved.img"
     virsh("start", gated.name)
     try:
@@ -422,7 +422,7 @@ def test_host_verdict_gates_starts_when_required(tv: Tv, gated: Gated):
     """With policy.host_verdict = "require", a failing or stale host verdict refuses the start."""
     from tvorch.adapters.store import Store
     from tvorch.core.timestamps import utc_now
-    from tvorch.core.hostverdict import HostVerdict
+    from tvorch.core.attestation.hostverdict import HostVerdict
 
     original = tv.config.read_text()
     tv.config.write_text(original.replace(

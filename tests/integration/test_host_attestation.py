@@ -21,10 +21,10 @@ import pytest
 from tests.host_fixtures import EVENTLOG, Host, sha256, simulated_host
 from tvorch.adapters.node_keys import load_or_create
 from tvorch.adapters.tpm import open_tpm, read_ak
-from tvorch.core.akcert import verify_host_ak_certification
+from tvorch.core.attestation.akcert import verify_host_ak_certification
 from tvorch.config import parse_config
-from tvorch.core.eventlog import parse_event_log, replay
-from tvorch.core.ima import ima_ng_entry
+from tvorch.core.attestation.eventlog import parse_event_log, replay
+from tvorch.core.attestation.ima import ima_ng_entry
 from tvorch.service.host import must_measure
 
 pytestmark = pytest.mark.integration

@@ -29,10 +29,10 @@ from tests.keylime_verifier import KeylimeUnavailable, Verifier, keylime_verifie
 from tvorch.adapters.keylime import KeylimeClient
 from tvorch.adapters.tpm import HOST_DIR
 from tvorch.config import load_config
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.ima import ima_ng_entry
-from tvorch.core.keylime import Evidence, evidence_payload
-from tvorch.core.quote import HostQuote
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.attestation.ima import ima_ng_entry
+from tvorch.core.attestation.keylime import Evidence, evidence_payload
+from tvorch.core.attestation.quote import HostQuote
 from tvorch.errors import TrustError
 from tvorch.service import keylime as service
 from tvorch.service.node import Node

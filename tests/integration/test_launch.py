@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tvorch.adapters.hostcaps import probe_kvm
-from tvorch.core.domain_xml import parse_instance_metadata
+from tvorch.core.launch.domain_xml import parse_instance_metadata
 
 from .conftest import PREFIX, BootedGuest, Tv, our_domains, virsh
 from .guest import wait_for_ready
@@ -241,7 +241,7 @@ def test_failed_start_rolls_back(tv: Tv, guest_dir: Path):
 def test_guest_event_log_replays_to_its_pcrs(booted_guest: BootedGuest, tmp_path: Path):
     """The firmware event log the guest read from securityfs replays to the PCRs it read
     from sysfs, with tvorch's parser and with tpm2-tools' tpm2_eventlog."""
-    from tvorch.core.eventlog import parse_event_log, replay
+    from tvorch.core.attestation.eventlog import parse_event_log, replay
 
     report = booted_guest.report
     ours = replay(parse_event_log(report.eventlog), "sha256")

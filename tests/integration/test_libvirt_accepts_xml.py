@@ -17,8 +17,8 @@ import libvirt
 import pytest
 
 from tests.components import missing
-from tvorch.core.domain_xml import parse_instance_metadata
-from tvorch.core.spec import METADATA_NAMESPACE
+from tvorch.core.launch.domain_xml import parse_instance_metadata
+from tvorch.core.launch.spec import METADATA_NAMESPACE
 
 pytestmark = pytest.mark.integration
 

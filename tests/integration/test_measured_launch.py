@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.canonical import autoselection_hint, config_digest
-from tvorch.core.domain_xml import parse_instance_metadata
+from tvorch.core.launch.canonical import autoselection_hint, config_digest
+from tvorch.core.launch.domain_xml import parse_instance_metadata
 
 from .conftest import PREFIX, BootedGuest, Tv, our_domains, virsh
 

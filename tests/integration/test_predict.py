@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.pe import parse_pe
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.boot.pe import parse_pe
 
 from .conftest import PREFIX, BootedGuest, Tv
 from .guest import GuestReport, wait_for_ready
@@ -183,7 +183,7 @@ def test_seabios_direct_kernel_boot_with_tis(tv: Tv, guest_dir: Path) -> None:
 def test_authenticode_agrees_with_osslsigncode_on_the_boot_files(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
     """Every boot file predicted: the signed UKI from the disk, and the kernel (its .linux and direct boot)."""
     from tvorch.adapters.diskread import DiskImage
-    from tvorch.core.bootdisk import read_boot_file
+    from tvorch.core.boot.bootdisk import read_boot_file
 
     with DiskImage(str(guest_dir / "guest-signed.qcow2")) as disk:
         _, _, uki = read_boot_file(disk)

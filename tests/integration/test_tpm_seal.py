@@ -22,7 +22,7 @@ from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPML_PCR_SELECTION, TP
 
 from tests.tpm_fixtures import _free_port_pair, running_swtpm, swtpm_host_fixture  # noqa: F401
 from tvorch.adapters.tpm import SealedKeyLocked, Tpm, open_tpm
-from tvorch.core.sealed import SealedKey, policy_pcr_digest
+from tvorch.core.vtpm.sealed import SealedKey, policy_pcr_digest
 from tvorch.errors import ExitCode, InputError, TpmError
 
 pytestmark = pytest.mark.integration

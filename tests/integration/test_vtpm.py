@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import open_tpm
 from tvorch.adapters.store import Store
-from tvorch.core.ekcert import verify_ek_certificate
-from tvorch.core.sealed import SealedKey
+from tvorch.core.vtpm.ekcert import verify_ek_certificate
+from tvorch.core.vtpm.sealed import SealedKey
 from tvorch.errors import ExitCode
 
 from .conftest import PREFIX, BootedGuest, Tv, virsh

@@ -29,8 +29,8 @@ from tvorch.adapters.vtpm_manufacture import (
     VtpmManufactureError,
     manufacture,
 )
-from tvorch.core.ekcert import EK_CERTIFICATE, ek_fingerprint, issue_ek_certificate, verify_ek_certificate
-from tvorch.core.platformcert import Platform, parse_platform_certificate, verify_platform_certificate
+from tvorch.core.vtpm.ekcert import EK_CERTIFICATE, ek_fingerprint, issue_ek_certificate, verify_ek_certificate
+from tvorch.core.vtpm.platformcert import Platform, parse_platform_certificate, verify_platform_certificate
 from tvorch.core.signing import verify_chain
 from tvorch.errors import ConflictError, TrustError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tvorch.adapters.guest_channel import GuestAgentError, GuestChannel
-from tvorch.core.agent_protocol import parse_pcr_values, parse_response, pcr_list, request_line
+from tvorch.core.attestation.agent_protocol import parse_pcr_values, parse_response, pcr_list, request_line
 from tvorch.errors import EvidenceError, OperationTimeout
 
 

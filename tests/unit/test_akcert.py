@@ -30,7 +30,7 @@ try:
 except ImportError:  # cryptography before 47
     from cryptography.hazmat.primitives.ciphers.modes import CFB  # type: ignore[assignment]
 
-from tvorch.core.akcert import (
+from tvorch.core.attestation.akcert import (
     AkCertification,
     HostAkCertification,
     check_ak_public,
@@ -42,8 +42,8 @@ from tvorch.core.akcert import (
     verify_ak_certification,
     verify_host_ak_certification,
 )
-from tvorch.core.ekcert import ek_fingerprint, issue_ek_certificate
-from tvorch.core.quote import ak_name
+from tvorch.core.vtpm.ekcert import ek_fingerprint, issue_ek_certificate
+from tvorch.core.attestation.quote import ak_name
 from tvorch.core.signing import generate_key, make_ca
 from tvorch.errors import EvidenceError, InputError, TrustError
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.components import require
-from tvorch.core.bootdisk import Fat, Slice, parse_gpt, read_boot_file
-from tvorch.core.bootpredict import (
+from tvorch.core.boot.bootdisk import Fat, Slice, parse_gpt, read_boot_file
+from tvorch.core.boot.bootpredict import (
     mangle_stub_cmdline,
     ovmf_load_options,
     predict_seabios_direct,
@@ -32,9 +32,9 @@ from tvorch.core.bootpredict import (
     qemu_patched_kernel,
     stub_pcr11,
 )
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.pe import parse_pe
-from tvorch.core.prediction import replay
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.boot.pe import parse_pe
+from tvorch.core.boot.prediction import replay
 from tvorch.errors import ImageError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"

@@ -27,33 +27,33 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from tvorch.core.akcert import (
+from tvorch.core.attestation.akcert import (
     AkCertification,
     HostAkCertification,
     ek_cert_sha256,
     sign_ak_certification,
     sign_host_ak_certification,
 )
-from tvorch.core.bundle import (
+from tvorch.core.attestation.bundle import (
     BundleReport,
     GuestEvidence,
     build_bundle,
     replay_problems,
     verify_bundle,
 )
-from tvorch.core.ekcert import ek_fingerprint, issue_ek_certificate
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.hostverdict import HostVerdict
-from tvorch.core.ima import boot_aggregate_entry, parse_ima_list, replay_ima, to_binary
-from tvorch.core.manifest import (
+from tvorch.core.vtpm.ekcert import ek_fingerprint, issue_ek_certificate
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.attestation.hostverdict import HostVerdict
+from tvorch.core.attestation.ima import boot_aggregate_entry, parse_ima_list, replay_ima, to_binary
+from tvorch.core.launch.manifest import (
     BootPredictionRecord,
     LaunchManifest,
     Measurement,
     canonical_json,
     sign_manifest,
 )
-from tvorch.core.prediction import PredictedEvent, Prediction
-from tvorch.core.quote import HostQuote, ak_name
+from tvorch.core.boot.prediction import PredictedEvent, Prediction
+from tvorch.core.attestation.quote import HostQuote, ak_name
 from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
 from tvorch.errors import EvidenceError, InputError
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.canonical import (
+from tvorch.core.launch.canonical import (
     AutoSelectedFirmware,
     canonical_domain,
     config_digest,

@@ -13,7 +13,7 @@ import pytest
 from tvorch.adapters import digests, progress
 from tvorch.adapters.digests import CHUNK_SIZE, measure_file, sha256_file
 from tvorch.adapters.progress import MIN_SIZE, progress_for
-from tvorch.core.measurements import DigestKey, FileDigest
+from tvorch.core.launch.measurements import DigestKey, FileDigest
 from tvorch.errors import ImageError
 
 

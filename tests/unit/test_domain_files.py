@@ -1,4 +1,4 @@
-"""tvorch.core.domain_files: the host paths a domain XML names, and which of them are tvorch's."""
+"""tvorch.core.launch.domain_files: the host paths a domain XML names, and which of them are tvorch's."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.domain_files import (
+from tvorch.core.launch.domain_files import (
     FileUse,
     OwnedFiles,
     OwnedPath,

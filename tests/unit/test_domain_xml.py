@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from tests.components import missing
-from tvorch.core.domain_xml import (
+from tvorch.core.launch.domain_xml import (
     InstanceMetadata,
     parse_instance_metadata,
     render_domain_xml,
 )
-from tvorch.core.spec import (
+from tvorch.core.launch.spec import (
     METADATA_NAMESPACE,
     DirectBoot,
     DiskLayer,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from tests.components import require
 from tvorch.cli import main
-from tvorch.core.eventlog import (
+from tvorch.core.attestation.eventlog import (
     EVENT_TYPES,
     SPEC_ID_SIGNATURE,
     EventLog,

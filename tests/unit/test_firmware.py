@@ -24,7 +24,7 @@ from tvorch.adapters.firmware_files import (
     resolve_firmware_images,
     resolve_uefi,
 )
-from tvorch.core.firmware import (
+from tvorch.core.launch.firmware import (
     FileMapping,
     FirmwareRequest,
     FirmwareTarget,
@@ -36,7 +36,7 @@ from tvorch.core.firmware import (
     parse_descriptor,
     select_firmware,
 )
-from tvorch.core.spec import FirmwareImages
+from tvorch.core.launch.spec import FirmwareImages
 from tvorch.errors import HostError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "firmware"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.firmware_reference import (
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.boot.firmware_reference import (
     FirmwareReference,
     ReferenceKey,
     differences,
@@ -20,7 +20,7 @@ from tvorch.core.firmware_reference import (
     sign_reference,
     verify_reference,
 )
-from tvorch.core.prediction import EventSource, PredictedEvent, replay
+from tvorch.core.boot.prediction import EventSource, PredictedEvent, replay
 from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
 from tvorch.errors import EvidenceError, TrustError
 

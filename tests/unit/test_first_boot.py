@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from tvorch.config import Config, Policy
-from tvorch.core.manifest import BootPredictionRecord, LaunchManifest, sign_manifest
-from tvorch.core.prediction import PredictedEvent, Prediction
+from tvorch.core.launch.manifest import BootPredictionRecord, LaunchManifest, sign_manifest
+from tvorch.core.boot.prediction import PredictedEvent, Prediction
 from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
 from tvorch.service.attest import first_boot_prediction
 

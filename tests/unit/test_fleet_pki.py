@@ -29,10 +29,10 @@ from tests.unit.test_bundle import FIXTURE, ek_certificate, make_pieces, rsa_key
 from tvorch.adapters import node_keys
 from tvorch.cli import main
 from tvorch.core.chain import ca_path, ca_request, issuer_under
-from tvorch.core.ekcert import verify_ek_certificate
-from tvorch.core.image_signature import verify_image_signature
-from tvorch.core.manifest import LaunchManifest, Measurement, sign_manifest, verify_manifest
-from tvorch.core.platformcert import Platform, issue_platform_certificate, verify_platform_certificate
+from tvorch.core.vtpm.ekcert import verify_ek_certificate
+from tvorch.core.launch.image_signature import verify_image_signature
+from tvorch.core.launch.manifest import LaunchManifest, Measurement, sign_manifest, verify_manifest
+from tvorch.core.vtpm.platformcert import Platform, issue_platform_certificate, verify_platform_certificate
 from tvorch.core.signing import generate_key, issue_signing_cert, make_ca
 from tvorch.errors import ExitCode, TrustError
 

@@ -1,4 +1,4 @@
-"""The hook gate's pure judgement (tvorch.core.gate): which hook calls matter, and why a start is refused.
+"""The hook gate's pure judgement (tvorch.core.launch.gate): which hook calls matter, and why a start is refused.
 
 The judgement must collect every reason, never stop at the first, and never
 invent one: a clean start that gets a reason is an outage, a mismatch that
@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from tvorch.core.gate import (
+from tvorch.core.launch.gate import (
     FileEvidence,
     Phase,
     StartEvidence,

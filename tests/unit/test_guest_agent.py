@@ -1,6 +1,6 @@
 """The guest attestation agents, run for real against a real swtpm, with tvorch as the host.
 
-Two agents answer ``tvorch-attest/1`` (tvorch/core/agent_protocol.py):
+Two agents answer ``tvorch-attest/1`` (tvorch/core/attestation/agent_protocol.py):
 ``scripts/tvorch-guest-agent`` (Python, for real guests) and the busybox sh
 agent of the test guest (``scripts/build-test-guest.sh``, between its
 ``GUEST_AGENT`` markers), run here with busybox's applets first on PATH, as
@@ -45,11 +45,11 @@ from tests.components import require
 from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.guest_channel import GuestAgentError, GuestChannel
 from tvorch.adapters.tpm import open_tpm
-from tvorch.core import agent_protocol
-from tvorch.core.agent_protocol import Response, parse_response
-from tvorch.core.akcert import check_ak_public, make_credential
-from tvorch.core.eventlog import EV_NO_ACTION, parse_event_log, replay
-from tvorch.core.quote import ak_name, verify_quote
+from tvorch.core.attestation import agent_protocol
+from tvorch.core.attestation.agent_protocol import Response, parse_response
+from tvorch.core.attestation.akcert import check_ak_public, make_credential
+from tvorch.core.attestation.eventlog import EV_NO_ACTION, parse_event_log, replay
+from tvorch.core.attestation.quote import ak_name, verify_quote
 
 ROOT = Path(__file__).resolve().parents[2]
 PY_AGENT = ROOT / "scripts" / "tvorch-guest-agent"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.eventlog import EventLog, TcgEvent, parse_event_log
-from tvorch.core.guest_baseline import (
+from tvorch.core.attestation.eventlog import EventLog, TcgEvent, parse_event_log
+from tvorch.core.attestation.guest_baseline import (
     ADDED,
     CHANGED,
     EARLY_BOOT,
@@ -27,8 +27,8 @@ from tvorch.core.guest_baseline import (
     compare_prediction,
     group_of,
 )
-from tvorch.core.manifest import canonical_json
-from tvorch.core.prediction import PredictedEvent, Prediction
+from tvorch.core.launch.manifest import canonical_json
+from tvorch.core.boot.prediction import PredictedEvent, Prediction
 from tvorch.errors import EvidenceError, InputError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"

@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 
 from tvorch.adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
-from tvorch.core.domain_xml import guest_channel_path
+from tvorch.core.launch.domain_xml import guest_channel_path
 
 OLD_XML = """<domain><devices><channel type='unix'><source mode='bind' path='/run/tvorch/channels/i-1.sock'/>
 <target type='virtio' name='org.tvorch.attest.0'/></channel>

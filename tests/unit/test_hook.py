@@ -33,17 +33,17 @@ from tvorch.adapters.node_keys import load_or_create
 from tvorch.adapters.store import Store
 from tvorch.adapters.vtpm_state import state_digest
 from tvorch.config import Config, parse_config
-from tvorch.core.canonical import config_digest
-from tvorch.core.domain_xml import render_domain_xml
-from tvorch.core.instance import InstanceRecord, InstanceState
-from tvorch.core.ledger import broken_link
-from tvorch.core.manifest import (
+from tvorch.core.launch.canonical import config_digest
+from tvorch.core.launch.domain_xml import render_domain_xml
+from tvorch.core.launch.instance import InstanceRecord, InstanceState
+from tvorch.core.vtpm.ledger import broken_link
+from tvorch.core.launch.manifest import (
     LaunchManifest,
     Measurement,
     manifest_digest,
     sign_manifest,
 )
-from tvorch.core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
+from tvorch.core.launch.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, TpmModel, VirtType
 from tvorch.core.timestamps import utc_now
 
 REPO = Path(__file__).resolve().parents[2]

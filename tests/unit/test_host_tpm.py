@@ -14,7 +14,7 @@ import pytest
 from tests.components import require
 from tests.tpm_fixtures import running_swtpm, swtpm_host_fixture  # noqa: F401
 from tvorch.adapters.tpm import AK_PRIV, AK_PUB, HOST_DIR, ak_info, open_tpm, read_ak
-from tvorch.core.quote import verify_quote
+from tvorch.core.attestation.quote import verify_quote
 from tvorch.errors import ExitCode, InputError, TpmError, TrustError
 
 NONCE = bytes.fromhex("00112233445566778899aabbccddeeff")

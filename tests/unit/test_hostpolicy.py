@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tvorch.core.hostpolicy import (
+from tvorch.core.attestation.hostpolicy import (
     HostEvidence,
     HostPolicy,
     judge_host,

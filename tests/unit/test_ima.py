@@ -1,7 +1,7 @@
 """IMA measurement list: formats, template hashes, replay, incremental re-checks, allowlist, CLI.
 
 This machine's kernel exposes no IMA list, so most lists here come from the
-writer in tvorch.core.ima; what keeps that honest is (a) byte layouts and
+writer in tvorch.core.attestation.ima; what keeps that honest is (a) byte layouts and
 PCR values computed independently in the tests with struct and hashlib, and
 (b) lines the kernel really printed, quoted on the linux-integrity list,
 whose template hashes only the kernel's exact data layout reproduces.
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tvorch.cli import main
-from tvorch.core.ima import (
+from tvorch.core.attestation.ima import (
     ImaFailure,
     ImaFailureReason,
     ImaReplay,

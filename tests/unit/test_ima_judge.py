@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tvorch.core.hostpolicy import DEFAULT_EXCLUDES
-from tvorch.core.ima import (
+from tvorch.core.attestation.hostpolicy import DEFAULT_EXCLUDES
+from tvorch.core.attestation.ima import (
     IMA_PCR,
     _judge_general,
     ImaEntry,
@@ -230,7 +230,7 @@ def test_every_damaged_byte_is_judged_as_the_general_path_does(form: str) -> Non
 
 def test_a_plain_passing_list_is_judged_in_one_pass() -> None:
     """The fast path vouches for a plain list that passes (else the benchmark's rate is the general path's)."""
-    from tvorch.core.ima import _judge_plain, exclude_matcher
+    from tvorch.core.attestation.ima import _judge_plain, exclude_matcher
 
     entries = files()
     for data in (to_binary(entries), to_ascii(entries).encode()):

@@ -17,7 +17,7 @@ import pytest
 from tvorch.adapters.imagefiles import inspect_image
 from tvorch.cli import main
 from tvorch.config import parse_config
-from tvorch.core.images import (
+from tvorch.core.launch.images import (
     OTHER_WRITER,
     WORLD_WRITABLE,
     ImageChain,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tvorch.adapters.imagefiles import create_overlay, inspect_image, remove_overlay
-from tvorch.core.images import ImageFormat
+from tvorch.core.launch.images import ImageFormat
 from tvorch.errors import ConflictError, ImageError
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (qemu-utils)")

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from tvorch.core.images import (
+from tvorch.core.launch.images import (
     ImageChain,
     ImageFormat,
     ImageLayer,

@@ -1,6 +1,6 @@
 import pytest
 
-from tvorch.core.instance import (
+from tvorch.core.launch.instance import (
     new_instance_id,
     validate_memory,
     validate_name,

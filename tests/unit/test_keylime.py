@@ -1,4 +1,4 @@
-"""core.keylime: tvorch's evidence and policies in Keylime 7.14's formats, on bytes and dicts."""
+"""core.attestation.keylime: tvorch's evidence and policies in Keylime 7.14's formats, on bytes and dicts."""
 
 import json
 import struct
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.hostpolicy import DEFAULT_EXCLUDES, HostPolicy
-from tvorch.core.keylime import (
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.attestation.hostpolicy import DEFAULT_EXCLUDES, HostPolicy
+from tvorch.core.attestation.keylime import (
     Evidence,
     evidence_payload,
     expected_pcrs,
@@ -21,7 +21,7 @@ from tvorch.core.keylime import (
     runtime_policy,
     tpm_policy,
 )
-from tvorch.core.prediction import PredictedEvent, Prediction
+from tvorch.core.boot.prediction import PredictedEvent, Prediction
 from tvorch.errors import ConfigError, EvidenceError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eventlogs"

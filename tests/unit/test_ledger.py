@@ -1,4 +1,4 @@
-"""The vTPM ledger's hash chain (tvorch.core.ledger) and its appends in the store.
+"""The vTPM ledger's hash chain (tvorch.core.vtpm.ledger) and its appends in the store.
 
 The rollback check trusts the last entry, so the chain must expose any edit,
 removal or reordering, and concurrent appenders (the hook runs once per
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tvorch.adapters.store import Store
-from tvorch.core.instance import InstanceRecord, InstanceState
-from tvorch.core.ledger import GENESIS, LedgerEntry, broken_link, chain_entry
+from tvorch.core.launch.instance import InstanceRecord, InstanceState
+from tvorch.core.vtpm.ledger import GENESIS, LedgerEntry, broken_link, chain_entry
 from tvorch.core.timestamps import utc_now
 
 INSTANCE = "i-000000000001"

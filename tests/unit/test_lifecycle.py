@@ -1,9 +1,9 @@
-"""tvorch.core.lifecycle: what libvirt's events mean for an instance's record."""
+"""tvorch.core.launch.lifecycle: what libvirt's events mean for an instance's record."""
 
 from __future__ import annotations
 
-from tvorch.core.instance import InstanceState
-from tvorch.core.lifecycle import LIVE_CHANGE, LifecycleEvent, interpret, is_boot
+from tvorch.core.launch.instance import InstanceState
+from tvorch.core.launch.lifecycle import LIVE_CHANGE, LifecycleEvent, interpret, is_boot
 
 
 def test_a_live_change_moves_no_state_and_is_no_boot() -> None:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from tvorch.core.manifest import (
+from tvorch.core.launch.manifest import (
     BootPredictionRecord,
     LaunchManifest,
     Measurement,
@@ -26,7 +26,7 @@ from tvorch.core.manifest import (
     sign_manifest,
     verify_manifest,
 )
-from tvorch.core.prediction import EventSource, PredictedEvent, Prediction
+from tvorch.core.boot.prediction import EventSource, PredictedEvent, Prediction
 from tvorch.core.signing import (
     generate_key,
     issue_certificate,

@@ -1,4 +1,4 @@
-"""core.manifest_format: the manifest's one reader, which the hook uses without cryptography."""
+"""core.launch.manifest_format: the manifest's one reader, which the hook uses without cryptography."""
 
 import ast
 import dataclasses
@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
-from tvorch.core import manifest_format
-from tvorch.core.canonical import autoselection_hint
-from tvorch.core.manifest import sign_manifest, verify_manifest
-from tvorch.core.manifest_format import (
+from tvorch.core.launch import manifest_format
+from tvorch.core.launch.canonical import autoselection_hint
+from tvorch.core.launch.manifest import sign_manifest, verify_manifest
+from tvorch.core.launch.manifest_format import (
     Measurement,
     manifest_digest,
     manifest_to_dict,
@@ -84,7 +84,7 @@ def test_autoselection_hint_takes_measurements_or_their_json() -> None:
 
 
 def test_the_format_module_needs_no_cryptography() -> None:
-    out = subprocess.run([sys.executable, "-c", "import sys, tvorch.core.manifest_format; print(sorted(sys.modules))"],
+    out = subprocess.run([sys.executable, "-c", "import sys, tvorch.core.launch.manifest_format; print(sorted(sys.modules))"],
                          capture_output=True, text=True, check=True).stdout
     top_level = {name.split(".")[0] for name in ast.literal_eval(out)}
     assert top_level.isdisjoint({"cryptography", "tpm2_pytss", "libvirt", "uuid"})

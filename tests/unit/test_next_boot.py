@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tvorch.core.prediction import PredictedEvent, Prediction
+from tvorch.core.boot.prediction import PredictedEvent, Prediction
 from tvorch.service.next_boot import combine
 
 

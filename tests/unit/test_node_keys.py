@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 
 from tvorch.adapters import node_keys
 from tvorch.adapters.node_keys import load_or_create
-from tvorch.core.manifest import LaunchManifest, sign_manifest, verify_manifest
+from tvorch.core.launch.manifest import LaunchManifest, sign_manifest, verify_manifest
 from tvorch.core.signing import verify_chain
 from tvorch.errors import TrustError
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from tests.components import require
 from tvorch.core import der
 from tvorch.core.der import DerError
-from tvorch.core.ekcert import issue_ek_certificate
-from tvorch.core.platformcert import (
+from tvorch.core.vtpm.ekcert import issue_ek_certificate
+from tvorch.core.vtpm.platformcert import (
     CREDENTIAL_SPECIFICATION,
     ECDSA_WITH_SHA256,
     PC_CLIENT,

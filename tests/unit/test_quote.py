@@ -23,7 +23,7 @@ from tpm2_pytss.types import (
 
 from tests.tpm_fixtures import running_swtpm
 from tvorch.adapters.tpm import AkInfo, RawQuote, open_tpm
-from tvorch.core.quote import (
+from tvorch.core.attestation.quote import (
     HostQuote,
     QuoteInfo,
     parse_attest,

@@ -8,8 +8,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tvorch.core.image_signature import decode_signature, verify_image_signature
-from tvorch.core.references import Checked, check_references
+from tvorch.core.launch.image_signature import decode_signature, verify_image_signature
+from tvorch.core.launch.references import Checked, check_references
 from tvorch.core.signing import issue_certificate, make_ca
 from tvorch.errors import TrustError
 

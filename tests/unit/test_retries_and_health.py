@@ -20,8 +20,8 @@ from tvorch.adapters.locks import StoreLock
 from tvorch.adapters.store import Store
 from tvorch.cli import main
 from tvorch.config import INT_MAX, Config, parse_config
-from tvorch.core.hostverdict import DaemonStatus
-from tvorch.core.instance import InstanceRecord, InstanceState
+from tvorch.core.attestation.hostverdict import DaemonStatus
+from tvorch.core.launch.instance import InstanceRecord, InstanceState
 from tvorch.core.timestamps import utc_now
 from tvorch.errors import ConfigError, ConflictError, ExitCode
 from tvorch.service.measure import policy_digest

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tvorch.core.sealed import SealedKey, pcr_selection_bytes, policy_pcr_digest
+from tvorch.core.vtpm.sealed import SealedKey, pcr_selection_bytes, policy_pcr_digest
 from tvorch.errors import ExitCode, InputError
 
 DIGEST = hashlib.sha256(b"policy").digest()

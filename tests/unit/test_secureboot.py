@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from tvorch.core.eventlog import parse_event_log
-from tvorch.core.prediction import replay
-from tvorch.core.secureboot import (
+from tvorch.core.attestation.eventlog import parse_event_log
+from tvorch.core.boot.prediction import replay
+from tvorch.core.boot.secureboot import (
     CERT_X509_GUID,
     db_authority,
     pcr7_events,
@@ -26,7 +26,7 @@ from tvorch.core.secureboot import (
     secure_boot_enabled,
     signature_entries,
 )
-from tvorch.core.uefi_vars import GLOBAL_VARIABLE_GUID, IMAGE_SECURITY_DATABASE_GUID, VariableStore, Variable, \
+from tvorch.core.boot.uefi_vars import GLOBAL_VARIABLE_GUID, IMAGE_SECURITY_DATABASE_GUID, VariableStore, Variable, \
     parse_vars_file
 from tvorch.errors import InputError, TrustError
 
@@ -147,14 +147,14 @@ def test_an_unsigned_file_under_secure_boot_is_refused_and_allowed_without_it():
 def test_a_sha256_db_entry_matching_the_authenticode_digest_is_the_authority():
     digest = bytes(range(32))
     entry = uuid.uuid4().bytes_le + digest
-    from tvorch.core.secureboot import CERT_SHA256_GUID
+    from tvorch.core.boot.secureboot import CERT_SHA256_GUID
     db = CERT_SHA256_GUID.bytes_le + struct.pack("<III", 28 + len(entry), 0, len(entry)) + entry
     found = db_authority(signature_entries(db), minimal_pe(), digest.hex())
     assert found.data == digest
 
 
 def test_secure_boot_enable_zero_turns_secure_boot_off_even_with_pk():
-    from tvorch.core.uefi_vars import SECURE_BOOT_ENABLE_GUID
+    from tvorch.core.boot.uefi_vars import SECURE_BOOT_ENABLE_GUID
     store = parse_vars_file(SNAKEOIL_VARS)
     variables = dict(store.variables)
     variables[(SECURE_BOOT_ENABLE_GUID, "SecureBootEnable")] = Variable(SECURE_BOOT_ENABLE_GUID, "SecureBootEnable",

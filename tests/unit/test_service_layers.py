@@ -84,13 +84,24 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_core_imports_no_layer_above_it() -> None:
+    modules = sorted((PACKAGE / "core").rglob("*.py"))
+    assert len(modules) > 40, "core's modules, in its subpackages too"
     wrong = sorted(
         f"{_module_name(path)} imports {module}"
-        for path in (PACKAGE / "core").glob("*.py")
+        for path in modules
         for module in imported(path)
         if any(_is_under(module, layer) for layer in ABOVE_CORE)
     )
     assert wrong == []
+
+
+def test_core_is_grouped_by_domain() -> None:
+    """Issue #17: core is not one flat room; besides the shared formats, each module lives in its domain."""
+    shared = {"__init__", "codec", "timestamps", "signing", "chain", "der"}
+    flat = sorted(p.stem for p in (PACKAGE / "core").glob("*.py") if p.stem not in shared)
+    assert flat == [], "put it in core/launch, core/boot, core/vtpm or core/attestation"
+    groups = {p.parent.name for p in (PACKAGE / "core").glob("*/__init__.py")}
+    assert groups == {"launch", "boot", "vtpm", "attestation"}
 
 
 def test_service_modules_import_each_other_without_a_cycle() -> None:

@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from tvorch.adapters.store import SCHEMA_VERSION, Store
-from tvorch.core.instance import InstanceRecord, InstanceState
+from tvorch.core.launch.instance import InstanceRecord, InstanceState
 from tvorch.core.timestamps import utc_now
 from tvorch.errors import ConflictError, NotFoundError, StoreError
 

@@ -1,4 +1,4 @@
-"""The vTPM backup container (tvorch.core.vtpm_backup: pack_backup, unpack_backup), on bytes.
+"""The vTPM backup container (tvorch.core.vtpm.backup: pack_backup, unpack_backup), on bytes.
 
 What a restore reads from a file an operator hands it: only the header and
 state files come out, and any other member (a link, a directory, a sparse
@@ -14,7 +14,7 @@ import tarfile
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tvorch.core.vtpm_backup import (
+from tvorch.core.vtpm.backup import (
     HEADER_MEMBER,
     MAX_BACKUP,
     STATE_PREFIX,

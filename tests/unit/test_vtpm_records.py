@@ -13,13 +13,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tvorch.adapters import vtpm_state
 from tvorch.adapters.store import Store
 from tvorch.config import ConfigError, parse_config
-from tvorch.core.gate import start_refusals
-from tvorch.core.instance import InstanceRecord, InstanceState
-from tvorch.core.ledger import broken_link, state_digest_of
+from tvorch.core.launch.gate import start_refusals
+from tvorch.core.launch.instance import InstanceRecord, InstanceState
+from tvorch.core.vtpm.ledger import broken_link, state_digest_of
 from tvorch.core.timestamps import utc_now
-from tvorch.core.vtpm import KeyProtection, VtpmRecord, check_key, key_check_value, new_state_key
-from tvorch.core.vtpm_backup import backup_header, sign_backup, verify_backup
-from tvorch.core.vtpm_escrow import (
+from tvorch.core.vtpm.records import KeyProtection, VtpmRecord, check_key, key_check_value, new_state_key
+from tvorch.core.vtpm.backup import backup_header, sign_backup, verify_backup
+from tvorch.core.vtpm.escrow import (
     escrow_unwrap,
     escrow_wrap,
     load_escrow_private_key,
@@ -307,8 +307,8 @@ def test_create_new_never_replaces_a_file(tmp_path):
 def test_a_pcr_extended_without_an_event_is_named():
     from pathlib import Path as P
 
-    from tvorch.core.bundle import replay_problems
-    from tvorch.core.eventlog import parse_event_log, replay
+    from tvorch.core.attestation.bundle import replay_problems
+    from tvorch.core.attestation.eventlog import parse_event_log, replay
 
     raw = (P(__file__).resolve().parent.parent / "data" / "eventlogs" / "uefi-crb.bin").read_bytes()
     pcrs = {i: bytes.fromhex(v) for i, v in replay(parse_event_log(raw), "sha256").items()}

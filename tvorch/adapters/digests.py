@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ..core.measurements import DigestKey, FileDigest
+from ..core.launch.measurements import DigestKey, FileDigest
 from ..errors import ImageError
 
 ALGORITHM = "sha256"

@@ -6,7 +6,7 @@ read touches: per qcow2 layer the L1 table once, each L2 table when first
 needed, and data clusters as asked. Unallocated clusters fall through to the
 backing file (zeros past its end or without one); zero clusters read as
 zeros; zlib-compressed clusters are inflated. Encryption, external data
-files, zstd and extended L2 entries are refused (``tvorch.core.images``
+files, zstd and extended L2 entries are refused (``tvorch.core.launch.images``
 refuses the first two when the chain is opened). ``bytes_read`` counts what
 came from the files, for the benchmark and the tests.
 """
@@ -18,7 +18,7 @@ import struct
 import zlib
 
 from tvorch.adapters.imagefiles import inspect_image
-from tvorch.core.images import ImageChain, ImageFormat, Qcow2Header, parse_qcow2_header, qcow2_header_bytes_needed
+from tvorch.core.launch.images import ImageChain, ImageFormat, Qcow2Header, parse_qcow2_header, qcow2_header_bytes_needed
 from tvorch.errors import ImageError
 
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -123,7 +123,7 @@ class _Layer:
 
 
 class DiskImage:
-    """An image (a tvorch.core.bootdisk.ByteSource): guest-visible bytes, read through its backing chain."""
+    """An image (a tvorch.core.boot.bootdisk.ByteSource): guest-visible bytes, read through its backing chain."""
 
     def __init__(self, path: str, chain: ImageChain | None = None) -> None:
         self.bytes_read = 0

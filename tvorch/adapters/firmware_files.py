@@ -1,7 +1,7 @@
 """Where this host's firmware comes from, found the way libvirt and QEMU find it.
 
 UEFI: libvirt's descriptor directories (``qemuInteropFetchConfigs``), read
-here and matched by tvorch.core.firmware. BIOS: the SeaBIOS image QEMU loads
+here and matched by tvorch.core.launch.firmware. BIOS: the SeaBIOS image QEMU loads
 for q35 when no firmware is named, looked up in QEMU's own data directories.
 The answers name the files tvorch must measure before launch.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from ..core.firmware import (
+from ..core.launch.firmware import (
     MAX_DESCRIPTOR_SIZE,
     FirmwareDescriptor,
     FirmwareRequest,
@@ -24,7 +24,7 @@ from ..core.firmware import (
     parse_descriptor,
     select_firmware,
 )
-from ..core.spec import DomainSpec, Firmware, FirmwareImages
+from ..core.launch.spec import DomainSpec, Firmware, FirmwareImages
 from ..errors import HostError
 
 # libvirt's system daemon: /etc overrides /usr/share (no per-user directory).
@@ -162,7 +162,7 @@ def resolve_firmware_images(images: FirmwareImages) -> ResolvedFirmware:
 def resolve_for_spec(spec: DomainSpec, search_dirs: Sequence[Path] = FIRMWARE_SEARCH_DIRS) -> ResolvedFirmware:
     """The firmware the domain rendered from SPEC will run.
 
-    Mirrors tvorch.core.domain_xml: auto-selected UEFI asks for ``secure-boot``
+    Mirrors tvorch.core.launch.domain_xml: auto-selected UEFI asks for ``secure-boot``
     and ``enrolled-keys`` both on or both off, as ``spec.secure_boot`` says.
     """
     if spec.firmware is Firmware.BIOS:

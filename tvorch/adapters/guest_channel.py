@@ -16,8 +16,8 @@ import stat
 import time
 from pathlib import Path
 
-from ..core.agent_protocol import MAX_LINE, Response, parse_response, request_line
-from ..core.domain_xml import guest_channel_path
+from ..core.attestation.agent_protocol import MAX_LINE, Response, parse_response, request_line
+from ..core.launch.domain_xml import guest_channel_path
 from ..errors import ConfigError, EvidenceError, OperationTimeout, TvorchError
 from .files import ensure_private_dir
 

@@ -14,8 +14,8 @@ from typing import Callable, Iterator, TypeVar
 
 import libvirt
 
-from ..core.instance import InstanceState
-from ..core.metadata import METADATA_NAMESPACE
+from ..core.launch.instance import InstanceState
+from ..core.launch.metadata import METADATA_NAMESPACE
 from ..errors import LibvirtError, NotFoundError, OperationTimeout
 from ..logs import get_logger
 from .retry import libvirt_retry

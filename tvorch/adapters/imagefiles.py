@@ -1,6 +1,6 @@
 """Image files: open a disk image and its backing chain, vet it, make overlays.
 
-The reading side reads only what ``tvorch.core.images`` needs and leaves the
+The reading side reads only what ``tvorch.core.launch.images`` needs and leaves the
 judging to it. Per layer it reads the first 64 KiB (the whole first cluster
 when a qcow2 image's clusters are larger, at most 2 MiB; 68 KiB of a raw
 file, to reach a Btrfs superblock); for a qcow2 layer
@@ -20,7 +20,7 @@ import errno
 import os
 import stat
 
-from tvorch.core.images import (
+from tvorch.core.launch.images import (
     QCOW2_HEADER_READ,
     QCOW2_MAGIC,
     RAW_PROBE_BYTES,
@@ -150,7 +150,7 @@ def _read_layer(
             raise _os_refusal(err, name, named_by) from None
     finally:
         os.close(fd)
-    # Who may write it, as opened: what launch and `image trust` judge (core.images.layer_writers).
+    # Who may write it, as opened: what launch and `image trust` judge (core.launch.images.layer_writers).
     layer = dataclasses.replace(layer, mode=stat.S_IMODE(fst.st_mode), uid=fst.st_uid, gid=fst.st_gid)
     return layer, key, header
 

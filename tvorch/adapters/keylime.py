@@ -15,7 +15,7 @@ import ssl
 import urllib.parse
 from typing import Any
 
-from ..core.keylime import EVIDENCE_PATH, KeylimeVerdict, parse_answer
+from ..core.attestation.keylime import EVIDENCE_PATH, KeylimeVerdict, parse_answer
 from ..errors import ConfigError, KeylimeUnreachable
 
 MAX_ANSWER = 4 * 1024 * 1024

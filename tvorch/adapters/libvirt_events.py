@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from ..core.lifecycle import LIVE_CHANGE, LifecycleEvent
+from ..core.launch.lifecycle import LIVE_CHANGE, LifecycleEvent
 from ..errors import LibvirtError
 
 _loop_lock = threading.Lock()

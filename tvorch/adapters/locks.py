@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..core.instance import validate_name
+from ..core.launch.instance import validate_name
 from ..errors import ConflictError, StoreError
 from .files import ensure_private_dir
 

@@ -1,10 +1,10 @@
 """A throwaway firmware reference VM: boot it, read its firmware event log from its memory, remove it.
 
-The VM is a domain tvorch renders like any launch (core.domain_xml), with an
+The VM is a domain tvorch renders like any launch (core.launch.domain_xml), with an
 empty raw disk and without tvorch's metadata (it is no instance: the hook
 lets it start and reconcile ignores it). OVMF finds nothing to boot on the
 disk after it has measured everything up to the separators; a memory-only
-dump then holds the log (core.firmware_reference.event_log_in_memory). The
+dump then holds the log (core.boot.firmware_reference.event_log_in_memory). The
 domain, its NVRAM, its vTPM state, the disk and the dump are removed whatever
 happens, the dump as soon as it is read.
 """
@@ -17,8 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..core.eventlog import EventLog
-from ..core.firmware_reference import event_log_in_memory, reference_events
+from ..core.attestation.eventlog import EventLog
+from ..core.boot.firmware_reference import event_log_in_memory, reference_events
 from ..errors import EvidenceError, OperationTimeout, TvorchError
 from ..logs import get_logger
 from .files import ensure_private_dir

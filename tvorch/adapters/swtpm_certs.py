@@ -20,7 +20,7 @@ no platform options: those come from the ``--optsfile`` (one
 ``--option value`` a line, as swtpm_localca reads it), where
 ``tvorch.adapters.vtpm_manufacture`` puts ``--platform-manufacturer``,
 ``--platform-model`` and ``--platform-version``; options on the command
-line win. The certificate (``tvorch.core.platformcert``) names DIR/ek.cert
+line win. The certificate (``tvorch.core.vtpm.platformcert``) names DIR/ek.cert
 as its holder and ``--vmid`` as the platform serial. swtpm_setup keeps no
 copy of it, so the tool also writes one into the config's ``collect_dir``.
 
@@ -43,8 +43,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tvorch.core.ekcert import EkPublicKey, TpmSpecification, issue_ek_certificate, verify_ek_certificate
-from tvorch.core.platformcert import DEFAULT_MANUFACTURER, DEFAULT_MODEL, Platform, issue_platform_certificate
+from tvorch.core.vtpm.ekcert import EkPublicKey, TpmSpecification, issue_ek_certificate, verify_ek_certificate
+from tvorch.core.vtpm.platformcert import DEFAULT_MANUFACTURER, DEFAULT_MODEL, Platform, issue_platform_certificate
 from tvorch.errors import TvorchError
 
 NODE_STATE_DIR_KEY = "node_state_dir"

@@ -28,7 +28,7 @@ other agents on the host.
 Secrets (a vTPM's state key) are sealed to the host TPM: ``Tpm.seal`` makes
 a KEYEDHASH data object under the storage root key (SRK) whose only
 authorization is a TPM2_PolicyPCR over the PCRs' current values
-(``tvorch.core.sealed`` holds the blob format and the policy arithmetic), and
+(``tvorch.core.vtpm.sealed`` holds the blob format and the policy arithmetic), and
 ``Tpm.unseal`` returns the secret only while those PCRs still hold those
 values. The SRK is the TCG Provisioning Guidance ECC NIST P-256 storage
 template, derived anew from the owner hierarchy at each call (deterministic,
@@ -84,7 +84,7 @@ from tpm2_pytss.types import (
 from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 from tvorch.adapters.files import atomic_write, ensure_private_dir
-from tvorch.core.quote import (
+from tvorch.core.attestation.quote import (
     BANKS,
     pcr_indices,
     ak_fingerprint,
@@ -96,7 +96,7 @@ from tvorch.core.quote import (
     selected_pcrs,
     signature_hash_name,
 )
-from tvorch.core.sealed import MAX_SECRET_SIZE, SealedKey, policy_pcr_digest
+from tvorch.core.vtpm.sealed import MAX_SECRET_SIZE, SealedKey, policy_pcr_digest
 from tvorch.errors import InputError, TpmError
 
 HOST_DIR = "host"

@@ -42,8 +42,8 @@ from tvorch.adapters.files import ensure_private_dir
 from tvorch.adapters.node_keys import load_or_create
 from tvorch.adapters.swtpm_certs import COLLECT_DIR_KEY, NODE_STATE_DIR_KEY, PLATFORM_CERT_FILE, tvorch_version
 from tvorch.adapters.vtpm_state import hand_over
-from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
-from tvorch.core.platformcert import DEFAULT_MANUFACTURER, DEFAULT_MODEL, verify_platform_certificate
+from tvorch.core.vtpm.ekcert import ek_fingerprint, verify_ek_certificate
+from tvorch.core.vtpm.platformcert import DEFAULT_MANUFACTURER, DEFAULT_MODEL, verify_platform_certificate
 from tvorch.errors import ConflictError, HostError, OperationTimeout, TvorchError
 
 DEFAULT_TIMEOUT = 60.0
@@ -65,7 +65,7 @@ class ManufacturedVtpm:
 
     ek_cert_der: bytes  # RSA 2048 EK certificate, as written at NV index 0x01c00002
     ek_public_pem: bytes
-    ek_fingerprint: str  # sha256 of the EK SubjectPublicKeyInfo (tvorch.core.ekcert.ek_fingerprint)
+    ek_fingerprint: str  # sha256 of the EK SubjectPublicKeyInfo (tvorch.core.vtpm.ekcert.ek_fingerprint)
     ek_certs: dict[str, bytes] = field(default_factory=dict)  # every EK cert by file name (RSA and ECC)
     # TCG platform certificate (an attribute certificate naming the RSA EK certificate), as written
     # at NV index 0x01c08000; None only for a vTPM made without one.

@@ -11,7 +11,7 @@ then exchanged with ``tpm2`` by ``renameat2(RENAME_EXCHANGE)``; at every
 instant ``tpm2`` is either the old state or the new one, never a mixture or
 missing. Whatever is left in a staging directory after a crash is swept.
 
-Imported by the hook: the standard library and ``core.ledger`` only.
+Imported by the hook: the standard library and ``core.vtpm.ledger`` only.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from ..core.ledger import state_digest_of
+from ..core.vtpm.ledger import state_digest_of
 from .files import fsync_dir, write_synced
 from ..errors import TrustError
 

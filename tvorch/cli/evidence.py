@@ -1,6 +1,6 @@
 """Evidence commands: read a firmware event log, show what it measured, replay it.
 
-The parser (tvorch.core.eventlog, ~5 ms to import) is imported by the commands
+The parser (tvorch.core.attestation.eventlog, ~5 ms to import) is imported by the commands
 that use it, so that loading the CLI for another command (`launch`) does not.
 """
 
@@ -15,17 +15,17 @@ from .common import emit, json_option
 from .group import cli
 
 if TYPE_CHECKING:
-    from ..core.eventlog import EventLog, TcgEvent
+    from ..core.attestation.eventlog import EventLog, TcgEvent
 
 # Real firmware logs are tens of KiB; anything far larger is not one, and is not read whole.
 MAX_LOG_BYTES = 16 << 20
-# tvorch.core.eventlog.MAX_PCR, written out so that `--pcr`'s range needs no parser import.
+# tvorch.core.attestation.eventlog.MAX_PCR, written out so that `--pcr`'s range needs no parser import.
 MAX_PCR = 31
 
 
 def read_event_log(path: str) -> EventLog:
     from ..adapters.files import read_bounded
-    from ..core.eventlog import parse_event_log
+    from ..core.attestation.eventlog import parse_event_log
 
     try:
         raw = read_bounded(path, MAX_LOG_BYTES)
@@ -110,7 +110,7 @@ def eventlog_show(file: str, as_json: bool) -> None:
 @json_option
 def eventlog_compare(baseline: str, observed: str, bank: str, as_json: bool) -> None:
     """Compare two event logs event by event (a boot against its baseline); exit 12 if they differ."""
-    from ..core.guest_baseline import compare
+    from ..core.attestation.guest_baseline import compare
     from ..errors import TrustError
 
     verdict = compare(read_event_log(baseline), read_event_log(observed), bank)
@@ -129,7 +129,7 @@ def eventlog_compare(baseline: str, observed: str, bank: str, as_json: bool) -> 
 @json_option
 def eventlog_replay(file: str, bank: str, pcrs: tuple[int, ...], as_json: bool) -> None:
     """Print the PCR values the log in FILE adds up to."""
-    from ..core.eventlog import replay
+    from ..core.attestation.eventlog import replay
 
     values = replay(read_event_log(file), bank, pcrs or None)
     emit(as_json, {"bank": bank, "pcrs": {str(pcr): value for pcr, value in values.items()}},

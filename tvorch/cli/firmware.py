@@ -19,7 +19,7 @@ def reference() -> None:
 
 
 def _line(ref: object) -> str:
-    from ..core.firmware_reference import FirmwareReference
+    from ..core.boot.firmware_reference import FirmwareReference
 
     assert isinstance(ref, FirmwareReference)
     k = ref.key

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..core.instance import validate_name
+from ..core.launch.instance import validate_name
 from ..errors import NotFoundError, TrustError
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli

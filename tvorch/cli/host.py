@@ -76,7 +76,7 @@ def host_attest(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def host_baseline(ctx: Context, out: str | None, as_json: bool) -> None:
     """Learn a host policy from the current evidence, for review (not applied)."""
-    from ..core.hostpolicy import policy_to_json
+    from ..core.attestation.hostpolicy import policy_to_json
     from ..service import host as host_service
 
     data = policy_to_json(host_service.baseline(ctx.node.cfg))

@@ -16,7 +16,7 @@ from .common import emit, json_option
 from .group import cli
 
 if TYPE_CHECKING:
-    from ..core.ima import ImaEntry
+    from ..core.attestation.ima import ImaEntry
 
 
 # A day of a busy node's IMA list is a few tens of MB; more is not a measurement list.
@@ -29,7 +29,7 @@ def _read_entries(path: str, fmt: str) -> tuple[ImaEntry, ...]:
     The parser (~5 ms to import) is imported here, not when the CLI loads.
     """
     from ..adapters.files import read_bounded
-    from ..core.ima import parse_ima_ascii, parse_ima_binary, parse_ima_list
+    from ..core.attestation.ima import parse_ima_ascii, parse_ima_binary, parse_ima_list
 
     try:
         if path == "-":
@@ -63,7 +63,7 @@ def ima() -> None:
 @json_option
 def ima_replay(file: str, bank: str, fmt: str, as_json: bool) -> None:
     """Replay FILE to PCR 10 and check its template hashes."""
-    from ..core.ima import bad_template_hashes, replay_ima
+    from ..core.attestation.ima import bad_template_hashes, replay_ima
 
     entries = _read_entries(file, fmt)
     value = replay_ima(entries, bank).hex()

@@ -16,7 +16,7 @@ from .common import Context, emit, json_option, pass_ctx
 from .group import cli
 
 if TYPE_CHECKING:
-    from ..core.instance import InstanceRecord
+    from ..core.launch.instance import InstanceRecord
 
 def _record_text(r: InstanceRecord) -> str:
     lines = [

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..core.keylime import KIND_RUNTIME, POLICY_KINDS
+from ..core.attestation.keylime import KIND_RUNTIME, POLICY_KINDS
 from ..errors import InputError
 from .common import Context, emit, json_option, pass_ctx, write_output
 from .group import cli

@@ -59,7 +59,7 @@ def predict(ctx: Context, image: str | None, instance: str | None, boot_file: st
 
 
 def _predict_instance(ctx: Context, name: str, boot_file: str | None, as_json: bool) -> None:
-    from ..core.bootdisk import DEFAULT_BOOT_PATH
+    from ..core.boot.bootdisk import DEFAULT_BOOT_PATH
     from ..service.next_boot import predict_next_boot
 
     done = predict_next_boot(ctx.node, name, boot_file or DEFAULT_BOOT_PATH)

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from ..core.references import FILE_REFERENCE_KINDS, REFERENCE_KINDS, ReferenceValue
+from ..core.launch.references import FILE_REFERENCE_KINDS, REFERENCE_KINDS, ReferenceValue
 from .common import Context, emit, json_option, pass_ctx, write_output
 from .group import cli
 
@@ -133,7 +133,7 @@ def manifest() -> None:
 @pass_ctx
 def manifest_show(ctx: Context, name: str, out: str | None, as_json: bool) -> None:
     """Show the launch manifest of instance NAME."""
-    from ..core.manifest import manifest_digest
+    from ..core.launch.manifest import manifest_digest
     from ..service import manifests
 
     body = manifests.manifest_of(ctx.node, name)

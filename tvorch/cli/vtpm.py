@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..core.instance import validate_name
+from ..core.launch.instance import validate_name
 from .common import Context, emit, json_option, pass_ctx
 from .group import cli
 
@@ -96,7 +96,7 @@ def vtpm_ek(ctx: Context, name: str, pem: bool, as_json: bool) -> None:
 @pass_ctx
 def vtpm_ledger(ctx: Context, name: str, nvram: bool, as_json: bool) -> None:
     """The hash-chained ledger of NAME's vTPM state digests (manufacture, stops, backups, restores)."""
-    from ..core.ledger import broken_link
+    from ..core.vtpm.ledger import broken_link
 
     record = ctx.node.store.get_live(validate_name(name))
     entries = ctx.node.store.ledger(record.id, "nvram_ledger" if nvram else "vtpm_ledger")

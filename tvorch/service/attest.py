@@ -28,8 +28,8 @@ from cryptography import x509
 
 from ..adapters.guest_channel import GuestChannel, socket_path
 from ..config import Config
-from ..core.agent_protocol import Response, parse_pcr_values, pcr_list
-from ..core.akcert import (
+from ..core.attestation.agent_protocol import Response, parse_pcr_values, pcr_list
+from ..core.attestation.akcert import (
     AkCertification,
     check_ak_public,
     ek_cert_sha256,
@@ -37,7 +37,7 @@ from ..core.akcert import (
     make_credential,
     sign_ak_certification,
 )
-from ..core.bundle import (
+from ..core.attestation.bundle import (
     BundleReport,
     Check,
     GuestEvidence,
@@ -46,14 +46,14 @@ from ..core.bundle import (
     replay_problems,
     verify_bundle,
 )
-from ..core.canonical import autoselection_hint, config_digest
+from ..core.launch.canonical import autoselection_hint, config_digest
 from ..core.codec import b64encode, parse_json
-from ..core.eventlog import parse_event_log
-from ..core.guest_baseline import BaselineVerdict, compare, compare_prediction
-from ..core.instance import InstanceRecord, InstanceState, validate_name
-from ..core.manifest_format import stored_manifest
-from ..core.prediction import Prediction
-from ..core.quote import QuoteInfo, ak_name, verify_quote
+from ..core.attestation.eventlog import parse_event_log
+from ..core.attestation.guest_baseline import BaselineVerdict, compare, compare_prediction
+from ..core.launch.instance import InstanceRecord, InstanceState, validate_name
+from ..core.launch.manifest_format import stored_manifest
+from ..core.boot.prediction import Prediction
+from ..core.attestation.quote import QuoteInfo, ak_name, verify_quote
 from ..core.timestamps import utc_now
 from ..errors import ConflictError, EvidenceError, InputError, NotFoundError, StoreError, TrustError, TvorchError
 from ..logs import get_logger

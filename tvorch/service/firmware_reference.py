@@ -29,9 +29,9 @@ from ..adapters.node_keys import NodeIdentity, load_or_create
 from ..adapters.progress import tell
 from ..adapters.reference_vm import boot_and_read_log, make_empty_disk
 from ..config import Config
-from ..core.domain_xml import render_domain_xml
-from ..core.firmware import ResolvedFirmware
-from ..core.firmware_reference import (
+from ..core.launch.domain_xml import render_domain_xml
+from ..core.launch.firmware import ResolvedFirmware
+from ..core.boot.firmware_reference import (
     CHECKED_PCRS,
     FirmwareReference,
     ReferenceKey,
@@ -40,11 +40,11 @@ from ..core.firmware_reference import (
     sign_reference,
     verify_reference,
 )
-from ..core.prediction import PredictedEvent
-from ..core.secureboot import pcr7_events
-from ..core.spec import DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
+from ..core.boot.prediction import PredictedEvent
+from ..core.boot.secureboot import pcr7_events
+from ..core.launch.spec import DomainSpec, Firmware, FirmwareImages, TpmModel, VirtType
 from ..core.timestamps import utc_now
-from ..core.uefi_vars import parse_vars_file
+from ..core.boot.uefi_vars import parse_vars_file
 from ..errors import EvidenceError, InputError, NotFoundError, TrustError
 from ..logs import get_logger
 from .launch_options import choose_virt_type, firmware_choice
@@ -271,7 +271,7 @@ def choice_from_options(cfg: Config, *, memory_mib: int | None = None, vcpus: in
                         secure_boot: bool | None = None, firmware_profile: str | None = None,
                         tpm_model: str | None = None, network: str | None = None) -> FirmwareChoice:
     """The firmware choice `tvorch launch` would make from these options and the configured defaults."""
-    from ..core.instance import validate_memory, validate_vcpus
+    from ..core.launch.instance import validate_memory, validate_vcpus
 
     _firmware, secure, images = firmware_choice(cfg, Firmware.EFI.value, secure_boot, firmware_profile)
     return FirmwareChoice(

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.gate import start_refusals
-from ..core.instance import InstanceState
-from ..core.metadata import parse_instance_metadata
+from ..core.launch.gate import start_refusals
+from ..core.launch.instance import InstanceState
+from ..core.launch.metadata import parse_instance_metadata
 from ..hook import boot_view_problem, gather
 from .node import Node
 

@@ -25,25 +25,25 @@ from ..adapters.store import Store
 from ..adapters.files import atomic_write
 from ..adapters.tpm import HOST_DIR, AkInfo, Tpm, open_tpm, read_ak
 from ..config import Config
-from ..core.akcert import HostAkCertification, check_ak_public, make_credential, sign_host_ak_certification
+from ..core.attestation.akcert import HostAkCertification, check_ak_public, make_credential, sign_host_ak_certification
 from ..core.codec import b64encode, canonical_json, parse_json
-from ..core.eventlog import parse_event_log, replay
-from ..core.hostpolicy import (
+from ..core.attestation.eventlog import parse_event_log, replay
+from ..core.attestation.hostpolicy import (
     DEFAULT_EXCLUDES,
     HostEvidence,
     HostPolicy,
     judge_host,
     parse_policy,
 )
-from ..core.hostverdict import HostVerdict
-from ..core.ima import (
+from ..core.attestation.hostverdict import HostVerdict
+from ..core.attestation.ima import (
     IMA_PCR,
     boot_aggregate_pcrs,
     exclude_matcher,
     judge_ima_list,
     parse_ima_list,
 )
-from ..core.quote import HostQuote
+from ..core.attestation.quote import HostQuote
 from ..core.timestamps import utc_now
 from ..errors import ConfigError, EvidenceError, HostError, TrustError
 from ..logs import get_logger

@@ -15,8 +15,8 @@ from ..adapters import boot_files, imagefiles
 from ..adapters.files import ensure_private_dir
 from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.locks import instance_lock
-from ..core.domain_files import file_uses
-from ..core.instance import InstanceRecord, InstanceState, validate_name
+from ..core.launch.domain_files import file_uses
+from ..core.launch.instance import InstanceRecord, InstanceState, validate_name
 from ..errors import ConflictError, NotFoundError
 from ..logs import get_logger
 from . import vtpm

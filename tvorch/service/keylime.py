@@ -4,7 +4,7 @@ Only evidence tvorch has verified itself is submitted (a guest boot after
 attest_guest verified its quote and replayed its log; a host quote after its
 signature and nonce were checked here), each with a tpm_policy naming every
 quoted PCR: Keylime's stateless endpoint neither ties the AK to an EK nor
-fails a badly signed quote whose policy names no PCR (core.keylime).
+fails a badly signed quote whose policy names no PCR (core.attestation.keylime).
 
 Keylime's verdict is recorded beside tvorch's own (instance events
 "keylime-valid" / "keylime-invalid"; the host's in state_dir/keylime/host.json)
@@ -30,10 +30,10 @@ from ..adapters.files import atomic_write, ensure_private_dir, read_bounded
 from ..adapters.keylime import KeylimeClient
 from ..adapters.retry import keylime_backoff, keylime_retry
 from ..config import Config
-from ..core.eventlog import parse_event_log, replay
-from ..core.hostpolicy import HostPolicy, parse_policy, policy_to_json
-from ..core.ima import IMA_PCR, parse_ima_list, to_ascii
-from ..core.keylime import (
+from ..core.attestation.eventlog import parse_event_log, replay
+from ..core.attestation.hostpolicy import HostPolicy, parse_policy, policy_to_json
+from ..core.attestation.ima import IMA_PCR, parse_ima_list, to_ascii
+from ..core.attestation.keylime import (
     KIND_RUNTIME,
     KIND_TPM,
     Evidence,
@@ -46,7 +46,7 @@ from ..core.keylime import (
     runtime_policy,
     tpm_policy,
 )
-from ..core.quote import HostQuote
+from ..core.attestation.quote import HostQuote
 from ..core.timestamps import utc_now
 from ..errors import ConfigError, EvidenceError, InputError, KeylimeUnreachable, NotFoundError, TvorchError
 from ..logs import get_logger
@@ -74,7 +74,7 @@ def client(cfg: Config) -> KeylimeClient:
 
 def instance_policy(node: Node, name: str, kind: str) -> dict[str, Any]:
     """NAME's expected boot in Keylime's format: KIND tpm (the PCRs tvorch quotes, from the baseline) or mb."""
-    from ..core.instance import validate_name
+    from ..core.launch.instance import validate_name
 
     record = node.store.get_live(validate_name(name))
     baseline = node.store.guest_baseline(record.id)

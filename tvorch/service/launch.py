@@ -22,11 +22,11 @@ from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, sock
 from ..adapters.hostcaps import is_executable, probe_kvm
 from ..adapters.locks import instance_lock
 from ..config import Config
-from ..core.canonical import config_digest
-from ..core.domain_xml import render_domain_xml
-from ..core.hostverdict import host_problem
-from ..core.images import judge_layer_writers
-from ..core.instance import (
+from ..core.launch.canonical import config_digest
+from ..core.launch.domain_xml import render_domain_xml
+from ..core.attestation.hostverdict import host_problem
+from ..core.launch.images import judge_layer_writers
+from ..core.launch.instance import (
     InstanceRecord,
     InstanceState,
     new_instance_id,
@@ -34,8 +34,8 @@ from ..core.instance import (
     validate_name,
     validate_vcpus,
 )
-from ..core.manifest import BootPredictionRecord, manifest_digest
-from ..core.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel
+from ..core.launch.manifest import BootPredictionRecord, manifest_digest
+from ..core.launch.spec import DirectBoot, DiskLayer, DomainSpec, Firmware, FirmwareImages, TpmModel
 from ..core.timestamps import utc_now
 from ..errors import ConflictError, HostError, ImageError, InputError, TrustError, TvorchError
 from ..faults import crash_point

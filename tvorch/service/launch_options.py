@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..core.spec import Firmware, FirmwareImages, VirtType
+from ..core.launch.spec import Firmware, FirmwareImages, VirtType
 from ..errors import HostError, InputError
 from ..logs import get_logger
 

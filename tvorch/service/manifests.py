@@ -11,8 +11,8 @@ from cryptography import x509
 from ..adapters.files import read_bounded
 from ..adapters.node_keys import NodeIdentity, load_or_create
 from ..config import Config
-from ..core.manifest import BootPredictionRecord, LaunchManifest, sign_manifest, verify_manifest
-from ..core.spec import DomainSpec
+from ..core.launch.manifest import BootPredictionRecord, LaunchManifest, sign_manifest, verify_manifest
+from ..core.launch.spec import DomainSpec
 from ..core.timestamps import utc_now
 from ..errors import InputError, NotFoundError
 from .node import Node

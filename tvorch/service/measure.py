@@ -15,10 +15,10 @@ from ..adapters.firmware_files import resolve_for_spec
 from ..adapters.progress import progress_for
 from ..adapters.store import Store
 from ..config import Config, effective_config
-from ..core.images import ImageChain
-from ..core.manifest import Measurement, canonical_json
-from ..core.references import Checked, check_references
-from ..core.spec import DomainSpec
+from ..core.launch.images import ImageChain
+from ..core.launch.manifest import Measurement, canonical_json
+from ..core.launch.references import Checked, check_references
+from ..core.launch.spec import DomainSpec
 from ..errors import TrustError
 
 # Which reference-value kind judges each measurement kind.

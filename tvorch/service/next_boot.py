@@ -24,12 +24,12 @@ from typing import Any
 from ..adapters.diskread import DiskImage
 from ..adapters.files import atomic_write, ensure_private_dir
 from ..config import Config
-from ..core.bootdisk import read_boot_file
-from ..core.bootpredict import predict_uefi_disk
+from ..core.boot.bootdisk import read_boot_file
+from ..core.boot.bootpredict import predict_uefi_disk
 from ..core.codec import canonical_json
-from ..core.instance import validate_name
-from ..core.manifest_format import stored_manifest
-from ..core.prediction import EventSource, PredictedEvent, Prediction
+from ..core.launch.instance import validate_name
+from ..core.launch.manifest_format import stored_manifest
+from ..core.boot.prediction import EventSource, PredictedEvent, Prediction
 from ..core.timestamps import utc_now
 from ..errors import ConflictError, NotFoundError
 from .node import Node

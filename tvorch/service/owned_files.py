@@ -4,7 +4,7 @@ For the hook's no-metadata path (tvorch.hook): a domain without tvorch's
 metadata is not an instance, so it may not use an instance's overlay, NVRAM
 file, vTPM state, console log or channel socket, anything under tvorch's own
 directories, nor a trusted image or an instance's image layer other than
-read-only. The XML is judged by tvorch.core.domain_files; this module resolves
+read-only. The XML is judged by tvorch.core.launch.domain_files; this module resolves
 paths (symbolic links, storage pool volumes) and lists what is owned, from the
 config and the store. Like the hook it never calls libvirt and imports
 nothing heavy: libvirt's storage pool definitions are read from disk.
@@ -18,7 +18,7 @@ from pathlib import Path
 from ..adapters.files import read_bounded
 from ..adapters.store import Store
 from ..config import Config
-from ..core.domain_files import (
+from ..core.launch.domain_files import (
     FileUse,
     OwnedFiles,
     OwnedPath,
@@ -26,8 +26,8 @@ from ..core.domain_files import (
     owned_file_uses,
     volume_path,
 )
-from ..core.gate import LIBVIRT_NVRAM_DIR
-from ..core.instance import InstanceRecord, InstanceState
+from ..core.launch.gate import LIBVIRT_NVRAM_DIR
+from ..core.launch.instance import InstanceRecord, InstanceState
 from ..errors import TvorchError
 
 # Where libvirtd keeps the definitions of active and of persistent storage pools.

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapters.diskread import DiskImage
-from ..core.bootdisk import DEFAULT_BOOT_PATH, Fat, read_boot_file
-from ..core.bootpredict import (
+from ..core.boot.bootdisk import DEFAULT_BOOT_PATH, Fat, read_boot_file
+from ..core.boot.bootpredict import (
     STUB_DROPIN_DIRS,
     STUB_DROPIN_SUFFIX,
     BootPrediction,
@@ -23,7 +23,7 @@ from ..core.bootpredict import (
     predict_uefi_direct,
     predict_uefi_disk,
 )
-from ..core.prediction import PredictedEvent, Prediction
+from ..core.boot.prediction import PredictedEvent, Prediction
 from ..errors import EvidenceError, ImageError, InputError, NotFoundError, TvorchError
 
 if TYPE_CHECKING:
@@ -115,11 +115,11 @@ def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[],
     """PCRs 0-3, 6 and 7 from the firmware reference (booted first when CREATE_REFERENCE and there is
     none), or PCR 7 alone without one."""
     if req.firmware == "bios":
-        return (), ()  # the SeaBIOS prediction has its own (core.bootpredict.predict_seabios_direct)
+        return (), ()  # the SeaBIOS prediction has its own (core.boot.bootpredict.predict_seabios_direct)
     if node is None:
         return (), tuple((p, "firmware side not asked for") for p in FIRMWARE_PCRS)
-    from ..core.secureboot import pcr7_events
-    from ..core.uefi_vars import parse_vars_file
+    from ..core.boot.secureboot import pcr7_events
+    from ..core.boot.uefi_vars import parse_vars_file
     from .firmware_reference import choice_from_options, firmware_events, reference_key
 
     n = node()
@@ -162,8 +162,8 @@ def _cache_key(req: PredictRequest, node: Node) -> str | None:
 
     from ..adapters.digests import measure_file
     from ..adapters.imagefiles import inspect_image
-    from ..core.manifest import canonical_json
-    from ..core.measurements import DigestKey
+    from ..core.launch.manifest import canonical_json
+    from ..core.launch.measurements import DigestKey
 
     if req.secure_boot and req.firmware == "efi":
         return None
@@ -205,7 +205,7 @@ def _cached(node: Node, key: str) -> tuple[BootPrediction, str] | None:
 
 def _store(node: Node, key: str, disk: BootPrediction, scenario: str) -> None:
     from ..adapters.files import atomic_write, ensure_private_dir
-    from ..core.manifest import canonical_json
+    from ..core.launch.manifest import canonical_json
 
     path = _cache_path(node, key)
     ensure_private_dir(path.parent)

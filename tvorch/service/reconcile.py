@@ -30,7 +30,7 @@ from typing import Iterator
 
 from ..adapters import imagefiles
 from ..adapters.locks import try_instance_lock
-from ..core.instance import InstanceRecord, InstanceState
+from ..core.launch.instance import InstanceRecord, InstanceState
 from ..errors import TvorchError
 from ..logs import get_logger
 from . import vtpm

@@ -7,7 +7,7 @@ so that the service modules import each other without a cycle
 
 from __future__ import annotations
 
-from ..core.instance import InstanceRecord, InstanceState
+from ..core.launch.instance import InstanceRecord, InstanceState
 from .node import Node
 
 

@@ -25,8 +25,8 @@ from ..adapters.digests import measure_file
 from ..adapters.locks import instance_lock
 from ..adapters.vtpm_state import state_digest
 from ..config import Config
-from ..core.gate import managed_save_path
-from ..core.instance import InstanceRecord, InstanceState
+from ..core.launch.gate import managed_save_path
+from ..core.launch.instance import InstanceRecord, InstanceState
 from ..errors import ConflictError, OperationTimeout, TvorchError
 from ..logs import get_logger
 from . import instances

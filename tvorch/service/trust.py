@@ -11,9 +11,9 @@ from pathlib import Path
 from cryptography import x509
 
 from ..adapters import imagefiles
-from ..core.image_signature import decode_signature, verify_image_signature
-from ..core.images import UNSAFE_IMAGE_POLICIES, layer_writers
-from ..core.references import REFERENCE_KINDS, ReferenceValue
+from ..core.launch.image_signature import decode_signature, verify_image_signature
+from ..core.launch.images import UNSAFE_IMAGE_POLICIES, layer_writers
+from ..core.launch.references import REFERENCE_KINDS, ReferenceValue
 from ..core.timestamps import utc_now
 from ..errors import InputError, NotFoundError, TrustError
 from .manifests import read_chain
@@ -25,7 +25,7 @@ from .measure import file_measurement
 class Trusted:
     reference: ReferenceValue
     added: bool  # False when it was trusted already
-    # Who besides root can change the layer (core.images.layer_writers): said, not refused, here.
+    # Who besides root can change the layer (core.launch.images.layer_writers): said, not refused, here.
     warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:

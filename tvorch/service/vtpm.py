@@ -34,12 +34,12 @@ from ..adapters.files import ensure_private_dir, read_bounded
 from ..adapters.locks import try_instance_lock
 from ..adapters.vtpm_manufacture import manufacture, swtpm_version
 from ..config import Config
-from ..core.instance import InstanceRecord, InstanceState
-from ..core.manifest_format import Measurement, manifest_digest
-from ..core.metadata import parse_instance_metadata
+from ..core.launch.instance import InstanceRecord, InstanceState
+from ..core.launch.manifest_format import Measurement, manifest_digest
+from ..core.launch.metadata import parse_instance_metadata
 from ..core.timestamps import utc_now
-from ..core.vtpm import KeyProtection, LedgerEvent, VtpmRecord, check_key, key_check_value, new_state_key
-from ..core.vtpm_escrow import escrow_wrap, load_escrow_public_key, public_key_fingerprint
+from ..core.vtpm.records import KeyProtection, LedgerEvent, VtpmRecord, check_key, key_check_value, new_state_key
+from ..core.vtpm.escrow import escrow_wrap, load_escrow_public_key, public_key_fingerprint
 from ..errors import ConflictError, InputError, TpmError, TrustError
 from ..faults import crash_point
 from ..logs import get_logger
@@ -264,7 +264,7 @@ def seal(cfg: Config, key: bytes) -> bytes:
 def unseal(cfg: Config, sealed: bytes) -> bytes:
     """The key SEALED holds, if the host TPM's PCRs are as they were at sealing (TpmError otherwise)."""
     from ..adapters.tpm import open_tpm
-    from ..core.sealed import SealedKey
+    from ..core.vtpm.sealed import SealedKey
 
     with open_tpm(cfg.host.tcti) as tpm:
         return tpm.unseal(SealedKey.from_bytes(sealed))

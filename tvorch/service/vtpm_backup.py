@@ -1,7 +1,7 @@
 """An instance's vTPM kept and recovered by the operator: backup, restore and rekey.
 
 A backup is the stopped instance's state files with a header signed by the
-node key (core.vtpm_backup); a restore takes back only a backup of that same
+node key (core.vtpm.backup); a restore takes back only a backup of that same
 vTPM, as a ledger entry, so the hook's rollback check agrees with it. Rekey
 seals the state key again to the host TPM as it is now, with the operator's
 escrow key when the host's boot state changed.
@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..adapters import vtpm_state
 from ..adapters.files import create_new, read_bounded
 from ..adapters.locks import instance_lock
-from ..core.instance import InstanceRecord, InstanceState
+from ..core.launch.instance import InstanceRecord, InstanceState
 from ..core.timestamps import utc_now
-from ..core.vtpm import LedgerEvent, check_key
-from ..core.vtpm_backup import MAX_BACKUP, backup_header, pack_backup, sign_backup, unpack_backup, verify_backup
-from ..core.vtpm_escrow import escrow_unwrap, load_escrow_private_key
+from ..core.vtpm.records import LedgerEvent, check_key
+from ..core.vtpm.backup import MAX_BACKUP, backup_header, pack_backup, sign_backup, unpack_backup, verify_backup
+from ..core.vtpm.escrow import escrow_unwrap, load_escrow_private_key
 from ..errors import ConflictError, HostError, InputError, NotFoundError, TpmError, TrustError
 from ..faults import crash_point
 from .manifests import node_identity

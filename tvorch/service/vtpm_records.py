@@ -14,11 +14,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..adapters import vtpm_state
-from ..core.ekcert import verify_ek_certificate
-from ..core.instance import InstanceRecord, InstanceState
-from ..core.ledger import LedgerEntry, broken_link
-from ..core.platformcert import verify_platform_certificate
-from ..core.vtpm import VtpmRecord
+from ..core.vtpm.ekcert import verify_ek_certificate
+from ..core.launch.instance import InstanceRecord, InstanceState
+from ..core.vtpm.ledger import LedgerEntry, broken_link
+from ..core.vtpm.platformcert import verify_platform_certificate
+from ..core.vtpm.records import VtpmRecord
 from ..errors import NotFoundError, TrustError, TvorchError
 from .node import Node
 from .records import show as show_instance

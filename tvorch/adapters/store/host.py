@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from ...core.hostverdict import DaemonStatus, HostVerdict
+from ...core.attestation.hostverdict import DaemonStatus, HostVerdict
 from ...core.timestamps import utc_now
 from .database import Database
 

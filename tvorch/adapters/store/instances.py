@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from ...core.instance import InstanceEvent, InstanceRecord, InstanceState, validate_name
+from ...core.launch.instance import InstanceEvent, InstanceRecord, InstanceState, validate_name
 from ...core.timestamps import utc_now
 from ...errors import ConflictError, NotFoundError
 from .database import Database

@@ -1,10 +1,10 @@
-"""The hash-chained ledgers of each instance's vTPM state and UEFI variable store (core.ledger)."""
+"""The hash-chained ledgers of each instance's vTPM state and UEFI variable store (core.vtpm.ledger)."""
 
 from __future__ import annotations
 
 import sqlite3
 
-from ...core.ledger import LedgerEntry, chain_entry
+from ...core.vtpm.ledger import LedgerEntry, chain_entry
 from ...core.timestamps import utc_now
 from .database import Database
 

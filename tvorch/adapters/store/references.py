@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...core.references import ReferenceValue
+from ...core.launch.references import ReferenceValue
 from ...core.timestamps import utc_now
 from .database import Database
 

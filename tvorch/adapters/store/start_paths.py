@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...core.ledger import LedgerEntry
+from ...core.vtpm.ledger import LedgerEntry
 from ...core.timestamps import utc_now
 from .database import Database
 from .instances import insert_event

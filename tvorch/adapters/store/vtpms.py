@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...core.ledger import LedgerEntry
+from ...core.vtpm.ledger import LedgerEntry
 from ...core.timestamps import utc_now
-from ...core.vtpm import KeyProtection, VtpmRecord
+from ...core.vtpm.records import KeyProtection, VtpmRecord
 from .database import Database
 from .instances import insert_event
 from .ledgers import insert_ledger_entry

@@ -31,7 +31,7 @@ class PredictedEvent:
     """One measurement the vTPM will receive, in log order within its PCR."""
 
     pcr: int
-    type_name: str  # as tvorch.core.eventlog names event types, e.g. "EV_EFI_BOOT_SERVICES_APPLICATION"
+    type_name: str  # as tvorch.core.attestation.eventlog names event types, e.g. "EV_EFI_BOOT_SERVICES_APPLICATION"
     digest: str  # sha256, lowercase hex
     what: str  # what was measured, for people: r"\EFI\BOOT\BOOTX64.EFI (Authenticode)", "separator"
     source: EventSource = EventSource.COMPUTED

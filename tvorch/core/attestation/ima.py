@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from ..errors import EvidenceError, InputError
+from ...errors import EvidenceError, InputError
 
 IMA_PCR = 10
 BOOT_AGGREGATE = "boot_aggregate"

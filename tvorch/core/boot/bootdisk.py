@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import ImageError
+from ...errors import ImageError
 
 SECTOR = 512
 GPT_SIGNATURE = b"EFI PART"

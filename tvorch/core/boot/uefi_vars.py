@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..errors import InputError
+from ...errors import InputError
 
 FV_SIGNATURE = b"_FVH"
 # gEfiSystemNvDataFvGuid: the file system GUID of OVMF's NV variable volume.

@@ -1,6 +1,6 @@
 """The launch manifest: what a VM was started from, signed by the node key.
 
-The format itself (fields, reading, digest) is ``core.manifest_format``,
+The format itself (fields, reading, digest) is ``core.launch.manifest_format``,
 which the hook imports without ``cryptography``; its names are here too.
 
 Pure: dataclasses and bytes in, bytes and dataclasses out. The signed file is
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tvorch.core.chain import MAX_PATH, issuer_under
 from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
-from tvorch.core.manifest_format import (  # noqa: F401 - the format's names, where callers have always found them
+from tvorch.core.launch.manifest_format import (  # noqa: F401 - the format's names, where callers have always found them
     DIGEST_ALGORITHM,
     MANIFEST_VERSION,
     MEASUREMENT_KINDS,

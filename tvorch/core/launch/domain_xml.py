@@ -12,13 +12,13 @@ import re
 import xml.etree.ElementTree as ET
 from functools import lru_cache
 
-from tvorch.core.metadata import (  # noqa: F401  (re-exported: the parser lives with the constants)
+from tvorch.core.launch.metadata import (  # noqa: F401  (re-exported: the parser lives with the constants)
     MANIFEST_DIGEST_PREFIX,
     METADATA_VERSION,
     InstanceMetadata,
     parse_instance_metadata,
 )
-from tvorch.core.spec import (
+from tvorch.core.launch.spec import (
     METADATA_NAMESPACE,
     METADATA_PREFIX,
     DiskLayer,

@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, EvidenceError
-from .codec import b64encode
+from ...errors import ConfigError, EvidenceError
+from ..codec import b64encode
 from .eventlog import EventLog
 from .hostpolicy import DEFAULT_EXCLUDES, HostPolicy
 

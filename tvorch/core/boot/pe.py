@@ -15,7 +15,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from ..errors import ImageError
+from ...errors import ImageError
 
 _PE32, _PE32_PLUS = 0x10B, 0x20B
 _SECURITY_DIR = 4  # IMAGE_DIRECTORY_ENTRY_SECURITY

@@ -63,8 +63,8 @@ from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC
 from tpm2_pytss.utils import make_credential as _tss_make_credential
 
 from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch
-from tvorch.core.ekcert import ek_fingerprint
-from tvorch.core.quote import ak_key, ak_name, parse_public
+from tvorch.core.vtpm.ekcert import ek_fingerprint
+from tvorch.core.attestation.quote import ak_key, ak_name, crypto_key, parse_public
 from tvorch.core.timestamps import parse_utc
 from tvorch.errors import EvidenceError, InputError, TrustError, TvorchError
 
@@ -145,7 +145,7 @@ class AkCertification:
 
     instance_id: str
     uuid: str
-    ek_fingerprint: str  # hex, tvorch.core.ekcert.ek_fingerprint
+    ek_fingerprint: str  # hex, tvorch.core.vtpm.ekcert.ek_fingerprint
     ek_cert_sha256: str  # hex sha256 of the EK certificate's DER
     ak_public: bytes  # TPM2B_PUBLIC, marshaled
     ak_name: bytes  # TPM name of ak_public
@@ -176,7 +176,7 @@ class HostAkCertification:
 
     @property
     def ek_fingerprint(self) -> str:
-        """Hex sha256 of the EK's SubjectPublicKeyInfo (tvorch.core.ekcert.ek_fingerprint)."""
+        """Hex sha256 of the EK's SubjectPublicKeyInfo (tvorch.core.vtpm.ekcert.ek_fingerprint)."""
         return ek_fingerprint(_ek_key(self.ek_public))
 
     def to_fields(self) -> dict[str, Any]:
@@ -303,13 +303,7 @@ def _check_ak(what: str, method: str, certified_at: str, public: bytes, name: by
 
 def _ek_key(ek_public: bytes) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
     """The EK's public key for cryptography; EvidenceError when it cannot be one."""
-    try:
-        key = serialization.load_der_public_key(parse_public(ek_public, "EK public").to_der())
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise EvidenceError(f"EK public key cannot be used: {err}") from None
-    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
-        raise EvidenceError(f"EK public key is a {type(key).__name__}, not RSA or ECC")
-    return key
+    return crypto_key(parse_public(ek_public, "EK public"), "EK")
 
 
 def _check_name(name: bytes) -> None:

@@ -12,7 +12,7 @@ memory, starting with the "Spec ID Event03" header event. A memory-only dump
 of the reference VM holds it; ``event_log_in_memory`` finds the header,
 walks the crypto-agile records until the first that cannot be one (the area
 after the last event is 0xFF fill), and frames exactly that span with
-``tvorch.core.eventlog``. No guest OS is needed: with no bootable disk OVMF
+``tvorch.core.attestation.eventlog``. No guest OS is needed: with no bootable disk OVMF
 has measured everything up to its separators before it gives up on the disk.
 
 What keys a reference (``ReferenceKey``) is what was found to change these
@@ -41,13 +41,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from .eventlog import SPEC_ID_SIGNATURE, EventLog, parse_event_log
-from .manifest import canonical_json
+from ..attestation.eventlog import SPEC_ID_SIGNATURE, EventLog, parse_event_log
+from ..launch.manifest import canonical_json
 from .prediction import EventSource, PredictedEvent
-from ..errors import EvidenceError, TrustError
+from ...errors import EvidenceError, TrustError
 
 # The PCRs a reference provides. PCR 7 is computed from the vars template and
-# the boot file (core.secureboot); the reference's PCR 7 events serve to check
+# the boot file (core.boot.secureboot); the reference's PCR 7 events serve to check
 # that computation, not to replace it.
 REFERENCE_PCRS = (0, 1, 2, 3, 6)
 CHECKED_PCRS = (7,)

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from ..errors import TrustError
-from .chain import issuer_under
-from .signing import verify_chain
+from ...errors import TrustError
+from ..chain import issuer_under
+from ..signing import verify_chain
 
 
 def decode_signature(data: bytes) -> bytes:

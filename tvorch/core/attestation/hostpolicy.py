@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ..errors import ConfigError
-from .codec import parse_json
+from ...errors import ConfigError
+from ..codec import parse_json
 from .quote import pcr_index
 
 POLICY_VERSION = 1

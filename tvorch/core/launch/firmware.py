@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import HostError
+from ...errors import HostError
 
 # libvirt reads at most this much of a descriptor ("1MiB should be enough").
 MAX_DESCRIPTOR_SIZE = 1024 * 1024

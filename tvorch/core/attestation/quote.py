@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -248,12 +248,17 @@ def ak_key(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
         raise TrustError(
             f"AK is not a restricted, fixedTPM signing key (attributes {public.objectAttributes})"
         )
+    return crypto_key(public, "AK")
+
+
+def crypto_key(public: Any, what: str) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """A TPMT_PUBLIC as a key cryptography can verify or encrypt with; EvidenceError when it cannot be one."""
     try:
         key = serialization.load_der_public_key(public.to_der())
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise EvidenceError(f"AK public key cannot be used: {err}") from None
+        raise EvidenceError(f"{what} public key cannot be used: {err}") from None
     if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
-        raise EvidenceError(f"AK public key is a {type(key).__name__}, not ECC or RSA")
+        raise EvidenceError(f"{what} public key is a {type(key).__name__}, not ECC or RSA")
     return key
 
 

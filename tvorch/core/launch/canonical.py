@@ -89,8 +89,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tvorch.core.gate import LIBVIRT_NVRAM_DIR
-from tvorch.core.manifest_format import Measurement
+from tvorch.core.launch.gate import LIBVIRT_NVRAM_DIR
+from tvorch.core.launch.manifest_format import Measurement
 from tvorch.errors import InputError
 
 # libvirt's memory units, in bytes (its virScaleInteger table).

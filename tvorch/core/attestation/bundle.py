@@ -21,7 +21,7 @@ The file is one JSON object in canonical form (``codec.canonical_json``)::
                "ca_pem": "<PEM of the node CA>"},           # then, in a fleet, the chain above it (docs/evidence-bundle.md)
       "manifest": "<base64 of the signed launch manifest file>",
       "vtpm": {"ek_cert_pem": "<PEM of the vTPM's RSA EK certificate>"},
-      "ak_certification": {...},                           # core.akcert's signed object
+      "ak_certification": {...},                           # core.attestation.akcert's signed object
       "guest": {"bank": "sha256",
                 "pcrs": {"0": "<hex>", ...},               # the quoted PCRs and their values
                 "attest": "<base64 TPMS_ATTEST>",
@@ -30,11 +30,11 @@ The file is one JSON object in canonical form (``codec.canonical_json``)::
                 "eventlog": "<base64 of binary_bios_measurements>",
                 "ima": "<base64 of the IMA list>" | null},   # carried, not yet checked
       "baseline": {"eventlog": "<base64 of the first boot's event log>" | null,
-                   "verdict": <core.guest_baseline BaselineVerdict.to_json()> | null},
+                   "verdict": <core.attestation.guest_baseline BaselineVerdict.to_json()> | null},
       "host": {"verdict": {"passed": true, "failures": [...], "at": "<UTC>", "policy_digest": "<hex>",
                            "bank": "sha256", "pcrs": {"0": "<hex>", ...}} | null,   # of the quote it judged
-               "quote": <core.quote HostQuote.to_json(), over the same nonce> | null,
-               "ak_certification": <core.akcert's signed host AK statement> | null},
+               "quote": <core.attestation.quote HostQuote.to_json(), over the same nonce> | null,
+               "ak_certification": <core.attestation.akcert's signed host AK statement> | null},
       "live": {"config_digest": "<hex>"},                  # canonical configuration of the running domain
       "keylime": {"guest": {"submitted": true, "valid": true, "failures": [...]}   # only when the node
                            | {"submitted": false, "queued": "<why>"},            # submits to Keylime
@@ -60,7 +60,7 @@ Checks, in order (``Check.name``), each PASS or FAIL with a one-line detail:
 - "bundle age": shows created_at; fails when it is more than CLOCK_SKEW after
   the verifier's time, or older than the verifier's maximum age if given.
 - "launch manifest": verifies with the CA and names this instance (id, uuid).
-- "live configuration": the canonical configuration (core.canonical) of the
+- "live configuration": the canonical configuration (core.launch.canonical) of the
   domain as it ran when the node made the bundle is the manifest's: a device
   attached, memory or vCPUs changed on the running VM fail it, though the
   next start would be refused by the hook anyway.
@@ -113,13 +113,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tvorch.core.akcert import ek_cert_sha256, verify_ak_certification, verify_host_ak_certification
+from tvorch.core.attestation.akcert import ek_cert_sha256, verify_ak_certification, verify_host_ak_certification
 from tvorch.core.chain import issuer_under
-from tvorch.core.ekcert import ek_fingerprint, verify_ek_certificate
-from tvorch.core.eventlog import parse_event_log, replay
-from tvorch.core.guest_baseline import compare, compare_prediction
-from tvorch.core.hostverdict import HostVerdict
-from tvorch.core.ima import (
+from tvorch.core.vtpm.ekcert import ek_fingerprint, verify_ek_certificate
+from tvorch.core.attestation.eventlog import parse_event_log, replay
+from tvorch.core.attestation.guest_baseline import compare, compare_prediction
+from tvorch.core.attestation.hostverdict import HostVerdict
+from tvorch.core.attestation.ima import (
     IMA_PCR,
     ImaReplay,
     boot_aggregate_pcrs,
@@ -128,10 +128,10 @@ from tvorch.core.ima import (
     replay_until,
 )
 from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch, parse_json
-from tvorch.core.manifest import LaunchManifest, manifest_digest, verify_manifest
-from tvorch.core.prediction import BANK as PREDICTION_BANK
-from tvorch.core.prediction import Prediction
-from tvorch.core.quote import (
+from tvorch.core.launch.manifest import LaunchManifest, manifest_digest, verify_manifest
+from tvorch.core.boot.prediction import BANK as PREDICTION_BANK
+from tvorch.core.boot.prediction import Prediction
+from tvorch.core.attestation.quote import (
     HostQuote,
     ak_fingerprint,
     digest_size,

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from . import der
+from .. import der
 from .prediction import PredictedEvent
 from .uefi_vars import GLOBAL_VARIABLE_GUID, IMAGE_SECURITY_DATABASE_GUID, SECURE_BOOT_ENABLE_GUID, VariableStore
-from ..errors import InputError, TrustError
+from ...errors import InputError, TrustError
 
 PCR = 7
 EV_DRIVER_CONFIG = "EV_EFI_VARIABLE_DRIVER_CONFIG"

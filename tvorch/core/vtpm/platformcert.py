@@ -50,7 +50,7 @@ from cryptography.x509.oid import CertificatePoliciesOID, ExtensionOID
 
 from tvorch.core import der
 from tvorch.core.der import DerError, Element
-from tvorch.core.ekcert import EK_CERT_YEARS
+from tvorch.core.vtpm.ekcert import EK_CERT_YEARS
 from tvorch.errors import TrustError
 
 # TCG OIDs (Platform Certificate Profile 1.1, "Object Identifiers").
@@ -68,7 +68,7 @@ TRUSTED_PLATFORM_ENDORSEMENT = "TCG Trusted Platform Endorsement"  # the profile
 DEFAULT_MANUFACTURER = "tvorch"
 DEFAULT_MODEL = "tvorch-vm"
 STRMAX = 255  # the profile's bound on every platform string
-_BACKDATE = timedelta(minutes=5)  # as tvorch.core.ekcert: the platform certificate follows the EK's
+_BACKDATE = timedelta(minutes=5)  # as tvorch.core.vtpm.ekcert: the platform certificate follows the EK's
 _PLATFORM_NAMES = {PLATFORM_MANUFACTURER_STR: "manufacturer", PLATFORM_MODEL: "model",
                    PLATFORM_VERSION: "version", PLATFORM_SERIAL: "serial"}
 

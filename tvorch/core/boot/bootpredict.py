@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ..errors import ImageError
+from ...errors import ImageError
 from .bootdisk import DEFAULT_BOOT_PATH, Gpt
 from .pe import PeImage, parse_pe
 from .prediction import PredictedEvent

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from tpm2_pytss.types import TPML_PCR_SELECTION
 
 from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch, parse_json
-from tvorch.core.quote import BANKS, MAX_PCR, pcr_indices
+from tvorch.core.attestation.quote import BANKS, MAX_PCR, pcr_indices
 from tvorch.errors import InputError
 
 SEALED_FORMAT_VERSION = 1

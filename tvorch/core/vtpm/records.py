@@ -1,14 +1,14 @@
 """A VM's vTPM as tvorch keeps it: the record and the state key.
 
 Pure, and free of ``cryptography`` (the store, which the hook imports, uses
-the record): escrow is ``core.vtpm_escrow``, backups ``core.vtpm_backup``.
+the record): escrow is ``core.vtpm.escrow``, backups ``core.vtpm.backup``.
 
 The state key is 32 random bytes written as 64 ASCII hex characters, because it travels as a passphrase (swtpm derives the
 AES key from it: ``swtpm_setup --pwdfile-fd``, libvirt's ``--key pwdfd=``)
 and a passphrase read as a C string must not hold a NUL byte.
 
 The key is kept in two wrappings, never in clear: sealed to the host TPM (the
-everyday path, ``core.sealed``) and, when the operator configured an escrow
+everyday path, ``core.vtpm.sealed``) and, when the operator configured an escrow
 key, encrypted to that RSA key with OAEP-SHA256 (the recovery path). A key
 check value (a hash of the key under a fixed label) lets tvorch recognise the
 right key after either unwrapping without keeping anything that reveals it.
@@ -57,7 +57,7 @@ class VtpmRecord:
     ek_public_pem: bytes
     key_protection: KeyProtection
     secret_uuid: str | None  # the libvirt `vtpm` secret the domain's <encryption> names
-    sealed_key: bytes | None  # core.sealed.SealedKey.to_bytes(); None without protection or after purge
+    sealed_key: bytes | None  # core.vtpm.sealed.SealedKey.to_bytes(); None without protection or after purge
     seal_pcrs: tuple[int, ...]
     escrow_key: bytes | None  # RSA-OAEP ciphertext of the key; None without escrow or after purge
     escrow_fingerprint: str | None  # sha256 of the escrow public key's SubjectPublicKeyInfo

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tvorch.core.codec import b64decode, b64encode, canonical_json, parse_json
-from tvorch.core.ledger import state_digest_of
+from tvorch.core.vtpm.ledger import state_digest_of
 from tvorch.errors import InputError, TrustError
 
 BACKUP_VERSION = 1

@@ -2,7 +2,7 @@
 
 Why event by event: a PCR value says only *that* a boot differed; the event
 log says which firmware volume, Secure Boot variable, boot application or
-kernel section did. Replay (``core.eventlog.replay``) already ties each log
+kernel section did. Replay (``core.attestation.eventlog.replay``) already ties each log
 to its quote; this module explains the difference between two trusted logs.
 
 Per PCR, the events of each log (EV_NO_ACTION left out: they are never
@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tvorch.core.eventlog import EV_NO_ACTION, MAX_PCR, EventLog, TcgEvent
-from tvorch.core.prediction import BANK, PredictedEvent, Prediction
+from tvorch.core.attestation.eventlog import EV_NO_ACTION, MAX_PCR, EventLog, TcgEvent
+from tvorch.core.boot.prediction import BANK, PredictedEvent, Prediction
 from tvorch.errors import EvidenceError, InputError
 
 EARLY_BOOT = "early boot"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping, TypeVar
 
-from ..errors import EvidenceError, InputError
+from ...errors import EvidenceError, InputError
 
 EV_NO_ACTION = 0x3
 EV_EFI_HCRTM_EVENT = 0x80000010

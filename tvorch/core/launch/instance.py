@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from ..errors import InputError
+from ...errors import InputError
 
 NAME_MAX = 64
 # Domain names become file names, libvirt names and XML text: letters, digits

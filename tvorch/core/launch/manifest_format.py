@@ -2,7 +2,7 @@
 
 What a launch measured, as dataclasses and as the JSON the signed file
 carries (docs/launch-manifest.md), and the one reader of it. Signing and
-verifying the file are in ``core.manifest``; this module needs no
+verifying the file are in ``core.launch.manifest``; this module needs no
 ``cryptography``, so the hook (which must not pay for that import) reads the
 manifest tvorch recorded with the same code as a verifier: ``stored_manifest``
 for the file's bytes, ``manifest_digest`` for the value the domain's
@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from tvorch.core.codec import MAX_JSON_INT, parse_json
-from tvorch.core.prediction import BANK, EventSource, PredictedEvent, Prediction
+from tvorch.core.boot.prediction import BANK, EventSource, PredictedEvent, Prediction
 from tvorch.core.timestamps import EXAMPLE as TIME_EXAMPLE
 from tvorch.core.timestamps import is_canonical_utc
 from tvorch.errors import TrustError
@@ -164,7 +164,7 @@ def stored_manifest(file_bytes: bytes) -> LaunchManifest:
 
     For a file whose digest the caller compares with what it trusts (the
     hook, with the domain's metadata and the store); a file from elsewhere
-    goes through ``core.manifest.verify_manifest``. TrustError for anything
+    goes through ``core.launch.manifest.verify_manifest``. TrustError for anything
     that is not a manifest file.
     """
     doc = parse_json(file_bytes, "manifest file", TrustError)
