@@ -14,7 +14,6 @@ whenever it is missing or stale (pointing at a directory that was replaced).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import time
@@ -36,7 +35,7 @@ def source_dir(state_dir: str) -> Path:
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return ctypes.CDLL("libc.so.6", use_errno=True)  # glibc: find_library would run ldconfig in the hook
 
 
 def _unescape(field: str) -> str:
