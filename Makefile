@@ -9,7 +9,7 @@ GUEST_DIR   ?= /var/cache/tvorch/test-guest
 PYTEST_ARGS ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration setup packages libvirt venv guest clean deb
+.PHONY: demo test lint unit integration setup packages libvirt venv guest clean deb two-nodes two-nodes-down
 
 demo: setup
 	GUEST_DIR=$(GUEST_DIR) VENV=$(VENV) scripts/demo.sh
@@ -45,6 +45,15 @@ $(STAMP): pyproject.toml requirements.lock | packages
 
 guest:
 	scripts/build-test-guest.sh $(GUEST_DIR)
+
+# A second libvirt node on this host for migration work (scripts/two-nodes.sh; README, "Tests").
+NODE_B ?= /var/tmp/tvorch-node-b
+two-nodes: libvirt
+	scripts/two-nodes.sh up $(NODE_B)
+	@scripts/two-nodes.sh uri $(NODE_B) | sed '1s/^/node B: /; 2s/^/node A, as B reaches it: /'
+
+two-nodes-down:
+	scripts/two-nodes.sh down $(NODE_B)
 
 # tvorch_<version>_amd64.deb from the checkout as it is (tracked and new
 # files, not ignored ones), built by dpkg-buildpackage in a copy under build/.

@@ -110,6 +110,11 @@ if [ -d "$SWTPM" ]; then
     [ $yes -eq 1 ] && rmdir -- "$SWTPM" 2>/dev/null && echo "reset-node: removed empty $SWTPM"
 fi
 
+# 2b. A second node from scripts/two-nodes.sh (make two-nodes, or a test that died with it up).
+for nodeb in /var/tmp/tvorch-node-b /var/tmp/tvtest-node-b-*; do
+    [ -d "$nodeb" ] && act "stop node B in $nodeb" "$(dirname "$0")/two-nodes.sh" down "$nodeb"
+done
+
 # 3. Processes: tvorch serve, swtpm processes serving tvorch (the demo's stand-in host TPM,
 #    test fixtures), then libvirtd and virtlogd, which keep the old hook until they restart.
 for pid in $(pgrep -f 'tvorch(\.cli)? serve|tvorch\.daemon'); do
