@@ -134,7 +134,7 @@ class Admitted:
 def launch(node: Node, req: LaunchRequest) -> InstanceRecord:
     """Plan, admit, commit: nothing is written before every check has passed; a failure after that is undone."""
     planned = plan(node.cfg, req)
-    node.hypervisor  # noqa: B018 - connect now: an unreachable libvirt refuses before the lock's file is made
+    node.connect()
     if node.cfg.policy.host_verdict == "require":  # the hook would refuse the start anyway: say so first
         problem = host_problem(node.store.latest_host_verdict(), time.time(), node.cfg.host.verdict_max_age)
         if problem:

@@ -31,6 +31,11 @@ class Node:
             self._hv = Hypervisor(self.cfg.libvirt_uri)
         return self._hv
 
+    def connect(self) -> None:
+        """Open the libvirt connection now: a use case that will need it refuses an unreachable libvirt
+        before it writes anything (the store, a lock file)."""
+        self.hypervisor  # noqa: B018 - the property opens it
+
     def reset_hypervisor(self) -> None:
         """Drop the libvirt connection (libvirtd restarted); the next use opens a new one."""
         if self._hv is not None:
