@@ -32,8 +32,8 @@ from .adapters.vtpm_state import state_digest
 from .config import Config, load_config
 from .core.launch.canonical import autoselection_hint, config_digest
 from .core.launch.metadata import parse_instance_metadata
-from .core.launch.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, managed_save_path, nvram_path, phase_of,
-                        start_path_refusal, start_refusals)
+from .core.launch.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, managed_save_path, nvram_path,
+                               phase_of, start_path_refusal, start_refusals)
 from .core.attestation.hostverdict import host_problem
 from .core.launch.manifest_format import Measurement, manifest_digest, stored_manifest
 from .core.launch.instance import InstanceRecord

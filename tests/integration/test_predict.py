@@ -10,13 +10,17 @@ predicted values:
   the same with another initramfs (raw)     PCRs 4, 5, 8, 9, 11, 12, 13, 14
   OVMF direct kernel boot                   PCRs 4, 5, 8, 9, 11, 12, 13, 14
   the same with another initramfs, cmdline  PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  the same with another kernel              PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  the signed UKI, Secure Boot on, 3 builds  PCRs 4, 5, 7, 8, 9, 11, 12, 13, 14
   SeaBIOS direct kernel boot, TPM TIS       PCRs 4, 5, 8, 9, 11, 12, 13, 14
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -66,10 +70,12 @@ def _same(signed: dict, prediction: dict) -> None:
 
 
 def _launch_and_check(tv: Tv, image: Path, launch: tuple[str, ...], predict: tuple[str, ...] = ()) -> None:
-    prediction = tv.json("predict", str(image), "--memory", "512", *launch, *predict)  # tv.launch: 512 MiB
     name = f"{PREFIX}predict-{secrets.token_hex(2)}"
     try:
         record = tv.launch(image, name, *launch)
+        # Predicted from the files alone; after the launch, which made the platform's firmware reference
+        # if there was none. The manifest shows the launch predicted the same before the guest ran.
+        prediction = tv.json("predict", str(image), "--memory", "512", *launch, *predict)  # tv.launch: 512 MiB
         _same(_signed_prediction(tv, name, Path(record["console_log"]).with_suffix(".manifest.json")), prediction)
         _check(prediction, wait_for_ready(Path(record["console_log"])))
     finally:
@@ -172,6 +178,73 @@ def test_ovmf_direct_kernel_boot_of_another_initramfs_and_cmdline(tv: Tv, guest_
     second = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", *launch)
     assert first["pcrs"]["9"] != second["pcrs"]["9"] and first["pcrs"]["4"] == second["pcrs"]["4"]
     _launch_and_check(tv, guest_dir / "guest.qcow2", launch)
+
+
+def test_ovmf_direct_kernel_boot_of_another_kernel(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
+    """A third direct-boot build: the kernel's PE/COFF TimeDateStamp differs (nothing reads it, but
+    Authenticode hashes it), so PCR 4 changes; the guest boots and equals the prediction."""
+    kernel = bytearray((guest_dir / "vmlinuz").read_bytes())
+    pe = int.from_bytes(kernel[0x3C:0x40], "little")
+    assert kernel[pe:pe + 4] == b"PE\0\0"
+    kernel[pe + 8:pe + 12] = (int.from_bytes(kernel[pe + 8:pe + 12], "little") ^ 0x5A5A5A5A).to_bytes(4, "little")
+    other = tmp_path / "vmlinuz-other"
+    other.write_bytes(bytes(kernel))
+    launch = ("--firmware", "efi", "--kernel", str(other), "--initrd", str(guest_dir / "initrd.img"),
+              "--cmdline", "console=ttyS0 panic=-1")
+    first = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", "--kernel", str(guest_dir / "vmlinuz"),
+                    *launch[4:])
+    second = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", *launch)
+    assert first["pcrs"]["4"] != second["pcrs"]["4"] and first["pcrs"]["9"] == second["pcrs"]["9"]
+    _launch_and_check(tv, guest_dir / "guest.qcow2", launch)
+
+
+def _resigned_build(tv: Tv, guest_dir: Path, tmp_path: Path, old: bytes, new: bytes, label: str) -> Path:
+    """The Secure Boot test guest with its UKI changed (OLD -> NEW, same length) and signed again with the
+    snakeoil db key, as a vendor's second build would be: a trusted raw image."""
+    raw = tmp_path / "signed.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(guest_dir / "guest-signed.qcow2"),
+                    str(raw)], check=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    esp = f"{raw}@@{table['partitions'][0]['start'] * table.get('sectorsize', 512)}"
+    uki, unsigned, signed, key = (tmp_path / n for n in ("uki.efi", "unsigned.efi", "resigned.efi", "key.pem"))
+    mtools = {**os.environ, "MTOOLSRC": "/dev/null", "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(["mcopy", "-n", "-i", esp, "::/EFI/BOOT/BOOTX64.EFI", str(uki)], check=True, env=mtools)
+    subprocess.run(["sbattach", "--remove", str(uki)], check=True, capture_output=True)
+    body = bytearray(uki.read_bytes())
+    at = body.find(old)
+    assert at > 0 and body.find(old, at + 1) < 0 and len(old) == len(new)
+    body[at:at + len(old)] = new
+    unsigned.write_bytes(bytes(body))
+    subprocess.run(["openssl", "pkey", "-in", "/usr/share/ovmf/PkKek-1-snakeoil.key", "-passin", "pass:snakeoil",
+                    "-out", str(key)], check=True, capture_output=True)
+    subprocess.run(["sbsign", "--key", str(key), "--cert", "/usr/share/ovmf/PkKek-1-snakeoil.pem", "--output",
+                    str(signed), str(unsigned)], check=True, capture_output=True)
+    key.unlink()
+    subprocess.run(["mcopy", "-o", "-i", esp, str(signed), "::/EFI/BOOT/BOOTX64.EFI"], check=True, env=mtools)
+    raw.chmod(0o644)
+    image = Path(tv.overlay_dir) / f"signed-{secrets.token_hex(2)}.raw"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(raw), image)
+    tv.run("image", "trust", str(image), "--label", f"signed test guest, {label}")
+    return image
+
+
+@pytest.mark.parametrize("build", ["shipped", "cmdline", "initramfs"])
+def test_secure_boot_first_boot_equals_the_prediction(tv: Tv, guest_dir: Path, tmp_path: Path, build: str) -> None:
+    """The snakeoil-signed UKI with Secure Boot on (the snakeoil profile), over three builds: PCR 7 carries
+    the db authority that verified each, and every covered PCR of the first boot equals the prediction."""
+    if build == "shipped":
+        image = guest_dir / "guest-signed.qcow2"
+    elif build == "cmdline":
+        image = _resigned_build(tv, guest_dir, tmp_path, GUEST_CMDLINE + b"\0", b"console=ttyS0 panic=-2\0",
+                                "another .cmdline")
+    else:
+        head = (guest_dir / "initrd.img").read_bytes()[:64]
+        image = _resigned_build(tv, guest_dir, tmp_path, head, head[:9] + b"\xff" + head[10:], "another initramfs")
+    prediction = tv.json("predict", str(image), "--memory", "512", "--firmware-profile", "snakeoil")
+    assert "EV_EFI_VARIABLE_AUTHORITY" in [e["type"] for e in prediction["events"] if e["pcr"] == 7]
+    _launch_and_check(tv, image, ("--firmware-profile", "snakeoil"))
 
 
 def test_seabios_direct_kernel_boot_with_tis(tv: Tv, guest_dir: Path) -> None:

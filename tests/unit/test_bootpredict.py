@@ -318,6 +318,20 @@ def test_pcr4_events_match_the_log_in_type_order_and_fixed_digests() -> None:
     assert _pcrs("uefi-crb")[8] == "00" * 32
 
 
+def test_under_secure_boot_pcr4_holds_the_uki_alone_as_the_log() -> None:
+    """systemd-stub loads .linux under its own security override, which skips the firmware's measurement."""
+    kernel = _pe([(".text", 0x200, b"K" * 0x200)])
+    uki = _uki(GUEST_CMDLINE.encode(), kernel, b"initrd")
+    p = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), uki, secure_boot=True)
+    ours = [(e.type_name, e.digest) for e in p.events if e.pcr == 4]
+    logged = _logged("uefi-secureboot", 4)
+    assert [t for t, _ in ours] == [t for t, _ in logged]
+    assert ours[:2] == logged[:2] and ours[2][1] == parse_pe(uki).authenticode_sha256()
+    # The rest of the disk side does not depend on it.
+    plain = predict_uefi_disk(parse_gpt(Bytes(_gpt_disk_from_log())), uki)
+    assert [e for e in p.events if e.pcr != 4] == [e for e in plain.events if e.pcr != 4]
+
+
 def test_pcr9_load_options_and_initrd_as_linux_measures_them() -> None:
     logged = _logged("uefi-crb", 9)
     initrd_digest = logged[1][1]

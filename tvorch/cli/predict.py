@@ -24,6 +24,7 @@ def predict(ctx: Context, image: str | None, instance: str | None, boot_file: st
     """The boot measurements (PCR, event type, sha256, what) launching IMAGE would produce, and the PCR values."""
     from ..config import load_config
     from ..errors import InputError
+    from ..service.launch_options import firmware_choice
     from ..service.predict import PredictRequest, predict as run
 
     if instance is not None:
@@ -38,9 +39,12 @@ def predict(ctx: Context, image: str | None, instance: str | None, boot_file: st
     if image is None or boot_file is not None:
         raise InputError("give IMAGE, or --instance NAME [--boot-file PATH]")
 
-    d = load_config(ctx.config_path).launch
+    cfg = load_config(ctx.config_path)
+    d = cfg.launch
+    # As launch decides them: a firmware profile fixes Secure Boot, BIOS has none.
+    chosen, secure, _images = firmware_choice(cfg, firmware, secure_boot, firmware_profile)
     req = PredictRequest(
-        image=image, firmware=firmware or d.firmware, secure_boot=d.secure_boot if secure_boot is None else secure_boot,
+        image=image, firmware=chosen.value, secure_boot=secure,
         firmware_profile=firmware_profile, tpm_model=tpm_model or d.tpm_model, kernel=kernel, initrd=initrd,
         cmdline=cmdline, memory_mib=memory or d.memory_mib, vcpus=vcpus or d.vcpus,
     )

@@ -1,4 +1,10 @@
-"""`tvorch launch`: check, measure, sign, then define and start.
+"""`tvorch launch`: plan, admit, commit.
+
+`plan` turns the request into a typed LaunchPlan (config defaults, checks,
+the image's chain read; no side effects), `admit` decides under the name's
+lock that this node runs it (the name, the host, the domain spec, the
+measurements judged against the reference values), and `commit` writes it:
+direct-boot copies, vTPM, record, signed manifest, overlay, domain, start.
 
 Nothing is written before every check has passed: the inputs, the image's
 backing chain, the name, the host, and the measurements against the reference

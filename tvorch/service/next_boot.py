@@ -60,7 +60,9 @@ def predict_next_boot(node: Node, name: str, boot_path: str) -> dict[str, Any]:
     with DiskImage(record.overlay) as disk:
         gpt, fat, boot_file = read_boot_file(disk, boot_path)
         dropins = _stub_dropins(fat, boot_path)
-    side = predict_uefi_disk(gpt, boot_file, stub_dropins=dropins, boot_path=boot_path)
+    # Secure Boot as at launch: the firmware-side prediction measured a db authority (PCR 7) only then.
+    secure = any(e.type_name == "EV_EFI_VARIABLE_AUTHORITY" for e in launched.prediction.events)
+    side = predict_uefi_disk(gpt, boot_file, stub_dropins=dropins, boot_path=boot_path, secure_boot=secure)
     prediction = combine(launched.prediction, side.events, side.covered, {p for p, _ in side.not_predicted})
     body = {"boot_file": boot_path, "made_at": utc_now(), "prediction": prediction.to_json()}
     path = expected_path(node.cfg, record.id)

@@ -107,7 +107,7 @@ def predict_disk_side(req: PredictRequest) -> tuple[BootPrediction, str, int]:
         gpt, fat, boot_file = read_boot_file(disk, DEFAULT_BOOT_PATH)
         dropins = _stub_dropins(fat, DEFAULT_BOOT_PATH)
         read = disk.bytes_read
-    return predict_uefi_disk(gpt, boot_file, stub_dropins=dropins), "ovmf-disk", read
+    return predict_uefi_disk(gpt, boot_file, stub_dropins=dropins, secure_boot=req.secure_boot), "ovmf-disk", read
 
 
 def _firmware_side(req: PredictRequest, disk: BootPrediction, node: Callable[[], Node] | None,

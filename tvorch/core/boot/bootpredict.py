@@ -141,8 +141,12 @@ def stub_pcr11(sections: dict[str, bytes]) -> list[PredictedEvent]:
 
 
 def predict_uefi_disk(gpt: Gpt, boot_file: bytes, *, stub_dropins: bool = False,
-                      boot_path: str = DEFAULT_BOOT_PATH) -> BootPrediction:
-    """OVMF booting BOOT_FILE from the ESP of the disk with GPT; a UKI is followed into its stub."""
+                      boot_path: str = DEFAULT_BOOT_PATH, secure_boot: bool = False) -> BootPrediction:
+    """OVMF booting BOOT_FILE from the ESP of the disk with GPT; a UKI is followed into its stub.
+
+    With SECURE_BOOT on, systemd-stub 252 loads its unsigned .linux section under its own security
+    policy override, which answers for the firmware's image check and so skips the firmware's measurement
+    of it: PCR 4 then holds the UKI alone (as tests/data/eventlogs/uefi-secureboot.bin shows)."""
     app = parse_pe(boot_file, boot_path)
     app_hash = app.authenticode_sha256()
     loads = ((boot_path, boot_file, app_hash),)
@@ -157,8 +161,9 @@ def predict_uefi_disk(gpt: Gpt, boot_file: bytes, *, stub_dropins: bool = False,
             (11, "not a unified kernel image"), (12, "not a unified kernel image"),
             (13, "not a unified kernel image"), (14, "not a unified kernel image")), loads)
     kernel = parse_pe(sections[".linux"], f"{boot_path} .linux section")
-    events.append(_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", kernel.authenticode_sha256(),
-                      f"{boot_path} .linux section (Authenticode)"))
+    if not secure_boot:
+        events.append(_ev(4, "EV_EFI_BOOT_SERVICES_APPLICATION", kernel.authenticode_sha256(),
+                          f"{boot_path} .linux section (Authenticode)"))
     cmdline = sections.get(".cmdline")
     load_options = _utf16z(mangle_stub_cmdline(cmdline.decode("utf-8", "replace"))) if cmdline else None
     covered = {4, 5, 8, 11, 14}
