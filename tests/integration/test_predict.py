@@ -12,7 +12,7 @@ predicted values:
   the same with another initramfs, cmdline  PCRs 4, 5, 8, 9, 11, 12, 13, 14
   the same with another kernel              PCRs 4, 5, 8, 9, 11, 12, 13, 14
   the signed UKI, Secure Boot on, 3 builds  PCRs 4, 5, 7, 8, 9, 11, 12, 13, 14
-  SeaBIOS direct kernel boot, TPM TIS       PCRs 4, 5, 8, 9, 11, 12, 13, 14
+  SeaBIOS direct kernel boot, TPM TIS (3 builds) PCRs 4, 5, 8, 9, 11, 12, 13, 14
 """
 
 from __future__ import annotations
@@ -165,32 +165,20 @@ def test_ovmf_direct_kernel_boot(tv: Tv, guest_dir: Path) -> None:
 
 
 def test_ovmf_direct_kernel_boot_of_another_initramfs_and_cmdline(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
-    """A second direct-boot build: the initramfs's gzip header names another OS (ignored by the kernel's
-    gunzip), and another command line; PCR 9 (initrd, load options) follows both."""
-    initrd = (guest_dir / "initrd.img").read_bytes()
-    assert initrd[:3] == b"\x1f\x8b\x08" and initrd[9] == 3
-    changed = tmp_path / "initrd-other.img"
-    changed.write_bytes(initrd[:9] + b"\xff" + initrd[10:])
+    """A second direct-boot build: another initramfs and command line; PCR 9 (initrd, load options) follows both."""
     first = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", "--kernel", str(guest_dir / "vmlinuz"),
                     "--initrd", str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0 panic=-1")
-    launch = ("--firmware", "efi", "--kernel", str(guest_dir / "vmlinuz"), "--initrd", str(changed),
-              "--cmdline", "console=ttyS0 panic=-2")
+    launch = ("--firmware", "efi", "--kernel", str(guest_dir / "vmlinuz"), "--initrd",
+              str(_other_initrd(guest_dir, tmp_path)), "--cmdline", "console=ttyS0 panic=-2")
     second = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", *launch)
     assert first["pcrs"]["9"] != second["pcrs"]["9"] and first["pcrs"]["4"] == second["pcrs"]["4"]
     _launch_and_check(tv, guest_dir / "guest.qcow2", launch)
 
 
 def test_ovmf_direct_kernel_boot_of_another_kernel(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
-    """A third direct-boot build: the kernel's PE/COFF TimeDateStamp differs (nothing reads it, but
-    Authenticode hashes it), so PCR 4 changes; the guest boots and equals the prediction."""
-    kernel = bytearray((guest_dir / "vmlinuz").read_bytes())
-    pe = int.from_bytes(kernel[0x3C:0x40], "little")
-    assert kernel[pe:pe + 4] == b"PE\0\0"
-    kernel[pe + 8:pe + 12] = (int.from_bytes(kernel[pe + 8:pe + 12], "little") ^ 0x5A5A5A5A).to_bytes(4, "little")
-    other = tmp_path / "vmlinuz-other"
-    other.write_bytes(bytes(kernel))
-    launch = ("--firmware", "efi", "--kernel", str(other), "--initrd", str(guest_dir / "initrd.img"),
-              "--cmdline", "console=ttyS0 panic=-1")
+    """A third direct-boot build: another kernel (its TimeDateStamp), so PCR 4 changes and PCR 9 does not."""
+    launch = ("--firmware", "efi", "--kernel", str(_other_kernel(guest_dir, tmp_path)), "--initrd",
+              str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0 panic=-1")
     first = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", "--kernel", str(guest_dir / "vmlinuz"),
                     *launch[4:])
     second = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", *launch)
@@ -247,10 +235,41 @@ def test_secure_boot_first_boot_equals_the_prediction(tv: Tv, guest_dir: Path, t
     _launch_and_check(tv, image, ("--firmware-profile", "snakeoil"))
 
 
-def test_seabios_direct_kernel_boot_with_tis(tv: Tv, guest_dir: Path) -> None:
-    _launch_and_check(tv, guest_dir / "guest.qcow2", (
-        "--firmware", "bios", "--tpm-model", "tis", "--kernel", str(guest_dir / "vmlinuz"),
-        "--initrd", str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0 panic=-1"))
+def _other_kernel(guest_dir: Path, tmp_path: Path) -> Path:
+    """The test guest's kernel with its PE/COFF TimeDateStamp changed: nothing reads it, Authenticode hashes it."""
+    kernel = bytearray((guest_dir / "vmlinuz").read_bytes())
+    pe = int.from_bytes(kernel[0x3C:0x40], "little")
+    assert kernel[pe:pe + 4] == b"PE\0\0"
+    kernel[pe + 8:pe + 12] = (int.from_bytes(kernel[pe + 8:pe + 12], "little") ^ 0x5A5A5A5A).to_bytes(4, "little")
+    other = tmp_path / "vmlinuz-other"
+    other.write_bytes(bytes(kernel))
+    return other
+
+
+def _other_initrd(guest_dir: Path, tmp_path: Path) -> Path:
+    """The test guest's initramfs whose gzip header names another OS (the kernel's gunzip ignores it)."""
+    initrd = (guest_dir / "initrd.img").read_bytes()
+    assert initrd[:3] == b"\x1f\x8b\x08" and initrd[9] == 3
+    other = tmp_path / "initrd-other.img"
+    other.write_bytes(initrd[:9] + b"\xff" + initrd[10:])
+    return other
+
+
+@pytest.mark.parametrize("build", ["shipped", "initramfs and cmdline", "kernel"])
+def test_seabios_direct_kernel_boot_with_tis(tv: Tv, guest_dir: Path, tmp_path: Path, build: str) -> None:
+    """SeaBIOS measures neither kernel nor initrd nor command line: every build predicts the same events."""
+    kernel, initrd, cmdline = guest_dir / "vmlinuz", guest_dir / "initrd.img", "console=ttyS0 panic=-1"
+    if build == "kernel":
+        kernel = _other_kernel(guest_dir, tmp_path)
+    elif build != "shipped":
+        initrd, cmdline = _other_initrd(guest_dir, tmp_path), "console=ttyS0 panic=-2"
+    launch = ("--firmware", "bios", "--tpm-model", "tis", "--kernel", str(kernel), "--initrd", str(initrd),
+              "--cmdline", cmdline)
+    shipped = tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", "--firmware", "bios",
+                      "--tpm-model", "tis", "--kernel", str(guest_dir / "vmlinuz"), "--initrd",
+                      str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0 panic=-1")
+    assert tv.json("predict", str(guest_dir / "guest.qcow2"), "--memory", "512", *launch)["pcrs"] == shipped["pcrs"]
+    _launch_and_check(tv, guest_dir / "guest.qcow2", launch)
 
 
 def test_authenticode_agrees_with_osslsigncode_on_the_boot_files(tv: Tv, guest_dir: Path, tmp_path: Path) -> None:
