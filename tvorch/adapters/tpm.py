@@ -39,6 +39,14 @@ first parameter (AES-128-CFB). That defeats a passive listener on the bus;
 an active interposer could answer TPM2_CreatePrimary with its own key, which
 only a pinned SRK name would catch (not done).
 
+A vTPM key moves to another node through a transport key
+(``tvorch.core.migration.transport``): ``create_transport_key`` makes a
+decrypt-only RSA-OAEP-SHA256 key under the SRK, ``certify_key`` has the AK
+certify it over the source's nonce, and ``decrypt_transport`` unwraps what the
+source wrapped to it, the plaintext coming back over a salted session that
+encrypts it. The key is never persisted here: the caller holds its blobs for
+one migration, and they load only under this TPM's SRK.
+
 Transient objects and sessions are flushed after every call: without a
 resource manager (swtpm, or ``device:/dev/tpm0``) they would otherwise stay
 in the TPM's few object slots.
@@ -71,6 +79,8 @@ from tpm2_pytss.types import (
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPMT_RSA_DECRYPT,
+    TPMT_SIG_SCHEME,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
     TPMS_SENSITIVE_CREATE,
@@ -96,6 +106,7 @@ from tvorch.core.attestation.quote import (
     selected_pcrs,
     signature_hash_name,
 )
+from tvorch.core.migration.transport import TRANSPORT_ATTRIBUTES, TRANSPORT_RSA_BITS, TransportKey
 from tvorch.core.vtpm.sealed import MAX_SECRET_SIZE, SealedKey, policy_pcr_digest
 from tvorch.errors import InputError, TpmError
 
@@ -131,6 +142,8 @@ _SRK_ATTRIBUTES = (
 _SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
 # PCRs may change between the PCR_Read and the trial PolicyPCR that checks it.
 _POLICY_ATTEMPTS = 3
+# Most bytes a TPM2B_DATA (nonce, OAEP label) holds in tpm2-tss: a SHA-512 digest.
+_MAX_DATA = 64
 
 
 class SealedKeyLocked(TpmError):
@@ -325,27 +338,18 @@ class Tpm:
         ``SealedKeyLocked`` when they do not; a ``TpmError`` saying so when the
         blob was made on another TPM (or this TPM's owner seed was cleared).
         """
-        with _tss("reading the sealed key blobs"):
-            public, public_end = TPM2B_PUBLIC.unmarshal(sealed.public)
-            private, private_end = TPM2B_PRIVATE.unmarshal(sealed.private)
-        if (public_end, private_end) != (len(sealed.public), len(sealed.private)):
-            raise InputError("the sealed key's public or private blob has bytes after its TPM structure")
+        public, private = _read_blobs(sealed.public, sealed.private, "sealed key")
         if bytes(public.publicArea.authPolicy) != sealed.policy_digest:
             raise InputError("the sealed key's policy digest is not the authPolicy of its public area")
         selection = _selection(pcr_indices(sealed.pcrs), sealed.bank)
         pcr_text = ",".join(map(str, sealed.pcrs))
         with ExitStack() as stack:
             srk = self._srk(stack)
-            try:
-                handle = self._esapi.load(srk, private, public)
-            except TSS2_Exception as err:
-                if err.error == TPM2_RC.INTEGRITY:  # not wrapped by this TPM's SRK
-                    raise TpmError(
-                        "sealed on another TPM (or this TPM's owner hierarchy was cleared since, or the blob was "
-                        "altered): the sealed key does not load under this TPM's storage root key", err.rc,
-                    ) from None
-                raise TpmError(f"TPM2_Load of the sealed key failed: {err}", err.rc) from None
-            stack.callback(self._flush, handle)
+            handle = self._load_under_srk(
+                stack, srk, public, private, "sealed key",
+                "sealed on another TPM (or this TPM's owner hierarchy was cleared since, or the blob was "
+                "altered): the sealed key does not load under this TPM's storage root key",
+            )
             session = self._salted_session(stack, srk, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
             with _tss(f"TPM2_PolicyPCR on {sealed.bank} PCRs {pcr_text}"):
                 self._esapi.policy_pcr(session, b"", selection)
@@ -359,6 +363,89 @@ class Tpm:
                     ) from None
                 raise TpmError(f"TPM2_Unseal failed: {err}", err.rc) from None
         return bytes(data)
+
+    def create_transport_key(self) -> TransportKey:
+        """A new RSA 2048 decrypt-only key under the SRK, OAEP-SHA256 its only scheme; its blobs, not persisted."""
+        template = TPM2B_PUBLIC.parse(
+            f"rsa{TRANSPORT_RSA_BITS}:oaep-sha256:null", objectAttributes=TRANSPORT_ATTRIBUTES, nameAlg="sha256"
+        )
+        with ExitStack() as stack:
+            srk = self._srk(stack)
+            with _tss("TPM2_Create of the transport key"):
+                private, public, *_ = self._esapi.create(srk, None, template)
+        return TransportKey(public=public.marshal(), private=private.marshal())
+
+    def certify_key(self, ak: AkInfo, key: TransportKey, qualifying: bytes) -> tuple[bytes, bytes]:
+        """TPM2_Certify of KEY by AK over QUALIFYING: (marshaled TPMS_ATTEST, marshaled TPMT_SIGNATURE).
+
+        The encodings of ``RawQuote``; ``verify_key_certification`` checks them.
+        Three objects at most are loaded at once: the key goes in under the
+        SRK, the SRK is flushed, then the EK and the AK under it."""
+        if not 0 < len(qualifying) <= _MAX_DATA:
+            raise InputError(f"a key certification is over a nonce of 1 to {_MAX_DATA} bytes, not {len(qualifying)}")
+        public, private = _read_blobs(key.public, key.private, "transport key")
+        with ExitStack() as stack:
+            with ExitStack() as srk_scope:
+                handle = self._load_transport(stack, self._srk(srk_scope), public, private)
+            signer = self._load_ak(stack, self._ek(stack), ak)
+            with _tss("TPM2_Certify of the transport key"):
+                attest, signature = self._esapi.certify(
+                    handle, signer, qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                    session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD,
+                )
+        return bytes(attest), signature.marshal()
+
+    def decrypt_transport(self, key: TransportKey, ciphertext: bytes, label: bytes) -> bytes:
+        """The secret wrapped to KEY (RSA-OAEP-SHA256 with LABEL), decrypted in this TPM.
+
+        The response is encrypted on the bus by a session salted with the SRK.
+        A TpmError when the ciphertext was made for another key or label, or
+        altered, and when KEY was made on another TPM."""
+        if not label.endswith(b"\0") or len(label) > _MAX_DATA:
+            raise InputError(f"an OAEP label for the TPM is 1 to {_MAX_DATA} bytes ending in a NUL byte")
+        public, private = _read_blobs(key.public, key.private, "transport key")
+        size = int(public.publicArea.parameters.rsaDetail.keyBits) // 8
+        if len(ciphertext) != size:
+            raise InputError(f"a ciphertext for this transport key is {size} bytes, not {len(ciphertext)}")
+        scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.OAEP)
+        scheme.details.oaep.hashAlg = TPM2_ALG.SHA256
+        with ExitStack() as stack:
+            srk = self._srk(stack)
+            handle = self._load_transport(stack, srk, public, private)
+            session = self._salted_session(stack, srk, TPM2_SE.HMAC, TPMA_SESSION.ENCRYPT)
+            try:
+                plain = self._esapi.rsa_decrypt(handle, ciphertext, scheme, label, session1=session)
+            except TSS2_Exception as err:
+                # libtpms answers a padding or label mismatch with TPM_RC_FAILURE (and stays usable).
+                if err.error in (TPM2_RC.VALUE, TPM2_RC.FAILURE):
+                    raise TpmError(
+                        "TPM2_RSA_Decrypt refused the ciphertext: it was not wrapped to this transport key "
+                        "with this label, or it was altered", err.rc,
+                    ) from None
+                raise TpmError(f"TPM2_RSA_Decrypt of the transport ciphertext failed: {err}", err.rc) from None
+        return bytes(plain)
+
+    def _load_transport(self, stack: ExitStack, srk: ESYS_TR, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:
+        """A transport key loaded under SRK, flushed when STACK closes."""
+        return self._load_under_srk(
+            stack, srk, public, private, "transport key",
+            "the transport key does not load under this TPM's storage root key (made on another TPM, or "
+            "altered)",
+        )
+
+    def _load_under_srk(
+        self, stack: ExitStack, srk: ESYS_TR, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE, what: str, foreign: str
+    ) -> ESYS_TR:
+        """WHAT loaded under SRK, flushed when STACK closes; TpmError FOREIGN when its private blob was not
+        wrapped by this SRK (made on another TPM, the owner hierarchy cleared since, or altered)."""
+        try:
+            handle = self._esapi.load(srk, private, public)
+        except TSS2_Exception as err:
+            if err.error == TPM2_RC.INTEGRITY:
+                raise TpmError(foreign, err.rc) from None
+            raise TpmError(f"TPM2_Load of the {what} failed: {err}", err.rc) from None
+        stack.callback(self._flush, handle)
+        return handle
 
     def _pcr_policy_digest(self, pcrs: list[int], bank: str, selection: TPML_PCR_SELECTION) -> bytes:
         """The PolicyPCR digest of PCRS' current values, computed here and confirmed by a trial session."""
@@ -520,6 +607,16 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _read_blobs(public_blob: bytes, private_blob: bytes, what: str) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+    """WHAT's marshaled public and private blobs; InputError unless each is exactly its TPM structure."""
+    with _tss(f"reading the {what} blobs"):
+        public, public_end = TPM2B_PUBLIC.unmarshal(public_blob)
+        private, private_end = TPM2B_PRIVATE.unmarshal(private_blob)
+    if (public_end, private_end) != (len(public_blob), len(private_blob)):
+        raise InputError(f"the {what}'s public or private blob has bytes after its TPM structure")
+    return public, private
 
 
 def _selection(pcrs: Sequence[int], bank: str) -> TPML_PCR_SELECTION:

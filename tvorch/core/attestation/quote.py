@@ -157,9 +157,9 @@ def pcr_composite_digest(pcr_values: Mapping[int, bytes], hash_name: str) -> byt
     return h.digest()
 
 
-def parse_attest(attest: bytes) -> TPMS_ATTEST:
-    """Unmarshal a TPMS_ATTEST, refusing trailing bytes."""
-    return _unmarshal(TPMS_ATTEST, attest, "quote attest")
+def parse_attest(attest: bytes, what: str = "quote attest") -> TPMS_ATTEST:
+    """Unmarshal a TPMS_ATTEST, refusing trailing bytes; WHAT names it in the error."""
+    return _unmarshal(TPMS_ATTEST, attest, what)
 
 
 def parse_public(public: bytes, what: str = "public area") -> TPMT_PUBLIC:
@@ -186,7 +186,7 @@ def selected_pcrs(selection: TPML_PCR_SELECTION) -> dict[str, tuple[int, ...]]:
 
 def signature_hash_name(signature: bytes) -> str:
     """The hash the signature (and so the quote's PCR digest) uses, as a hashlib name."""
-    return _signature_hash(_unmarshal(TPMT_SIGNATURE, signature, "quote signature"))
+    return _signature_hash(_unmarshal(TPMT_SIGNATURE, signature, "quote signature"), "quote")
 
 
 def verify_quote(
@@ -206,14 +206,12 @@ def verify_quote(
             raise EvidenceError(f"PCR {index} value is {len(value)} bytes, a {bank} PCR has {size}")
     key = ak_key(ak_public)
     info = parse_attest(attest)
-    sig = _unmarshal(TPMT_SIGNATURE, signature, "quote signature")
 
     if info.magic != TPM2_GENERATED.VALUE:
         raise TrustError("quote attest lacks TPM_GENERATED_VALUE: not produced by a TPM")
     if info.type != TPM2_ST.ATTEST_QUOTE:
         raise TrustError(f"attest is of type 0x{int(info.type):x}, not a quote")
-    hash_name = _signature_hash(sig)
-    _check_signature(key, sig, attest, hash_name)
+    hash_name = check_attest_signature(key, attest, signature, "quote")
     if bytes(info.extraData) != nonce:
         raise TrustError("quote nonce does not match the nonce asked for (replayed or stale quote)")
 
@@ -238,6 +236,21 @@ def verify_quote(
         pcr_digest=quoted_digest.hex(),
         qualified_signer=bytes(info.qualifiedSigner).hex(),
     )
+
+
+def check_attest_signature(
+    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, attest: bytes, signature: bytes, what: str
+) -> str:
+    """Check that KEY (an AK, from ``ak_key``) made SIGNATURE (a marshaled TPMT_SIGNATURE) over ATTEST.
+
+    Returns the signature's hash as a hashlib name. WHAT ("key certification")
+    starts each error line: EvidenceError for bytes that are no signature,
+    TrustError for a scheme or hash tvorch refuses or a signature that does
+    not verify."""
+    sig = _unmarshal(TPMT_SIGNATURE, signature, f"{what} signature")
+    hash_name = _signature_hash(sig, what)
+    _check_signature(key, sig, attest, hash_name, what)
+    return hash_name
 
 
 def ak_key(ak_public: bytes) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
@@ -292,20 +305,24 @@ def _unmarshal(cls: type[_T], data: bytes, what: str) -> _T:
     return obj
 
 
-def _signature_hash(sig: TPMT_SIGNATURE) -> str:
+def _signature_hash(sig: TPMT_SIGNATURE, what: str) -> str:
     if sig.sigAlg == TPM2_ALG.ECDSA:
         alg = sig.signature.ecdsa.hash
     elif sig.sigAlg == TPM2_ALG.RSASSA:
         alg = sig.signature.rsassa.hash
     else:
-        raise TrustError(f"quote signature scheme 0x{int(sig.sigAlg):x} is not ECDSA or RSASSA")
+        raise TrustError(f"{what} signature scheme 0x{int(sig.sigAlg):x} is not ECDSA or RSASSA")
     if alg not in _SIGNATURE_HASHES:
-        raise TrustError(f"quote signature uses hash algorithm 0x{int(alg):x}, not SHA-256/384/512")
+        raise TrustError(f"{what} signature uses hash algorithm 0x{int(alg):x}, not SHA-256/384/512")
     return _BANK_NAMES[alg]
 
 
 def _check_signature(
-    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey, sig: TPMT_SIGNATURE, message: bytes, hash_name: str
+    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    sig: TPMT_SIGNATURE,
+    message: bytes,
+    hash_name: str,
+    what: str,
 ) -> None:
     algorithm = _SIGNATURE_HASHES[BANKS[hash_name]]()
     try:
@@ -316,9 +333,9 @@ def _check_signature(
         elif sig.sigAlg == TPM2_ALG.RSASSA and isinstance(key, rsa.RSAPublicKey):
             key.verify(bytes(sig.signature.rsassa.sig), message, padding.PKCS1v15(), algorithm)
         else:
-            raise TrustError("quote signature algorithm does not match the AK's key type")
+            raise TrustError(f"{what} signature algorithm does not match the AK's key type")
     except InvalidSignature:
-        raise TrustError("quote signature does not verify with the AK") from None
+        raise TrustError(f"{what} signature does not verify with the AK") from None
 
 
 @dataclass(frozen=True)
