@@ -36,7 +36,7 @@ from .core.launch.gate import (FILE_KINDS, FileEvidence, Phase, StartEvidence, m
                                phase_of, start_path_refusal, start_refusals)
 from .core.attestation.hostverdict import host_problem
 from .core.launch.manifest_format import Measurement, manifest_digest, stored_manifest
-from .core.launch.instance import InstanceRecord
+from .core.launch.instance import InstanceRecord, InstanceState
 from .service.owned_files import stranger_refusals
 from .errors import StoreError, TvorchError, describe_os_error
 
@@ -132,6 +132,11 @@ def _record_stop(cfg: Config, store: Store, record: InstanceRecord, phase: Phase
     libvirt started (`started begin` after an allowed start). libvirt also calls stopped/release after
     a refused or failed start, and recording then would bless the very state (say, a rolled-back copy)
     that was just refused."""
+    migration = store.migration(record.id) if phase is Phase.RELEASED else None
+    if migration is not None and migration["direction"].startswith("out"):
+        # The source's QEMU stops when the migration completes: its state here is no longer the vTPM's.
+        store.add_hook_event(record.id, name, op, "recorded", ("migrated away: nothing recorded here",))
+        return
     if phase is Phase.STOPPED or not store.run_open(record.id):
         ran = store.run_open(record.id)
         store.add_hook_event(record.id, name, op, "recorded",
@@ -226,6 +231,9 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
             reason = f"domain {name} claims tvorch instance {meta.instance_id}, which this node did not launch"
             store.add_hook_event(None, name, op, "refused" if phase is Phase.START else "warning", (reason,))
             return (REFUSE, f"tvorch: refused to start {name}: {reason}") if phase is Phase.START else (ALLOW, None)
+        if record.state is InstanceState.MIGRATED and phase is Phase.START:
+            return _refused_on_record(cfg, record.id, name, op, "it migrated to another node and runs there; this "
+                                      "node keeps only its tombstone (a second copy would be a clone)")
         if phase is Phase.STARTED:
             problems = _protect_boot_files(cfg, xml)
             store.begin_run(record.id, name, op)
@@ -246,7 +254,9 @@ def decide(argv: list[str], xml: str, cfg: Config) -> tuple[int, str | None]:
             if view_problem is not None:
                 store.record_start_decision(record.id, name, op, (view_problem,))
                 return REFUSE, f"tvorch: refused to start {name}: {view_problem}"
-        evidence = gather(cfg, store, record, meta.manifest_digest, xml, running=phase is Phase.RECONNECT)
+        # An incoming migration's vTPM state and NVRAM arrive in QEMU's stream: nothing at rest to compare.
+        in_flight = phase is Phase.RECONNECT or record.state is InstanceState.INCOMING
+        evidence = gather(cfg, store, record, meta.manifest_digest, xml, running=in_flight)
         reasons = start_refusals(evidence)
         if phase is Phase.RECONNECT:
             # A failing reconnect hook makes libvirtd kill a running guest: warn only.

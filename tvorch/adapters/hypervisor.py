@@ -200,6 +200,44 @@ class Hypervisor:
         self._call(f"dump the memory of '{name}'", lambda: dom.coreDumpWithFormat(
             path, libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, libvirt.VIR_DUMP_MEMORY_ONLY))
 
+    def migrate(self, name: str, dest_uri: str, persist_xml: str, migrate_uri: str | None, disks_uri: str | None,
+                copy_storage: bool) -> None:
+        """Live, peer to peer: this libvirtd moves the running guest to DEST_URI's, defines it there
+        (PERSIST_XML) and undefines it here. With COPY_STORAGE the top image layer (the overlay) is mirrored
+        to a file of the same path the destination made; lower layers must be there already. Never
+        retried: a migration is not idempotent."""
+        dom = self._lookup(name)
+        params: dict[str, object] = {libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persist_xml}
+        if migrate_uri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+        if disks_uri and copy_storage:
+            params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = disks_uri
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        if copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+        try:
+            dom.migrateToURI3(dest_uri, params, flags)
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"libvirt did not migrate '{name}': {_message(err)}") from None
+
+    def remote_domain_running(self, uri: str, uuid: str) -> bool | None:
+        """Whether libvirt at URI runs a domain with UUID; None when it cannot be reached."""
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError:
+            return None
+        try:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as err:
+                return False if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else None
+            return bool(dom.isActive())
+        except libvirt.libvirtError:
+            return None
+        finally:
+            conn.close()
+
     # -- vTPM secrets ------------------------------------------------------
 
     @contextmanager

@@ -13,7 +13,7 @@ import traceback
 import click
 
 from ..errors import ExitCode, TvorchError, describe_os_error
-from . import attest, evidence, firmware, gate, host, ima, instances, keylime, node, predict, trust, vtpm  # noqa: F401  (they register their commands)
+from . import attest, evidence, firmware, gate, host, ima, instances, keylime, migrate, node, predict, trust, vtpm  # noqa: F401  (they register their commands)
 from .group import cli
 
 def main(argv: list[str] | None = None) -> int:

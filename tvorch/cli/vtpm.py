@@ -92,18 +92,35 @@ def vtpm_ek(ctx: Context, name: str, pem: bool, as_json: bool) -> None:
 @vtpm.command(name="ledger")
 @click.argument("name")
 @click.option("--nvram", is_flag=True, help="The ledger of NAME's UEFI variable store (NVRAM) instead.")
+@click.option("--ca", "ca_path", metavar="PEM",
+              help="Verify the migrations' signed handoffs under this CA [default: this node's fleet root].")
 @json_option
 @pass_ctx
-def vtpm_ledger(ctx: Context, name: str, nvram: bool, as_json: bool) -> None:
+def vtpm_ledger(ctx: Context, name: str, nvram: bool, ca_path: str | None, as_json: bool) -> None:
     """The hash-chained ledger of NAME's vTPM state digests (manufacture, stops, backups, restores)."""
     from ..core.vtpm.ledger import broken_link
+    from ..service.manifests import node_identity
+    from ..service.migration import ledger_handoffs
 
     record = ctx.node.store.get_live(validate_name(name))
     entries = ctx.node.store.ledger(record.id, "nvram_ledger" if nvram else "vtpm_ledger")
     broken = broken_link(entries)
-    emit(as_json, {"entries": [e.to_json() for e in entries], "intact": broken is None, "broken_at": broken},
-         lambda: "\n".join([f"{e.seq:>4}  {e.at}  {e.event:<12} sha256:{e.state_digest}" for e in entries]
-                           + ["chain intact" if broken is None else f"chain BROKEN at entry {broken}"]))
+    handoffs, problem = ([], None) if nvram else ledger_handoffs(
+        node_identity(ctx.node.cfg), entries, ctx.node.store.handoffs(record.id), ca_path)
+    by_seq = {h.entry.seq: h for h in handoffs}
+    rows = [{**e.to_json(), **({"node": by_seq[e.seq].node, "peer": by_seq[e.seq].peer,
+                                "peer_uri": by_seq[e.seq].peer_uri} if e.seq in by_seq else {})} for e in entries]
+    migrated = any(e.event in ("migrated-out", "migrated-in") for e in entries)
+    doc = {"entries": rows, "intact": broken is None, "broken_at": broken,
+           "handoffs_verified": (problem is None) if migrated else None, "handoffs_problem": problem}
+    lines = [f"{e.seq:>4}  {e.at}  {e.event:<12} sha256:{e.state_digest}"
+             + (f"  node {by_seq[e.seq].node[:16]} -> {by_seq[e.seq].peer[:16]}" if e.seq in by_seq else "")
+             for e in entries]
+    lines.append("chain intact" if broken is None else f"chain BROKEN at entry {broken}")
+    if migrated:
+        lines.append("migrations signed by each node, under the fleet root" if problem is None
+                     else f"migrations NOT verified: {problem}")
+    emit(as_json, doc, lambda: "\n".join(lines))
 
 
 @vtpm.command(name="backup")

@@ -179,10 +179,11 @@ def load_policy(cfg: Config) -> tuple[HostPolicy, str]:
     return parse_policy(data, cfg.host.policy), hashlib.sha256(data).hexdigest()
 
 
-def attest(cfg: Config, store: Store) -> HostVerdict:
-    """Quote with a fresh nonce, judge against the host policy, store the verdict."""
+def attest(cfg: Config, store: Store, nonce: bytes | None = None) -> HostVerdict:
+    """Quote with a fresh nonce (or a verifier's NONCE, a migration source's), judge against the host
+    policy, store the verdict."""
     policy, policy_digest = load_policy(cfg)
-    nonce = os.urandom(32)
+    nonce = os.urandom(32) if nonce is None else nonce
     q = quote(cfg, nonce)
     failures = judge_host(policy, evidence(q, nonce, policy), must_measure(cfg))
     verdict = HostVerdict(utc_now(), time.time(), not failures, failures, policy_digest,

@@ -43,7 +43,7 @@ INTERRUPTED = "launch interrupted"
 # Overlays as launch names them, and qemu-img's temporary file beside one (imagefiles.create_overlay).
 _OVERLAY = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<id>i-[0-9a-f]{12})\.qcow2")
 _OVERLAY_TMP = re.compile(r"\.(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<id>i-[0-9a-f]{12})\.qcow2\.[a-z0-9_]+\.tmp")
-_ENDED = (InstanceState.FAILED, InstanceState.DESTROYED)
+_ENDED = (InstanceState.FAILED, InstanceState.DESTROYED, InstanceState.MIGRATED)
 _ACTIVE = (InstanceState.RUNNING, InstanceState.PAUSED)
 
 
@@ -65,7 +65,7 @@ def reconcile(node: Node, holding: str | None = None) -> list[str]:
     domains = node.hypervisor.domains()
     by_name = {d.name: d for d in domains}
     for record in records:
-        if record.state is InstanceState.LAUNCHING or record.state in _ENDED:
+        if record.state in (InstanceState.LAUNCHING, InstanceState.INCOMING) or record.state in _ENDED:
             continue
         seen = by_name.get(record.name)
         observed = seen.state if seen is not None and seen.uuid == record.uuid else None
@@ -74,6 +74,7 @@ def reconcile(node: Node, holding: str | None = None) -> list[str]:
         with _claim(node, record.name, holding) as ours:
             if ours:
                 _refresh(node, record.id, done)
+    _settle_migrations(node, holding, done)
     _sweep_overlays(node, {d.instance_id for d in domains if d.instance_id}, done)
     for line in vtpm.settle_all(node, holding) + vtpm.drop_stale_secrets(node, holding):
         _note(done, line)
@@ -108,6 +109,26 @@ def reconcile_name(node: Node, name: str) -> list[str]:
         if line:
             done.append(line)
     return done
+
+
+def _settle_migrations(node: Node, holding: str | None, done: list[str]) -> None:
+    """Migrations whose `tvorch migrate` or `migrate-in` is gone (their name's lock is free): the instance
+    belongs to the node that runs it (service.migrate.settle, service.migrate_in.settle)."""
+    from . import migrate, migrate_in
+
+    for migration in node.store.migrations():
+        record = node.store.by_id(migration["instance_id"])
+        if record is None or migration["direction"] not in ("in", "out"):
+            continue
+        with _claim(node, record.name, holding) as ours:
+            if not ours:
+                continue
+            try:
+                line = (migrate_in.settle if migration["direction"] == "in" else migrate.settle)(node, migration)
+            except TvorchError as err:
+                line = f"warning: {record.name}: its migration could not be settled: {err}"
+            if line:
+                _note(done, line)
 
 
 @contextmanager

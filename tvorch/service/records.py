@@ -18,8 +18,9 @@ def owns_domain(node: Node, record: InstanceRecord) -> bool:
 
 def refresh(node: Node, record: InstanceRecord) -> InstanceRecord:
     """Bring the record's state in line with what libvirt says now."""
-    if record.state in (InstanceState.LAUNCHING, InstanceState.FAILED, InstanceState.DESTROYED):
-        return record
+    if record.state in (InstanceState.LAUNCHING, InstanceState.FAILED, InstanceState.DESTROYED,
+                        InstanceState.INCOMING, InstanceState.MIGRATED):
+        return record  # a launch or an incoming migration settles these itself, or reconcile does
     hv = node.hypervisor
     if not owns_domain(node, record):
         return node.store.update_instance(

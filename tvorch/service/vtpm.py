@@ -72,11 +72,15 @@ def make_keys(cfg: Config) -> Keys:
     """A fresh state key, sealed to the host TPM (and wrapped to the escrow key), per vtpm.key_protection."""
     if KeyProtection(cfg.vtpm.key_protection) is KeyProtection.NONE:
         return Keys(None, None, (), None, None)
+    return wrap_key(cfg, new_state_key())
+
+
+def wrap_key(cfg: Config, key: bytes) -> Keys:
+    """KEY sealed to this host's TPM and wrapped to this node's escrow key (a key arriving by migration too)."""
     escrow_public = None
     if cfg.vtpm.escrow_public_key:
         source = cfg.vtpm.escrow_public_key
         escrow_public = load_escrow_public_key(read_key_file(source, "vtpm.escrow_public_key"), source)
-    key = new_state_key()
     sealed = seal(cfg, key)
     return Keys(
         key, sealed, tuple(cfg.vtpm.seal_pcrs),

@@ -17,6 +17,7 @@ module             what it keeps
 ``vtpms``          each instance's vTPM record
 ``evidence``       guest attestation: certified AKs, baselines, verified boots
 ``host``           host attestation verdicts and the daemon's heartbeat
+``migrations``     live migration: rows out and in, handoffs, the journal, tombstones
 =================  ==============================================================
 
 Timestamps are ``core.timestamps.utc_now`` (also importable from here).
@@ -32,6 +33,7 @@ from .host import HostRecords
 from .instances import Instances
 from .ledgers import LEDGERS, Ledgers
 from .manifests import Manifests
+from .migrations import Migrations
 from .references import DigestCache, References
 from .start_paths import StartPaths
 from .vtpms import Vtpms
@@ -41,5 +43,5 @@ __all__ = ["BASELINE_SOURCES", "BUSY_TIMEOUT_MS", "LEDGERS", "MIGRATIONS", "SCHE
 
 
 class Store(Instances, References, DigestCache, Manifests, Gate, Ledgers, StartPaths, Vtpms, GuestEvidence,
-            HostRecords):
+            HostRecords, Migrations):
     """The state database with every area's reads and writes (see the module docstring for where each is)."""

@@ -257,6 +257,27 @@ MIGRATIONS: tuple[str, ...] = (
     -- before, read by their reason.
     ALTER TABLE guest_baselines ADD COLUMN source TEXT;
     """,
+    """
+    -- Live migration (README, "Live migration"). A migrated-out instance stays as a tombstone that no
+    -- longer holds its name; the signed statement of each migration entry of the vTPM ledger; the
+    -- migration in flight per instance, for `tvorch reconcile` to settle after a crash.
+    DROP INDEX instances_live_name;
+    CREATE UNIQUE INDEX instances_live_name ON instances(name) WHERE state NOT IN ('destroyed', 'failed', 'migrated');
+    CREATE TABLE ledger_handoffs (
+        instance_id TEXT NOT NULL REFERENCES instances(id),
+        seq INTEGER NOT NULL,
+        statement TEXT NOT NULL,
+        PRIMARY KEY (instance_id, seq)
+    );
+    CREATE TABLE migrations (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(id),
+        direction TEXT NOT NULL,
+        peer_uri TEXT NOT NULL,
+        peer_node TEXT NOT NULL,
+        statement TEXT NOT NULL,
+        started_at TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

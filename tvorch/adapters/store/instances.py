@@ -110,7 +110,7 @@ class Instances(Database):
     def find_live(self, name: str) -> InstanceRecord | None:
         """The newest instance of that name that has not been destroyed (a failed one included)."""
         row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM instances WHERE name = ? AND state != 'destroyed' "
+            f"SELECT {_COLUMNS} FROM instances WHERE name = ? AND state NOT IN ('destroyed', 'migrated') "
             "ORDER BY created_at DESC, rowid DESC LIMIT 1", (name,)
         ).fetchone()
         return _row_to_record(row) if row else None
@@ -128,11 +128,16 @@ class Instances(Database):
         """The record of NAME; a name no launch could have made is refused first (exit 3)."""
         record = self.find_live(validate_name(name))
         if record is None:
+            gone = self._db.execute(
+                "SELECT m.peer_uri, i.updated_at FROM instances i JOIN migrations m ON m.instance_id = i.id "
+                "WHERE i.name = ? AND i.state = 'migrated' ORDER BY i.updated_at DESC LIMIT 1", (name,)).fetchone()
+            if gone is not None:
+                raise NotFoundError(f"'{name}' migrated to {gone[0]} at {gone[1]}; it runs there now")
             raise NotFoundError(f"no instance named '{name}'")
         return record
 
     def list_instances(self, include_destroyed: bool = False) -> list[InstanceRecord]:
-        where = "" if include_destroyed else "WHERE state != 'destroyed'"
+        where = "" if include_destroyed else "WHERE state NOT IN ('destroyed', 'migrated')"
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM instances {where} ORDER BY created_at, id").fetchall()
         return [_row_to_record(r) for r in rows]
 
@@ -145,6 +150,6 @@ class Instances(Database):
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute(
-            "SELECT state, COUNT(*) FROM instances WHERE state != 'destroyed' GROUP BY state"
+            "SELECT state, COUNT(*) FROM instances WHERE state NOT IN ('destroyed', 'migrated') GROUP BY state"
         ).fetchall()
         return {r[0]: r[1] for r in rows}

@@ -23,6 +23,8 @@ class InstanceState(str, Enum):
     CRASHED = "crashed"
     FAILED = "failed"  # launch failed and was rolled back; see `error`
     DESTROYED = "destroyed"  # domain undefined, overlay removed; record kept
+    INCOMING = "incoming"  # records taken in by `tvorch migrate-in`; the VM is on its way here
+    MIGRATED = "migrated"  # moved to another node: a tombstone that refuses to start it here again
 
 
 @dataclass(frozen=True)

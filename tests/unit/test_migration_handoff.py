@@ -1,0 +1,179 @@
+"""The signed hand-over of a vTPM ledger between nodes, and the records that travel (core.migration)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tvorch.core.migration.handoff import (
+    Handoff,
+    HandoffEvent,
+    next_entry,
+    sign_handoff,
+    verify_handoff,
+    verify_ledger,
+)
+from tvorch.core.migration.records import TABLES, decode_rows, encode_rows
+from tvorch.core.signed import key_fingerprint
+from tvorch.core.signing import issue_signing_cert
+from tvorch.core.vtpm.ledger import chain_entry
+from tvorch.errors import TrustError
+
+NOW = datetime.now(timezone.utc)
+ID = "i-0123456789ab"
+UUID = "3f1c2a9e-8d7b-4c6a-9e5f-1a2b3c4d5e6f"
+
+
+def _ca(name: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None, pathlen: int
+        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer_key, signer_name = (key, subject) if issuer is None else (issuer[0], issuer[1].subject)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(signer_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(signer_key, hashes.SHA256()))
+    return key, cert
+
+
+class NodeKeys:
+    def __init__(self, name: str, root: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> None:
+        self.ca_key, self.ca = _ca(f"tvorch node CA {name}", root, 0)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = issue_signing_cert(self.ca_key, self.ca, self.key.public_key(), f"tvorch node {name}", NOW)
+        self.name = key_fingerprint(self.ca)
+
+    def sign(self, handoff: Handoff) -> dict:
+        return sign_handoff(handoff, self.key, self.cert, (self.ca,))
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    root = _ca("fleet root", None, 1)
+    return root, NodeKeys("a", root), NodeKeys("b", root)
+
+
+def _ledger(n: int = 3):
+    entries, prev = [], None
+    for seq in range(n):
+        e = chain_entry(ID, seq, "2026-12-05T00:00:0%dZ" % seq, "manufactured" if seq == 0 else "stopped",
+                        f"{seq:064x}", prev)
+        entries.append(e)
+        prev = e.entry_hash
+    return entries
+
+
+def _handover(fleet, ledger):
+    root, a, b = fleet
+    out = Handoff(HandoffEvent.OUT, next_entry(ledger[-1], HandoffEvent.OUT, "2026-12-05T01:00:00Z"), UUID, "vm",
+                  "d" * 64, a.name, b.name, "qemu+ssh://b/system")
+    inn = Handoff(HandoffEvent.IN, next_entry(out.entry, HandoffEvent.IN, "2026-12-05T01:00:05Z"), UUID, "vm",
+                  "d" * 64, b.name, a.name, "a")
+    return out, a.sign(out), inn, b.sign(inn)
+
+
+def test_a_ledger_handed_from_a_to_b_verifies_under_the_root(fleet):
+    root, a, b = fleet
+    ledger = _ledger()
+    out, out_doc, inn, in_doc = _handover(fleet, ledger)
+    found = verify_ledger([*ledger, out.entry, inn.entry], {out.entry.seq: out_doc, inn.entry.seq: in_doc}, root[1],
+                          NOW)
+    assert [h.event for h in found] == [HandoffEvent.OUT, HandoffEvent.IN]
+    assert found[0].node == a.name and found[1].node == b.name
+    # The migration entries keep the state digest: nothing came to rest in between.
+    assert out.entry.state_digest == inn.entry.state_digest == ledger[-1].state_digest
+
+
+def test_a_statement_cannot_be_made_up_or_moved(fleet):
+    root, a, b = fleet
+    ledger = _ledger()
+    out, out_doc, inn, in_doc = _handover(fleet, ledger)
+    entries = [*ledger, out.entry, inn.entry]
+    # B signs a migrated-out in A's name: the statement names A, the signature is B's.
+    forged = b.sign(out)
+    with pytest.raises(TrustError, match="signed under node CA"):
+        verify_handoff(forged, root[1], NOW)
+    # A migrated-in by a node other than the one A handed it to.
+    c = NodeKeys("c", root)
+    rogue = c.sign(replace(inn, node=c.name))
+    with pytest.raises(TrustError, match="handed it to"):
+        verify_ledger(entries, {out.entry.seq: out_doc, inn.entry.seq: rogue}, root[1], NOW)
+    # A migration entry without its statement, or with another entry's.
+    with pytest.raises(TrustError, match="no signed handoff"):
+        verify_ledger(entries, {out.entry.seq: out_doc}, root[1], NOW)
+    with pytest.raises(TrustError, match="another entry"):
+        verify_ledger(entries, {out.entry.seq: in_doc, inn.entry.seq: in_doc}, root[1], NOW)
+    # An edited statement: its signature no longer verifies.
+    edited = {"handoff": {**out_doc["handoff"], "peer_uri": "elsewhere"}, "signature": out_doc["signature"]}
+    with pytest.raises(TrustError, match="does not verify"):
+        verify_handoff(edited, root[1], NOW)
+    # A node outside the fleet.
+    other_root = _ca("another root", None, 1)
+    with pytest.raises(TrustError):
+        verify_handoff(out_doc, other_root[1], NOW)
+
+
+def test_a_rolled_back_ledger_is_refused(fleet):
+    root, _a, _b = fleet
+    ledger = _ledger()
+    out, out_doc, inn, in_doc = _handover(fleet, ledger)
+    # Drop the last stop before the handover: the migrated-out no longer chains.
+    with pytest.raises(TrustError, match="chain breaks"):
+        verify_ledger([*ledger[:-1], out.entry, inn.entry], {out.entry.seq: out_doc, inn.entry.seq: in_doc},
+                      root[1], NOW)
+
+
+def _rows():
+    return {
+        "instances": [{"id": ID, "name": "vm", "uuid": UUID, "overlay_identity": "1:2"}],
+        "instance_events": [{"seq": 7, "instance_id": ID, "kind": "created", "detail": "x"}],
+        "manifests": [{"instance_id": ID, "digest": "d" * 64, "body": b"{}"}],
+        "vtpms": [{"instance_id": ID, "sealed_key": b"bound to the source TPM", "ek_cert": b"\x30\x00"}],
+        **{t: [] for t in TABLES if t not in ("instances", "instance_events", "manifests", "vtpms")},
+    }
+
+
+COLUMNS = {
+    "instances": frozenset({"id", "name", "uuid", "overlay_identity"}),
+    "instance_events": frozenset({"seq", "instance_id", "kind", "detail"}),
+    "manifests": frozenset({"instance_id", "digest", "body"}),
+    "vtpms": frozenset({"instance_id", "sealed_key", "ek_cert"}),
+    **{t: frozenset({"instance_id"}) for t in TABLES if t not in ("instances", "instance_events", "manifests",
+                                                                 "vtpms")},
+}
+
+
+def test_records_travel_without_what_binds_them_to_the_source():
+    sent = encode_rows(_rows())
+    assert "sealed_key" not in sent["vtpms"][0] and "overlay_identity" not in sent["instances"][0]
+    assert "seq" not in sent["instance_events"][0]
+    got = decode_rows(sent, ID, COLUMNS)
+    assert got["manifests"][0]["body"] == b"{}" and got["vtpms"][0]["ek_cert"] == b"\x30\x00"
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["instance_events"].append({"instance_id": "i-ffffffffffff", "kind": "x", "detail": "y"}),
+     "belongs to"),
+    (lambda d: d["vtpms"][0].update(sealed_key={"b64": "AA=="}), "does not keep"),
+    (lambda d: d["instances"][0].update(injected=1), "does not keep"),
+    (lambda d: d.pop("guest_boots"), "expected the tables"),
+    (lambda d: d["manifests"].clear(), "no signed manifest"),
+    (lambda d: d["instances"][0].update(name=["not", "text"]), "is a list"),
+    (lambda d: d["manifests"][0].update(body={"b64": "not base64!"}), "base64"),
+])
+def test_records_that_do_not_belong_are_refused(change, words):
+    sent = encode_rows(_rows())
+    change(sent)
+    with pytest.raises(TrustError, match=words):
+        decode_rows(sent, ID, COLUMNS)
