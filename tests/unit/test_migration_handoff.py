@@ -77,9 +77,9 @@ def _ledger(n: int = 3):
 def _handover(fleet, ledger):
     root, a, b = fleet
     out = Handoff(HandoffEvent.OUT, next_entry(ledger[-1], HandoffEvent.OUT, "2026-12-05T01:00:00Z"), UUID, "vm",
-                  "d" * 64, a.name, b.name, "qemu+ssh://b/system")
+                  "d" * 64, a.name, b.name, "qemu+ssh://b/system", "5" * 64)
     inn = Handoff(HandoffEvent.IN, next_entry(out.entry, HandoffEvent.IN, "2026-12-05T01:00:05Z"), UUID, "vm",
-                  "d" * 64, b.name, a.name, "a")
+                  "d" * 64, b.name, a.name, "a", "5" * 64)
     return out, a.sign(out), inn, b.sign(inn)
 
 
@@ -109,6 +109,10 @@ def test_a_statement_cannot_be_made_up_or_moved(fleet):
     rogue = c.sign(replace(inn, node=c.name))
     with pytest.raises(TrustError, match="handed it to"):
         verify_ledger(entries, {out.entry.seq: out_doc, inn.entry.seq: rogue}, root[1], NOW)
+    # B's migrated-in of another migration (a replayed statement) does not continue this one.
+    with pytest.raises(TrustError, match="another migration"):
+        verify_ledger(entries, {out.entry.seq: out_doc, inn.entry.seq: b.sign(replace(inn, session="6" * 64))},
+                      root[1], NOW)
     # A migration entry without its statement, or with another entry's.
     with pytest.raises(TrustError, match="no signed handoff"):
         verify_ledger(entries, {out.entry.seq: out_doc}, root[1], NOW)

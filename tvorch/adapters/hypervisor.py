@@ -201,7 +201,7 @@ class Hypervisor:
             path, libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, libvirt.VIR_DUMP_MEMORY_ONLY))
 
     def migrate(self, name: str, dest_uri: str, persist_xml: str, migrate_uri: str | None, disks_uri: str | None,
-                copy_storage: bool) -> None:
+                copy_storage: bool, bandwidth_mib: int | None = None) -> None:
         """Live, peer to peer: this libvirtd moves the running guest to DEST_URI's, defines it there
         (PERSIST_XML) and undefines it here. With COPY_STORAGE the top image layer (the overlay) is mirrored
         to a file of the same path the destination made; lower layers must be there already. Never
@@ -212,6 +212,8 @@ class Hypervisor:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
         if disks_uri and copy_storage:
             params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = disks_uri
+        if bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         if copy_storage:

@@ -31,16 +31,17 @@ def _default_command(dest_uri: str) -> list[str]:
 @click.option("--migrate-uri", metavar="URI", help="Where the destination's QEMU listens (tcp://HOST:PORT).")
 @click.option("--disks-uri", metavar="URI", help="Where the destination's libvirt serves the disk copy (tcp://HOST:PORT).")
 @click.option("--shared-storage", is_flag=True, help="The overlay is on storage both nodes share: do not copy it.")
+@click.option("--bandwidth", type=click.IntRange(min=1), metavar="MIB_S", help="Cap the migration at MiB/s.")
 @json_option
 @pass_ctx
 def migrate(ctx: Context, name: str, dest_uri: str, via: str | None, ca_path: str | None, migrate_uri: str | None,
-            disks_uri: str | None, shared_storage: bool, as_json: bool) -> None:
+            disks_uri: str | None, shared_storage: bool, bandwidth: int | None, as_json: bool) -> None:
     """Move running instance NAME, its sealed vTPM key and its records to the node at DEST_URI (libvirt)."""
     from ..service.migrate import migrate as migrate_instance
 
     command = shlex.split(via) if via else _default_command(dest_uri)
     done = migrate_instance(ctx.node, name, dest_uri, command, ca_path, migrate_uri, disks_uri,
-                            copy_storage=not shared_storage)
+                            copy_storage=not shared_storage, bandwidth_mib=bandwidth)
     emit(as_json, done.to_json(), lambda: (
         f"migrated {done.name} ({done.instance_id}) to {done.destination} in {done.seconds:.1f} s; "
         f"this node keeps a tombstone (ledger entry {done.ledger_seq}: migrated-out)"))

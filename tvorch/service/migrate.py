@@ -32,7 +32,15 @@ from ..core.codec import b64decode, b64encode, parse_json
 from ..core.launch.gate import nvram_path
 from ..core.launch.instance import InstanceState
 from ..core.launch.manifest_format import manifest_digest
-from ..core.migration.handoff import PROTOCOL, Handoff, HandoffEvent, handoff_from_json, next_entry, sign_handoff
+from ..core.migration.handoff import (
+    PROTOCOL,
+    Handoff,
+    HandoffEvent,
+    handoff_from_json,
+    next_entry,
+    session_of,
+    sign_handoff,
+)
 from ..core.migration.records import encode_rows
 from ..core.signed import key_fingerprint, verify_block
 from ..core.timestamps import utc_now
@@ -65,7 +73,8 @@ class Migrated:
 
 
 def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: str | None,
-            migrate_uri: str | None = None, disks_uri: str | None = None, copy_storage: bool = True) -> Migrated:
+            migrate_uri: str | None = None, disks_uri: str | None = None, copy_storage: bool = True,
+            bandwidth_mib: int | None = None) -> Migrated:
     cfg = node.cfg
     started = time.monotonic()
     node.connect()
@@ -102,7 +111,8 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 if last is None:
                     raise ConflictError(f"'{name}' has no vTPM ledger; it cannot move")
                 out = Handoff(HandoffEvent.OUT, next_entry(last, HandoffEvent.OUT, utc_now()), record.uuid,
-                              record.name, manifest_digest(body), node_name(identity), dest_node, dest_uri)
+                              record.name, manifest_digest(body), node_name(identity), dest_node, dest_uri,
+                              session_of(nonce))
                 out_doc = sign_handoff(out, identity.signing_key, identity.signing_cert, identity.carried_chain())
                 nvram = _nvram(record.domain_xml, record.name)
                 store.begin_migration(record.id, "out", dest_uri, dest_node, out_doc)
@@ -122,7 +132,8 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 store.end_migration(record.id, f"the destination did not take it: {err}")
                 raise _refused(name, err, dest) from None
             try:
-                hv.migrate(name, dest_uri, hv.domain_xml(name, inactive=True), migrate_uri, disks_uri, copy_storage)
+                hv.migrate(name, dest_uri, hv.domain_xml(name, inactive=True), migrate_uri, disks_uri, copy_storage,
+                           bandwidth_mib)
             except LibvirtError as err:
                 _abort(line)
                 store.end_migration(record.id, str(err))

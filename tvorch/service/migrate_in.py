@@ -49,6 +49,7 @@ from ..core.migration.handoff import (
     HandoffEvent,
     handoff_from_json,
     next_entry,
+    session_of,
     sign_handoff,
     verify_handoff,
     verify_ledger,
@@ -107,7 +108,7 @@ def serve(node: Node, line: Line, ca_path: str | None) -> str:
             return "not taken"
         try:
             out_doc, out, record_rows, key = _check_transfer(node, transfer, instance_id, name, uuid, trusted,
-                                                             identity, transport)
+                                                             identity, transport, session_of(nonce))
         except TvorchError as err:
             raise _refuse(line, str(err)) from None
         record = single(record_rows, "instances")
@@ -149,7 +150,7 @@ def arrive(node: Node, instance_id: str, out: Handoff, out_doc: dict[str, Any], 
     identity = node_identity(node.cfg)
     entry = next_entry(out.entry, HandoffEvent.IN, utc_now())
     handoff = Handoff(HandoffEvent.IN, entry, out.uuid, out.name, out.manifest_digest, node_name(identity), out.node,
-                      source_uri)
+                      source_uri, out.session)
     in_doc = sign_handoff(handoff, identity.signing_key, identity.signing_cert, identity.carried_chain())
     node.store.arrived(instance_id, out.entry, out_doc, entry, in_doc, source_uri)
     log.info("migrated_in", instance=out.name, source=source_uri)
@@ -186,7 +187,7 @@ def _offer(node: Node, nonce: bytes) -> tuple[Any, dict[str, Any]]:
 
 
 def _check_transfer(node: Node, transfer: dict[str, Any], instance_id: str, name: str, uuid: str, trusted: Any,
-                    identity: Any, transport: Any) -> tuple[dict[str, Any], Handoff, dict[str, list[dict[str, Any]]],
+                    identity: Any, transport: Any, session: str) -> tuple[dict[str, Any], Handoff, dict[str, list[dict[str, Any]]],
                                                          bytes | None]:
     """Everything that arrived, checked before anything is written; the key opened in this TPM."""
     now = datetime.now(timezone.utc)
@@ -197,6 +198,8 @@ def _check_transfer(node: Node, transfer: dict[str, Any], instance_id: str, name
         raise TrustError("the source's handoff statement is for another instance")
     if out.peer != node_name(identity):
         raise TrustError(f"the source handed the vTPM to node {out.peer[:16]}, not to this node")
+    if out.session != session:
+        raise TrustError("the source's handoff statement is from another migration (replayed)")
     rows = decode_rows(transfer.get("records"), instance_id, node.store.table_columns())
     record = rows["instances"][0]
     if (record.get("name"), record.get("uuid")) != (name, uuid):

@@ -13,6 +13,7 @@ Pure: dataclasses and JSON in, signed JSON and verdicts out.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,16 +49,19 @@ class Handoff:
     node: str  # key fingerprint of the signing node's CA (core.signed.key_fingerprint)
     peer: str  # the other node's
     peer_uri: str  # the libvirt URI the other node was reached at (informational)
+    session: str  # sha256 of the source's nonce: binds the statement to one migration, so none is replayed
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": HANDOFF_FORMAT, "event": self.event.value, "instance_id": self.entry.instance_id,
             "entry": self.entry.to_json(), "uuid": self.uuid, "name": self.name,
             "manifest_digest": self.manifest_digest, "node": self.node, "peer": self.peer, "peer_uri": self.peer_uri,
+            "session": self.session,
         }
 
 
-_FIELDS = ("format", "event", "instance_id", "entry", "uuid", "name", "manifest_digest", "node", "peer", "peer_uri")
+_FIELDS = ("format", "event", "instance_id", "entry", "uuid", "name", "manifest_digest", "node", "peer", "peer_uri",
+           "session")
 _ENTRY_FIELDS = ("seq", "at", "event", "state_digest", "prev_hash", "entry_hash")
 
 
@@ -70,7 +74,7 @@ def handoff_from_json(data: object) -> Handoff:
     except ValueError:
         raise TrustError(f"handoff statement event {f['event']!r} is neither migrated-out nor migrated-in") from None
     e = fields_of(f["entry"], "handoff statement entry", _ENTRY_FIELDS)
-    texts = [f[k] for k in ("instance_id", "uuid", "name", "manifest_digest", "node", "peer", "peer_uri")]
+    texts = [f[k] for k in ("instance_id", "uuid", "name", "manifest_digest", "node", "peer", "peer_uri", "session")]
     texts += [e[k] for k in ("at", "event", "state_digest", "prev_hash", "entry_hash")]
     if not all(isinstance(t, str) for t in texts) or type(e["seq"]) is not int:
         raise TrustError("handoff statement: a field has the wrong type")
@@ -81,7 +85,12 @@ def handoff_from_json(data: object) -> Handoff:
     if chain_entry(entry.instance_id, entry.seq, entry.at, entry.event, entry.state_digest,
                    entry.prev_hash) != entry:
         raise TrustError("handoff statement: its ledger entry's hash does not match the entry")
-    return Handoff(event, entry, f["uuid"], f["name"], f["manifest_digest"], f["node"], f["peer"], f["peer_uri"])
+    return Handoff(event, entry, f["uuid"], f["name"], f["manifest_digest"], f["node"], f["peer"], f["peer_uri"],
+                   f["session"])
+
+
+def session_of(nonce: bytes) -> str:
+    return hashlib.sha256(nonce).hexdigest()
 
 
 def next_entry(last: LedgerEntry, event: HandoffEvent, at: str) -> LedgerEntry:
@@ -136,5 +145,7 @@ def verify_ledger(entries: Sequence[LedgerEntry], handoffs: Mapping[int, object]
             if out.peer != h.node or h.peer != out.node:
                 raise TrustError(f"ledger entry {e.seq}: taken in by node {h.node[:16]}, but node {out.node[:16]} "
                                  f"handed it to {out.peer[:16]}")
+            if out.session != h.session:
+                raise TrustError(f"ledger entry {e.seq}: taken in by another migration than the one handing it out")
         found.append(h)
     return found
