@@ -39,9 +39,11 @@ class Host:
     tcti: str
     ima_log: Path
     entries: list
+    # The argv that runs the tvorch CLI on this host (another node's: inside its namespaces).
+    command: tuple[str, ...] = (sys.executable, "-m", "tvorch.cli")
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "tvorch.cli", "--config", str(self.config), *args],
+        return subprocess.run([*self.command, "--config", str(self.config), *args],
                               capture_output=True, text=True, timeout=120)
 
     def json(self, *args: str) -> dict:
@@ -64,12 +66,15 @@ def host_settings(root: Path, tcti: str) -> str:
 
 
 @contextmanager
-def simulated_host(root: Path, config_text: str | None = None, boot_aggregate: bytes | None = None) -> Iterator[Host]:
+def simulated_host(root: Path, config_text: str | None = None, boot_aggregate: bytes | None = None,
+                   command: tuple[str, ...] | None = None, init: bool = True) -> Iterator[Host]:
     """A host whose TPM measured EVENTLOG and an IMA list, with its AK made (`tvorch host init`).
 
     CONFIG_TEXT: a config holding the line `tcti = "<anything>"` in its [host]
     table, which is replaced by this host's settings; default, a config of its own.
     BOOT_AGGREGATE: the IMA list's first digest; default, the kernel's (of PCRs 0-9).
+    COMMAND: Host.command (default this interpreter's CLI). INIT=False leaves `host init` to the
+    caller (a node whose namespaces are not up yet: the AK certification names the node's hostname).
     """
     with running_swtpm(root / "tpm") as tcti:
         config = root / "tvorch.toml"
@@ -84,11 +89,12 @@ def simulated_host(root: Path, config_text: str | None = None, boot_aggregate: b
                 if event.event_type != EV_NO_ACTION:
                     tpm.extend(event.pcr, {"sha256": bytes.fromhex(event.digests["sha256"])})
             boot_pcrs = tpm.read_pcrs(boot_aggregate_pcrs("sha256"))
-        node = Host(root, config, tcti, root / "ima.bin", [])
+        node = Host(root, config, tcti, root / "ima.bin", [], command or Host.command)
         # What the kernel measures first: the digest of the boot PCRs as IMA starts.
         node.measure(boot_aggregate_entry(boot_aggregate or boot_aggregate_digest(boot_pcrs, "sha256")))
         for path in must_measure(parse_config(config.read_bytes())):
             node.measure(ima_ng_entry(path, sha256(Path(path).read_bytes())))
-        proc = node.run("host", "init")
-        assert proc.returncode == 0, proc.stderr
+        if init:
+            proc = node.run("host", "init")
+            assert proc.returncode == 0, proc.stderr
         yield node

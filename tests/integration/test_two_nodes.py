@@ -1,10 +1,13 @@
-"""Two libvirt nodes on one host (scripts/two-nodes.sh), the harness live migration (issue #18) needs.
+"""Two tvorch nodes on one host (scripts/two-nodes.sh, tests/integration/nodes.py), the harness live
+migration (issue #18) needs.
 
-Node B is a second libvirtd in its own mount and UTS namespaces. This checks
-that libvirt takes it for another host and that a running VM with a vTPM
-migrates live (under TCG) from this node to B and back over 127.0.0.1, its
-vTPM state travelling in QEMU's migration stream. tvorch itself plays no part
-yet: the domain is a plain one (the hook lets it through).
+Node B is a second libvirtd in its own mount and UTS namespaces, with tvorch's
+hook pointing at its own config. This checks that libvirt takes it for another
+host, that each node is a tvorch node of one fleet with its own state, host TPM
+and passing host verdict, and that a running VM with a vTPM migrates live
+(under TCG) from this node to B and back over 127.0.0.1, its vTPM state
+travelling in QEMU's migration stream. That domain is a plain one: both hooks
+let it through.
 """
 
 from __future__ import annotations
@@ -12,32 +15,19 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import uuid as uuidlib
 from pathlib import Path
 
 import pytest
 
-from .conftest import PREFIX, URI
+from tvorch.service.hook_install import MARKER
+
+from .conftest import PREFIX, URI, Tv
+from .nodes import Fleet, Node, fleet_fixture, node_a_fixture, node_b_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "two-nodes.sh"
-
-
-@pytest.fixture(scope="module")
-def node_b(libvirt_ready):
-    where = Path(f"/var/tmp/{PREFIX}node-b-{secrets.token_hex(3)}")
-    up = subprocess.run([str(SCRIPT), "up", str(where)], capture_output=True, text=True, timeout=120)
-    try:
-        assert up.returncode == 0, up.stderr
-        b_uri, a_uri = subprocess.run([str(SCRIPT), "uri", str(where)], capture_output=True, text=True,
-                                      check=True).stdout.split()
-        yield b_uri, a_uri, where / "root"
-    finally:
-        down = subprocess.run([str(SCRIPT), "down", str(where)], capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0, down.stderr
-        assert not where.exists()
 
 
 def _virsh(uri: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -56,15 +46,62 @@ def _status(uri: str, name: str) -> dict:
     return json.loads(out)["return"]
 
 
-def test_node_b_is_another_host(node_b):
-    b_uri, _a_uri, _ = node_b
-    assert _virsh(b_uri, "hostname").stdout.strip() == "tvorch-node-b"
-    uuid_of = [_virsh(u, "capabilities").stdout.split("<uuid>")[1].split("</uuid>")[0] for u in (URI, b_uri)]
+def test_node_b_is_another_host(node_b: Node):
+    assert _virsh(node_b.uri, "hostname").stdout.strip() == "tvorch-node-b"
+    uuid_of = [_virsh(u, "capabilities").stdout.split("<uuid>")[1].split("</uuid>")[0] for u in (URI, node_b.uri)]
     assert uuid_of[0] != uuid_of[1]
+    # B's /run/tvorch (channel sockets, boot-file views) is its own.
+    probe = f"/run/tvorch/{PREFIX}probe-{secrets.token_hex(2)}"
+    node_b.sh(f"touch {probe}")
+    assert not Path(probe).exists()
+    assert node_b.sh(f"ls {probe}; hostname").stdout.split() == [probe, "tvorch-node-b"]
 
 
-def test_a_vm_with_a_vtpm_migrates_live_to_b_and_back(node_b, guest_dir: Path):
-    b_uri, a_uri, b_root = node_b
+def test_each_node_is_a_tvorch_node_of_the_fleet(node_a: Node, node_b: Node, fleet: Fleet, tv: Tv,
+                                                  tmp_path: Path):
+    cas = {}
+    for node in (node_a, node_b):
+        info = node.json("ca", "show")
+        assert not info["self_signed"] and info["issuer"] == "CN=tvtest Fleet Intermediate", info
+        assert [c["subject"] for c in info["chain"]] == ["CN=tvtest Fleet Intermediate", "CN=tvtest Fleet Root"]
+        chain, ca = tmp_path / f"{node.name}-chain.pem", tmp_path / f"{node.name}-ca.pem"
+        chain.write_text(node.run("ca", "show", "--chain", "--pem").stdout)
+        ca.write_text(node.run("ca", "show", "--pem").stdout)
+        proc = subprocess.run(["openssl", "verify", "-CAfile", str(fleet.root), "-untrusted", str(chain), str(ca)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.strip() == f"{ca}: OK", proc.stdout + proc.stderr
+        cas[node.name] = info
+    # Two node CAs, each made where its node runs (the subject names the node's hostname).
+    assert cas["a"]["sha256_fingerprint"] != cas["b"]["sha256_fingerprint"]
+    assert cas["a"]["subject"] == f"CN=tvorch node CA {socket.gethostname()}"
+    assert cas["b"]["subject"] == "CN=tvorch node CA tvorch-node-b"
+    # B's state is where its config says, as B sees it; A's state and the session's are not B's.
+    assert node_b.cfg.state_dir == str(node_b.state_dir) != node_a.cfg.state_dir
+    assert node_b.sh(f"cat {node_b.state_dir}/pki/ca.pem").stdout == cas["b"]["pem"]
+    assert (node_a.state_dir / "pki" / "ca.pem").read_text() == cas["a"]["pem"]
+    assert not (tv.state_dir / "pki" / "chain.pem").exists()
+    # Each libvirtd runs tvorch's hook with its own node's config.
+    hooks = {"a": Path("/etc/libvirt/hooks/qemu").read_text(),
+             "b": node_b.sh("cat /etc/libvirt/hooks/qemu").stdout}
+    for name, node in (("a", node_a), ("b", node_b)):
+        assert MARKER in hooks[name] and f"export TVORCH_CONFIG='{node.config}'" in hooks[name]
+
+
+def test_b_attests_its_host_with_its_own_tpm(node_a: Node, node_b: Node):
+    ak = {}
+    for node in (node_a, node_b):
+        verdict = node.json("host", "attest")
+        assert verdict["passed"] is True and verdict["failures"] == [], verdict
+        assert node.json("host", "status")["passed"] is True
+        ak[node.name] = node.json("host", "init")  # the AK is made once: this reads it back
+    assert node_a.host.tcti != node_b.host.tcti
+    assert ak["a"]["ak_fingerprint"] != ak["b"]["ak_fingerprint"]
+    assert ak["b"]["ak_certification"]["hostname"] == "tvorch-node-b"
+    assert ak["a"]["ak_certification"]["hostname"] == socket.gethostname()
+
+
+def test_a_vm_with_a_vtpm_migrates_live_to_b_and_back(node_a: Node, node_b: Node, guest_dir: Path):
+    b_uri, a_uri = node_b.peer_uri, node_a.peer_uri
     name, uuid = f"{PREFIX}mig-{secrets.token_hex(2)}", str(uuidlib.uuid4())
     files = Path(f"/var/tmp/{name}")
     files.mkdir(mode=0o755)
@@ -88,7 +125,7 @@ def test_a_vm_with_a_vtpm_migrates_live_to_b_and_back(node_b, guest_dir: Path):
         assert name in _running(b_uri) and name not in _running(URI)
         assert _status(b_uri, name)["status"] == "running"
         # The vTPM state came with the migration stream, into B's own swtpm directory.
-        assert (b_root / "var/lib/libvirt/swtpm" / uuid / "tpm2" / "tpm2-00.permall").is_file()
+        node_b.sh(f"test -f /var/lib/libvirt/swtpm/{uuid}/tpm2/tpm2-00.permall")
         _virsh(b_uri, "migrate", "--live", "--p2p", name, a_uri, "--migrateuri", f"tcp://127.0.0.1:{port + 1}")
         assert name in _running(URI) and name not in _running(b_uri)
         assert _status(URI, name)["status"] == "running"
