@@ -294,6 +294,7 @@ def attest(node: Node, name: str, nonce: bytes, timeout: float | None = None) ->
         baseline_eventlog=baseline[0] if baseline else None, host_verdict=verdict,
         host_quote=host_quote, host_ak_certification=host_ak, created_at=datetime.now(timezone.utc),
         live_config_digest=live_digest, keylime=guest.keylime,
+        migrations=[statement for _, statement in sorted(node.store.handoffs(record.id).items())],
     )
     return bundle, guest
 

@@ -15,8 +15,9 @@ from ...errors import ConflictError, StoreError
 from .database import Database
 from .instances import insert_event
 
-# What else names an instance and stays behind on the node it leaves, or is dropped on one it never reached.
-_LOCAL_TABLES = ("gate_runs", "autostart", "managed_saves", "migrations")
+# What else names an instance and stays behind on the node it leaves, or is dropped on one it never reached
+# (the guest AK's certification is the certifying node's: another node certifies the AK again).
+_LOCAL_TABLES = ("gate_runs", "autostart", "managed_saves", "migrations", "guest_aks")
 
 
 def _insert_entry(db: sqlite3.Connection, entry: LedgerEntry, statement: dict[str, Any]) -> None:

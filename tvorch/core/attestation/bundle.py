@@ -128,7 +128,9 @@ from tvorch.core.attestation.ima import (
     replay_until,
 )
 from tvorch.core.codec import b64decode, b64encode, canonical_json, key_mismatch, parse_json
-from tvorch.core.launch.manifest import LaunchManifest, manifest_digest, verify_manifest
+from tvorch.core.launch.manifest import LaunchManifest, manifest_digest, verify_manifest, verify_manifest_under
+from tvorch.core.migration.handoff import HandoffEvent, verify_handoff
+from tvorch.core.signed import key_fingerprint
 from tvorch.core.boot.prediction import BANK as PREDICTION_BANK
 from tvorch.core.boot.prediction import Prediction
 from tvorch.core.attestation.quote import (
@@ -151,6 +153,7 @@ _TOP = ("format", "version", "created_at", "nonce", "instance", "node", "manifes
         "guest", "baseline", "host", "live", "signature")
 _INSTANCE = ("id", "name", "uuid")
 _NODE = ("hostname", "signing_cert_pem", "ca_pem")
+MAX_MIGRATIONS = 1000  # a bound on a hostile list, far above any VM's life
 _GUEST = ("bank", "pcrs", "attest", "signature", "ak_public", "eventlog", "ima")
 _BASELINE = ("eventlog", "verdict")
 _HOST = ("verdict", "quote", "ak_certification")
@@ -250,6 +253,7 @@ def build_bundle(
     host_ak_certification: Mapping[str, Any] | None = None,
     live_config_digest: str,
     keylime: Mapping[str, Any] | None = None,
+    migrations: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
     """The bundle's canonical JSON, signed with SIGNING_KEY (see the module docstring).
 
@@ -298,6 +302,8 @@ def build_bundle(
         },
         "live": {"config_digest": live_config_digest},
     }
+    if migrations:  # launched on another node: the signed handoffs that brought it here, in order
+        body["migrations"] = [dict(m) for m in migrations]
     if keylime is not None:  # additive: a node that does not submit to Keylime makes the same bundle as before
         body["keylime"] = _keylime_section(keylime, "keylime")
     signature = signing_key.sign(canonical_json(body), ec.ECDSA(hashes.SHA256()))
@@ -349,6 +355,7 @@ class _Bundle:
     host_ak_certification: dict[str, Any] | None
     live_config_digest: str
     keylime: dict[str, Any] | None = None  # the node's record of Keylime's verdicts (information)
+    migrations: tuple[dict[str, Any], ...] = ()  # signed handoff statements, launch node first
 
 
 @dataclass
@@ -366,6 +373,7 @@ class _Context:
     ek_cert: x509.Certificate | None = None
     untrusted: tuple[x509.Certificate, ...] = ()  # the verifier's extra intermediates
     node_ca: x509.Certificate | None = None  # the CA that issued the node certificate, once it chains
+    launch_ca: x509.Certificate | None = None  # the node CA that signed the manifest (another node's if migrated)
 
 
 def verify_bundle(data: bytes, ca: x509.Certificate, nonce: bytes, at: datetime, *, max_host_age: float,
@@ -459,10 +467,46 @@ def _check_age(ctx: _Context) -> str:
 
 def _check_manifest(ctx: _Context) -> str:
     b = ctx.bundle
-    manifest = verify_manifest(b.manifest, ctx.node_ca or ctx.ca, ctx.at)  # the same node CA as the bundle's
+    if not b.migrations:
+        manifest = verify_manifest(b.manifest, ctx.node_ca or ctx.ca, ctx.at)  # the same node CA as the bundle's
+        moved = ""
+        ctx.launch_ca = ctx.node_ca or ctx.ca
+    else:
+        # Launched on another node of the fleet: the manifest is that node's, and the signed handoffs must
+        # lead from it to this bundle's node.
+        manifest, launch_ca = verify_manifest_under(b.manifest, ctx.ca, ctx.at, ctx.untrusted)
+        if ctx.node_ca is None:
+            raise TrustError("not checked: the node signing certificate does not chain to the CA")
+        moved = "; " + _migration_path(ctx, launch_ca)
+        ctx.launch_ca = launch_ca
     _same_instance("launch manifest", manifest.instance_id, manifest.uuid, b)
     ctx.manifest = manifest
-    return f"names {manifest.instance_id} ({manifest.uuid}); sha256 {manifest_digest(b.manifest)}"
+    return f"names {manifest.instance_id} ({manifest.uuid}); sha256 {manifest_digest(b.manifest)}{moved}"
+
+
+def _migration_path(ctx: _Context, launch_ca: x509.Certificate) -> str:
+    """Each migration a migrated-out by the node that had the vTPM and the migrated-in of the node it named,
+    from the node that launched it to the one that made this bundle."""
+    b = ctx.bundle
+    handoffs = [verify_handoff(doc, ctx.ca, ctx.at, ctx.untrusted) for doc in b.migrations]
+    if len(handoffs) % 2:
+        raise TrustError("bundle migrations are not pairs of migrated-out and migrated-in statements")
+    here = key_fingerprint(launch_ca)
+    last_seq = -1
+    for out, inn in zip(handoffs[::2], handoffs[1::2]):
+        for h in (out, inn):
+            if (h.entry.instance_id, h.uuid) != (b.instance_id, b.uuid) or h.entry.seq <= last_seq:
+                raise TrustError(f"bundle migration statement {h.entry.seq} is not of this instance, in order")
+            last_seq = h.entry.seq
+        if (out.event, inn.event) != (HandoffEvent.OUT, HandoffEvent.IN) or out.node != here \
+                or inn.node != out.peer or inn.peer != out.node or inn.session != out.session \
+                or inn.entry.prev_hash != out.entry.entry_hash:
+            raise TrustError(f"bundle migration at ledger entry {out.entry.seq} does not continue from the node "
+                             f"that had the vTPM ({here[:16]})")
+        here = inn.node
+    if here != key_fingerprint(ctx.node_ca):  # type: ignore[arg-type]
+        raise TrustError("the bundle's migrations do not lead to the node that made it")
+    return f"launched by node {key_fingerprint(launch_ca)[:16]}, migrated {len(handoffs) // 2} time(s) to this node"
 
 
 def _check_live(ctx: _Context) -> str:
@@ -478,7 +522,7 @@ def _check_live(ctx: _Context) -> str:
 
 def _check_ek(ctx: _Context) -> str:
     cert = _certificate(ctx.bundle.ek_cert_pem, "EK certificate")
-    verify_ek_certificate(cert, ctx.node_ca or ctx.ca, ctx.at)
+    verify_ek_certificate(cert, ctx.launch_ca or ctx.node_ca or ctx.ca, ctx.at)  # issued by the launch node
     ctx.ek_cert = cert
     if ctx.manifest is None:
         raise TrustError("EK certificate chains to the CA, but without a verified launch manifest it is not "
@@ -739,7 +783,7 @@ def _parse(data: bytes) -> _Bundle:
         raise _Malformed(f"not a {BUNDLE_FORMAT} bundle (format {doc.get('format')!r})")
     if type(doc.get("version")) is not int or doc["version"] != BUNDLE_VERSION:
         raise _Malformed(f"bundle version {doc.get('version')!r} is not {BUNDLE_VERSION}")
-    top = _object({k: v for k, v in doc.items() if k != "keylime"}, "bundle", _TOP)
+    top = _object({k: v for k, v in doc.items() if k not in ("keylime", "migrations")}, "bundle", _TOP)
     instance = _object(top["instance"], "instance", _INSTANCE)
     node = _object(top["node"], "node", _NODE)
     vtpm = _object(top["vtpm"], "vtpm", ("ek_cert_pem",))
@@ -779,7 +823,14 @@ def _parse(data: bytes) -> _Bundle:
                                         lambda v: _object(v, "host.ak_certification", None)),
         live_config_digest=_digest_hex(live["config_digest"], "live.config_digest"),
         keylime=_optional(doc.get("keylime"), lambda v: _keylime_section(v, "keylime")),
+        migrations=_migrations(doc.get("migrations", [])),
     )
+
+
+def _migrations(value: object) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or len(value) > 2 * MAX_MIGRATIONS:
+        raise _Malformed(f"bundle field 'migrations' is not a list of at most {2 * MAX_MIGRATIONS} statements")
+    return tuple(_object(v, f"migrations[{i}]", ("handoff", "signature")) for i, v in enumerate(value))
 
 
 def _keylime_section(value: object, where: str) -> dict[str, Any]:

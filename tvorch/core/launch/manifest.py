@@ -56,7 +56,13 @@ def sign_manifest(manifest: LaunchManifest, key: ec.EllipticCurvePrivateKey, cer
 
 def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime,
                     untrusted: Sequence[x509.Certificate] = ()) -> LaunchManifest:
-    """The manifest in FILE_BYTES, if the file is canonical and signed by a key the CA vouches for at AT.
+    """The manifest in FILE_BYTES, if the file is canonical and signed by a key the CA vouches for at AT."""
+    return verify_manifest_under(file_bytes, ca_cert, at, untrusted)[0]
+
+
+def verify_manifest_under(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime,
+                          untrusted: Sequence[x509.Certificate] = ()) -> tuple[LaunchManifest, x509.Certificate]:
+    """(manifest, the node CA that issued its signer), as ``verify_manifest`` checks them.
 
     CA_CERT is the verifier's anchor: the node CA, or a fleet root above it,
     reached through the file's ``signature.chain`` and UNTRUSTED (more
@@ -71,8 +77,8 @@ def verify_manifest(file_bytes: bytes, ca_cert: x509.Certificate, at: datetime,
     if canonical != file_bytes:
         raise TrustError("manifest is not in canonical form")
     top = fields_of(parsed, "file", _FILE_FIELDS)
-    verify_block(top["signature"], top["manifest"], ca_cert, at, untrusted)
-    return manifest_from_dict(top["manifest"])
+    _cert, node_ca = verify_block(top["signature"], top["manifest"], ca_cert, at, untrusted)
+    return manifest_from_dict(top["manifest"]), node_ca
 
 
 _FILE_FIELDS = ("manifest", "signature")

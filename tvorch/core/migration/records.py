@@ -3,11 +3,13 @@
 What moves with the VM (issue #18): the instance record and its history, the
 signed manifest, the vTPM record (identity, EK and platform certificates,
 key check value), both ledgers with their handoff statements, and the guest
-evidence (certified AK, baseline, verified boots). Each table travels as a
+evidence (baseline, verified boots). Each table travels as a
 list of rows; bytes as ``{"b64": ...}``. What only made sense on the source
 does not travel: the state key's two wrappings (bound to the source's TPM
 and escrow key; the key itself travels wrapped to the destination's TPM),
-the hook's runs and decisions, the overlay's identity, managed saves,
+the guest AK's certification (signed by the source; the destination certifies
+the same AK again against the EK at its first attestation, so its bundles
+carry its own), the hook's runs and decisions, the overlay's identity, managed saves,
 autostart.
 
 Pure: dicts in, dicts out, every row checked to belong to the instance.
@@ -30,7 +32,6 @@ TABLES: dict[str, str] = {
     "vtpm_ledger": "instance_id",
     "nvram_ledger": "instance_id",
     "ledger_handoffs": "instance_id",
-    "guest_aks": "instance_id",
     "guest_baselines": "instance_id",
     "guest_boots": "instance_id",
 }
