@@ -324,3 +324,20 @@ def test_destination_libvirtd_killed_mid_migration(node_a: Node, node_b: Node, g
     # And it still moves once B is whole again.
     migrate(src, dest, guest.name)
     _one_copy(node_a, node_b, guest, dest)
+
+
+def test_bad_requests_are_one_line_and_move_nothing(node_a: Node, node_b: Node, guest: Guest):
+    src, dest = _where(node_a, node_b, guest.name)
+    cases = [
+        (("tvtest-no-such", dest.peer_uri, "--via", _via(dest)), 5, "no instance named"),
+        ((guest.name, "qemu:///system"), 2, "names no host"),
+        ((guest.name, dest.peer_uri, "--via", "false"), 12, "refused"),  # the destination's side never answers
+        ((guest.name, dest.peer_uri, "--via", _via(dest), "--ca", "/nonexistent.pem"), 3, "cannot read the CA"),
+    ]
+    for args, code, words in cases:
+        proc = src.run("migrate", *args, check=False)
+        assert proc.returncode == code and words in proc.stderr, (args, proc.returncode, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _where(node_a, node_b, guest.name)[0] is src
+    assert src.json("show", guest.name)["state"] == "running"
+    assert dest.run("show", guest.name, check=False).returncode == 5

@@ -19,13 +19,15 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from ..core.codec import canonical_json, parse_json
-from ..errors import OperationTimeout, TrustError, TvorchError
+from ..errors import ExitCode, OperationTimeout, TrustError, TvorchError
 
 MAX_LINE = 256 * 1024 * 1024  # a host quote with its IMA list, the records, the NVRAM file
 
 
 class PeerGone(TvorchError):
-    """The other side closed the line (it exited, or was killed)."""
+    """The other side closed the line (it exited, or was killed): the migration does not happen (exit 12)."""
+
+    exit_code = ExitCode.TRUST_REFUSED
 
 
 class Line:

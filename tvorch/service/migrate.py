@@ -261,8 +261,10 @@ def _abort(line: Any) -> None:
 def _refused(name: str, err: Exception, dest: Destination) -> TvorchError:
     """One line for the operator: what the destination said, else what went wrong on the line."""
     said = dest.last_error()
+    if isinstance(err, PeerGone):
+        why = (f"the destination's tvorch stopped: {said}" if said else
+               "the destination closed the connection (did its tvorch run? see --via)")
+        return TrustError(f"migration of '{name}' refused: {why}")
     if isinstance(err, TrustError):
         return TrustError(f"migration of '{name}' refused: {err}")
-    if said:
-        return TrustError(f"migration of '{name}' refused: the destination failed: {said}")
     return err if isinstance(err, TvorchError) else TrustError(f"migration of '{name}' failed: {err}")
