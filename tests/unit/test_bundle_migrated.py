@@ -9,15 +9,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from datetime import timedelta
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.fleet_certs import FleetNode, ca
 from tests.unit.test_bundle import INSTANCE, MAX_HOST_AGE, NOW, FIXTURE, ek_certificate, make_pieces, rsa_key
 from tvorch.core.attestation.akcert import (
     AkCertification,
@@ -29,47 +25,16 @@ from tvorch.core.attestation.akcert import (
 from tvorch.core.attestation.bundle import build_bundle, verify_bundle
 from tvorch.core.attestation.quote import ak_name
 from tvorch.core.launch.manifest import LaunchManifest, Measurement, sign_manifest
-from tvorch.core.migration.handoff import Handoff, HandoffEvent, next_entry, sign_handoff
-from tvorch.core.signed import key_fingerprint
-from tvorch.core.signing import issue_signing_cert
+from tvorch.core.migration.handoff import Handoff, HandoffEvent, next_entry
 from tvorch.core.vtpm.ekcert import ek_fingerprint
 from tvorch.core.vtpm.ledger import chain_entry
-
-
-def _ca(name: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None, pathlen: int
-        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    signer_key, signer_name = (key, subject) if issuer is None else (issuer[0], issuer[1].subject)
-    return key, (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(signer_name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(NOW + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(signer_key, hashes.SHA256()))
-
-
-class FleetNode:
-    def __init__(self, name: str, root: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> None:
-        self.ca_key, self.ca = _ca(f"tvorch node CA {name}", root, 0)
-        self.root = root[1]
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = issue_signing_cert(self.ca_key, self.ca, self.key.public_key(), f"tvorch node {name}", NOW)
-        self.name = key_fingerprint(self.ca)
-
-    def handoff(self, h: Handoff) -> dict[str, Any]:
-        return sign_handoff(h, self.key, self.cert, (self.ca, self.root))
 
 
 @pytest.fixture(scope="module")
 def migrated():
     pieces = make_pieces(FIXTURE)
-    root = _ca("fleet root", None, 1)
-    a, b, c = FleetNode("a", root), FleetNode("b", root), FleetNode("c", root)
+    root = ca("fleet root", None, 1, NOW)
+    a, b, c = FleetNode("a", root, NOW), FleetNode("b", root, NOW), FleetNode("c", root, NOW)
     ek_cert = ek_certificate(a.ca_key, a.ca, rsa_key(base64.b64decode(FIXTURE["guest"]["ek_public"])))
     manifest = sign_manifest(LaunchManifest(
         instance_id=INSTANCE[0], name=INSTANCE[1], uuid=INSTANCE[2], node="node-a",

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.fleet_certs import FleetNode, ca
 from tvorch.core.migration.handoff import (
     Handoff,
     HandoffEvent,
     next_entry,
-    sign_handoff,
     verify_handoff,
     verify_ledger,
 )
 from tvorch.core.migration.records import TABLES, decode_rows, encode_rows
-from tvorch.core.signed import key_fingerprint
-from tvorch.core.signing import issue_signing_cert
 from tvorch.core.vtpm.ledger import chain_entry
 from tvorch.errors import TrustError
 
@@ -30,38 +24,10 @@ ID = "i-0123456789ab"
 UUID = "3f1c2a9e-8d7b-4c6a-9e5f-1a2b3c4d5e6f"
 
 
-def _ca(name: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None, pathlen: int
-        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    signer_key, signer_name = (key, subject) if issuer is None else (issuer[0], issuer[1].subject)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(signer_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
-            .not_valid_after(NOW + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(signer_key, hashes.SHA256()))
-    return key, cert
-
-
-class NodeKeys:
-    def __init__(self, name: str, root: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]) -> None:
-        self.ca_key, self.ca = _ca(f"tvorch node CA {name}", root, 0)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = issue_signing_cert(self.ca_key, self.ca, self.key.public_key(), f"tvorch node {name}", NOW)
-        self.name = key_fingerprint(self.ca)
-
-    def sign(self, handoff: Handoff) -> dict:
-        return sign_handoff(handoff, self.key, self.cert, (self.ca,))
-
-
 @pytest.fixture(scope="module")
 def fleet():
-    root = _ca("fleet root", None, 1)
-    return root, NodeKeys("a", root), NodeKeys("b", root)
+    root = ca("fleet root", None, 1, NOW)
+    return root, FleetNode("a", root, NOW), FleetNode("b", root, NOW)
 
 
 def _ledger(n: int = 3):
@@ -80,7 +46,7 @@ def _handover(fleet, ledger):
                   "d" * 64, a.name, b.name, "qemu+ssh://b/system", "5" * 64)
     inn = Handoff(HandoffEvent.IN, next_entry(out.entry, HandoffEvent.IN, "2026-12-05T01:00:05Z"), UUID, "vm",
                   "d" * 64, b.name, a.name, "a", "5" * 64)
-    return out, a.sign(out), inn, b.sign(inn)
+    return out, a.handoff(out), inn, b.handoff(inn)
 
 
 def test_a_ledger_handed_from_a_to_b_verifies_under_the_root(fleet):
@@ -101,17 +67,17 @@ def test_a_statement_cannot_be_made_up_or_moved(fleet):
     out, out_doc, inn, in_doc = _handover(fleet, ledger)
     entries = [*ledger, out.entry, inn.entry]
     # B signs a migrated-out in A's name: the statement names A, the signature is B's.
-    forged = b.sign(out)
+    forged = b.handoff(out)
     with pytest.raises(TrustError, match="signed under node CA"):
         verify_handoff(forged, root[1], NOW)
     # A migrated-in by a node other than the one A handed it to.
-    c = NodeKeys("c", root)
-    rogue = c.sign(replace(inn, node=c.name))
+    c = FleetNode("c", root, NOW)
+    rogue = c.handoff(replace(inn, node=c.name))
     with pytest.raises(TrustError, match="handed it to"):
         verify_ledger(entries, {out.entry.seq: out_doc, inn.entry.seq: rogue}, root[1], NOW)
     # B's migrated-in of another migration (a replayed statement) does not continue this one.
     with pytest.raises(TrustError, match="another migration"):
-        verify_ledger(entries, {out.entry.seq: out_doc, inn.entry.seq: b.sign(replace(inn, session="6" * 64))},
+        verify_ledger(entries, {out.entry.seq: out_doc, inn.entry.seq: b.handoff(replace(inn, session="6" * 64))},
                       root[1], NOW)
     # A migration entry without its statement, or with another entry's.
     with pytest.raises(TrustError, match="no signed handoff"):
@@ -123,7 +89,7 @@ def test_a_statement_cannot_be_made_up_or_moved(fleet):
     with pytest.raises(TrustError, match="does not verify"):
         verify_handoff(edited, root[1], NOW)
     # A node outside the fleet.
-    other_root = _ca("another root", None, 1)
+    other_root = ca("another root", None, 1, NOW)
     with pytest.raises(TrustError):
         verify_handoff(out_doc, other_root[1], NOW)
 
