@@ -282,6 +282,29 @@ def test_killed_migrate_leaves_one_copy_that_reconcile_settles(node_a: Node, nod
     _one_copy(node_a, node_b, guest, dest if moved else src)
 
 
+@pytest.mark.parametrize("step, moved", [
+    ("migrate-in-taken", False),  # the records and the key stored as incoming; nothing made yet
+    ("migrate-in-ready", True),  # everything ready and the key lent: libvirt migrates without it
+])
+def test_killed_destination_leaves_one_copy_that_reconcile_settles(node_a: Node, node_b: Node, guest: Guest,
+                                                                   step: str, moved: bool):
+    src, dest = _where(node_a, node_b, guest.name)
+    migrate_uri, disks_uri = _ports()
+    via = shlex.join(["env", f"TVORCH_CRASH_AT={step}", *shlex.split(_via(dest))])
+    proc = src.run("migrate", guest.name, dest.peer_uri, "--via", via, "--migrate-uri", migrate_uri,
+                   "--disks-uri", disks_uri, check=False)
+    if moved:  # the source finished: the destination's side is settled by its reconcile
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 12 and "destination" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for node in (src, dest):
+        node.run("reconcile")
+    _one_copy(node_a, node_b, guest, dest if moved else src)
+    secrets_left = subprocess.run(["virsh", "-c", dest.uri, "secret-list"], capture_output=True, text=True).stdout
+    assert "vtpm" not in secrets_left.split("----")[-1], secrets_left
+
+
 def test_destination_libvirtd_killed_mid_migration(node_a: Node, node_b: Node, guest: Guest):
     """B's libvirtd dies while the VM's memory is on its way: the source keeps running it; once B's libvirtd is
     back, reconcile on both leaves nothing of it on B."""

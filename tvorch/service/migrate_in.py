@@ -127,6 +127,7 @@ def serve(node: Node, line: Line, ca_path: str | None) -> str:
             undo.callback(store.set_key_lent, instance_id, False)
             undo.enter_context(hv.vtpm_secret(vtpm.secret_uuid, f"tvorch-vtpm-{instance_id}", key))
         line.send("ready")
+        crash_point("migrate-in-ready")
         try:
             end = line.receive("commit", "abort", timeout=3600)["type"]
         except (PeerGone, TvorchError) as err:
