@@ -31,7 +31,7 @@ from .adapters.libvirt_events import LifecycleFeed
 from .adapters.locks import StoreLock
 from .adapters.sdnotify import notify, watchdog_interval
 from .config import Config, load_config
-from .core.launch.lifecycle import LifecycleEvent, interpret, is_boot
+from .core.launch.lifecycle import LifecycleEvent, follows_libvirt, interpret, is_boot
 from .core.timestamps import utc_now
 from .errors import ConflictError, TvorchError
 from .logs import configure_logging, get_logger
@@ -161,7 +161,7 @@ class Daemon:
         if is_boot(event.event, event.detail):
             self._watch_boot(record.name)
         try:
-            if state is None or state is record.state:
+            if state is None or state is record.state or not follows_libvirt(record.state):
                 self.node.store.add_event(record.id, "libvirt", why)
             else:
                 self.node.store.update_instance(record.id, state=state, event=("libvirt", why))

@@ -14,6 +14,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -162,6 +163,57 @@ def test_moves_to_b_with_its_vtpm_and_records_then_back(node_a: Node, node_b: No
     assert [e["event"] for e in ledger["entries"]][-2:] == ["migrated-out", "migrated-in"]
     assert ledger["intact"] is True and ledger["handoffs_verified"] is True, ledger
     assert node_b.run("show", name, check=False).returncode == 5
+
+
+def _state_in_store(node: Node, name: str) -> str:
+    import sqlite3
+
+    db = sqlite3.connect(node.state_dir / "tvorch.db")
+    try:
+        row = db.execute("SELECT state FROM instances WHERE name = ? ORDER BY rowid DESC LIMIT 1", (name,)).fetchone()
+        return row[0] if row else "absent"
+    finally:
+        db.close()
+
+
+def test_the_sources_daemon_keeps_the_tombstone(node_a: Node, node_b: Node, guest: Guest, tmp_path: Path):
+    """`tvorch serve` on the source sees libvirt's "stopped: migrated away" while (or after) tvorch leaves the
+    tombstone: the event is recorded, the tombstone stays (a `stopped` record would be startable here)."""
+    from .test_daemon import start_daemon, stop_daemon
+
+    src, dest = _where(node_a, node_b, guest.name)
+    if src is not node_a:
+        migrate(src, dest, guest.name)
+        src, dest = dest, src
+    proc, _ = start_daemon(src, tmp_path, src.config)  # type: ignore[arg-type]
+    try:
+        # Held still until the tombstone is left, so that it handles libvirt's events after it.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            migrate(src, dest, guest.name)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while not any("migrated away" in e["detail"] for e in _events(src, guest.name)):
+            assert time.monotonic() < deadline, _events(src, guest.name)
+            time.sleep(0.3)
+        time.sleep(1)
+        assert _state_in_store(src, guest.name) == "migrated"
+    finally:
+        assert stop_daemon(proc) == 0
+    assert src.run("start", guest.name, check=False).returncode == 5
+
+
+def _events(node: Node, name: str) -> list[dict]:
+    import sqlite3
+
+    db = sqlite3.connect(node.state_dir / "tvorch.db")
+    try:
+        rows = db.execute("SELECT e.kind, e.detail FROM instance_events e JOIN instances i ON i.id = e.instance_id "
+                          "WHERE i.name = ? ORDER BY e.seq", (name,)).fetchall()
+        return [{"kind": k, "detail": d} for k, d in rows]
+    finally:
+        db.close()
 
 
 def test_destination_refuses_a_changed_image_layer(node_a: Node, node_b: Node, guest: Guest, guest_dir: Path,

@@ -18,3 +18,11 @@ def test_lifecycle_events_carry_no_change() -> None:
     assert event.change is None
     assert interpret(event.event, event.detail) == (InstanceState.RUNNING, "started: booted")
     assert is_boot(event.event, event.detail)
+
+
+def test_a_migration_decides_incoming_and_migrated_records_not_libvirts_events() -> None:
+    from tvorch.core.launch.instance import InstanceState
+    from tvorch.core.launch.lifecycle import follows_libvirt
+
+    assert not follows_libvirt(InstanceState.MIGRATED) and not follows_libvirt(InstanceState.INCOMING)
+    assert all(follows_libvirt(s) for s in InstanceState if s not in (InstanceState.MIGRATED, InstanceState.INCOMING))

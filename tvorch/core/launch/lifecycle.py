@@ -53,6 +53,13 @@ def interpret(event: int, detail: int) -> tuple[InstanceState | None, str]:
     return None, f"libvirt event {event}/{detail}"
 
 
+def follows_libvirt(state: InstanceState) -> bool:
+    """Whether libvirt's events move a record in STATE: not while a live migration decides it (an incoming
+    instance, which becomes running when the migration records its arrival, or dropped; a tombstone, whose
+    domain runs on another node and whose "stopped: migrated away" may arrive after it was left)."""
+    return state not in (InstanceState.INCOMING, InstanceState.MIGRATED)
+
+
 def is_boot(event: int, detail: int) -> bool:
     """A fresh boot of the guest (not a restore, a migration or a wakeup): its firmware measures anew."""
     return event == _STARTED and detail == 0
