@@ -37,7 +37,9 @@ def _via(node: Node) -> str:
 
 
 def _ports() -> tuple[str, str]:
-    port = 49152 + 2 * secrets.randbelow(30)
+    """QEMU's and the disk copy's ports: below the ephemeral range (32768-60999 here), where a local client's
+    outgoing port can hold 127.0.0.1:PORT and leave QEMU listening on IPv6 only."""
+    port = 20000 + 2 * secrets.randbelow(5000)
     return f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
 
 

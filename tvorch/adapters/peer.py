@@ -89,6 +89,7 @@ class Destination:
             raise TrustError(f"cannot run the destination's tvorch ({command[0]}): {err.strerror}") from None
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self.line = Line(self._proc.stdout, self._proc.stdin, "the destination")
+        self._released = False
 
     def __enter__(self) -> Destination:
         return self
@@ -102,13 +103,17 @@ class Destination:
         lines = [ln.strip() for ln in self._errors.read()[-4096:].decode("utf-8", "replace").splitlines()]
         return next((ln for ln in reversed(lines) if ln), "")
 
+    def release(self) -> None:
+        """Done with it: close the line and let it finish by itself (it has answered everything)."""
+        self._close_streams()
+        self._released = True
+
     def close(self, wait: float = 30.0) -> int | None:
-        for stream in (self._proc.stdin, self._proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        """Close the line and wait for it to exit (killed after WAIT seconds)."""
+        if self._released:
+            self._errors.close()
+            return None
+        self._close_streams()
         try:
             code = self._proc.wait(wait)
         except subprocess.TimeoutExpired:
@@ -116,4 +121,12 @@ class Destination:
             code = self._proc.wait()
         self._errors.close()
         return code
+
+    def _close_streams(self) -> None:
+        for stream in (self._proc.stdin, self._proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
 

@@ -14,6 +14,7 @@ is the destination's once the destination runs it, and stays here otherwise.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -77,26 +78,33 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
             bandwidth_mib: int | None = None) -> Migrated:
     cfg = node.cfg
     started = time.monotonic()
-    node.connect()
-    identity = node_identity(cfg)
-    trusted = anchor(identity, ca_path)
-    with instance_lock(Path(cfg.state_dir), name):
-        record = records.show(node, name)
-        store, hv = node.store, node.hypervisor
-        if record.state is not InstanceState.RUNNING:
-            raise ConflictError(f"'{name}' is {record.state.value}: live migration moves a running instance")
-        if store.migration(record.id) is not None:
-            raise ConflictError(f"'{name}' has a migration in flight: `tvorch reconcile` settles it first")
-        vtpm = store.vtpm(record.id)
-        if vtpm is not None and vtpm.encrypted and vtpm.sealed_key is None:
-            raise ConflictError(f"the vTPM key of '{name}' was purged; it cannot move")
-        if store.vtpm_pending(record.id) is not None:
-            raise ConflictError(f"a vTPM restore of '{name}' is not settled: `tvorch reconcile` first")
-        body = store.manifest(record.id)
-        if body is None:
-            raise NotFoundError(f"'{name}' has no launch manifest")
-        nonce = os.urandom(32)
-        with Destination([*command, "migrate-in"]) as dest:
+    # The destination's tvorch is started first: its start-up (a shell, ssh, Python) overlaps with ours.
+    with Destination([*command, "migrate-in"]) as dest:
+        node.connect()
+        identity = node_identity(cfg)
+        trusted = anchor(identity, ca_path)
+        with instance_lock(Path(cfg.state_dir), name):
+            record = records.show(node, name)
+            store, hv = node.store, node.hypervisor
+            if record.state is not InstanceState.RUNNING:
+                raise ConflictError(f"'{name}' is {record.state.value}: live migration moves a running instance")
+            if store.migration(record.id) is not None:
+                raise ConflictError(f"'{name}' has a migration in flight: `tvorch reconcile` settles it first")
+            vtpm = store.vtpm(record.id)
+            if vtpm is not None and vtpm.encrypted and vtpm.sealed_key is None:
+                raise ConflictError(f"the vTPM key of '{name}' was purged; it cannot move")
+            if store.vtpm_pending(record.id) is not None:
+                raise ConflictError(f"a vTPM restore of '{name}' is not settled: `tvorch reconcile` first")
+            body = store.manifest(record.id)
+            last = store.last_ledger_entry(record.id)
+            if body is None or last is None:
+                raise NotFoundError(f"'{name}' has no launch manifest or no vTPM ledger; it cannot move")
+            # Unsealed while the destination starts; it leaves this process only wrapped to the TPM of a
+            # destination that proved itself.
+            key = None
+            if vtpm is not None and vtpm.encrypted and vtpm.sealed_key is not None:
+                key = check_key(unseal(cfg, vtpm.sealed_key), vtpm.key_check, "the host TPM")
+            nonce = os.urandom(32)
             line = dest.line
             try:
                 line.send("hello", protocol=PROTOCOL, instance_id=record.id, name=record.name, uuid=record.uuid,
@@ -104,12 +112,6 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 offer = line.receive("offer", timeout=600)
                 dest_node, transport = _check_offer(cfg.policy.host_verdict, offer, trusted, nonce, identity)
                 crash_point("migrate-offered")
-                key = None
-                if vtpm is not None and vtpm.encrypted and vtpm.sealed_key is not None:
-                    key = check_key(unseal(cfg, vtpm.sealed_key), vtpm.key_check, "the host TPM")
-                last = store.last_ledger_entry(record.id)
-                if last is None:
-                    raise ConflictError(f"'{name}' has no vTPM ledger; it cannot move")
                 out = Handoff(HandoffEvent.OUT, next_entry(last, HandoffEvent.OUT, utc_now()), record.uuid,
                               record.name, manifest_digest(body), node_name(identity), dest_node, dest_uri,
                               session_of(nonce))
@@ -124,16 +126,15 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
 
                 line.send("transfer", records=encode_rows(store.export_rows(record.id)), handoff=out_doc,
                           wrapped_key=b64encode(wrap_for_transport(transport, key)) if key is not None else None,
-                          nvram=b64encode(nvram) if nvram is not None else None,
-                          source_uri=_source_uri(cfg.libvirt_uri))
+                          nvram=b64encode(nvram) if nvram is not None else None, source_uri=socket.gethostname())
                 line.receive("ready", timeout=600)
                 crash_point("migrate-ready")
             except (PeerGone, TvorchError) as err:
                 store.end_migration(record.id, f"the destination did not take it: {err}")
                 raise _refused(name, err, dest) from None
             try:
-                hv.migrate(name, dest_uri, hv.domain_xml(name, inactive=True), migrate_uri, disks_uri, copy_storage,
-                           bandwidth_mib)
+                hv.migrate(name, dest_uri, hv.domain_xml(name, inactive=True), migrate_uri, disks_uri,
+                           copy_storage, bandwidth_mib)
             except LibvirtError as err:
                 _abort(line)
                 store.end_migration(record.id, str(err))
@@ -149,6 +150,7 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
             except (PeerGone, TvorchError) as err:
                 # It runs there: the destination's reconcile (or its migrate-in on losing us) settles its side.
                 log.warning("migration_commit_unanswered", instance=name, reason=str(err))
+            dest.release()  # it exits by itself; nothing is left to wait for
         return Migrated(record.name, record.id, dest_uri, dest_node, time.monotonic() - started, out.entry.seq)
 
 
@@ -245,10 +247,6 @@ def _nvram(domain_xml: str, name: str) -> bytes | None:
         return Path(nvram_path(domain_xml, name)).read_bytes()
     except FileNotFoundError:
         return None
-
-
-def _source_uri(uri: str) -> str:
-    return uri
 
 
 def _abort(line: Any) -> None:

@@ -75,6 +75,10 @@ _ID_CHARS = set("0123456789abcdef")
 def serve(node: Node, line: Line, ca_path: str | None) -> str:
     """Take one instance in; returns what became of it ("arrived" or "not taken")."""
     cfg = node.cfg
+    # Before the source speaks (it is unsealing meanwhile): this node's identity, libvirt, the TPM's module.
+    identity = node_identity(cfg)
+    hv = node.hypervisor
+    from ..adapters import tpm  # noqa: F401 - tpm2-pytss takes a third of a second to import
     hello = line.receive("hello")
     if hello.get("protocol") != PROTOCOL:
         raise _refuse(line, f"the source speaks {hello.get('protocol')!r}, this node {PROTOCOL!r}")
@@ -88,13 +92,12 @@ def serve(node: Node, line: Line, ca_path: str | None) -> str:
     nonce = b64decode(hello.get("nonce"), "the source's nonce", TrustError)
     if len(nonce) != 32:
         raise _refuse(line, "the source's nonce is not 32 bytes")
-    identity = node_identity(cfg)
     try:
         trusted = anchor(identity, ca_path)
     except TvorchError as err:
         raise _refuse(line, str(err)) from None
     with instance_lock(Path(cfg.state_dir), name), ExitStack() as undo:
-        store, hv = node.store, node.hypervisor
+        store = node.store
         taken = store.find_live(name) or store.by_uuid(uuid)
         if taken is not None and taken.state is not InstanceState.MIGRATED:
             raise _refuse(line, f"an instance named '{name}' or with UUID {uuid} is on this node already")
