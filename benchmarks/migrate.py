@@ -236,6 +236,7 @@ class Leg:
     wall: float
     job: float  # libvirt's migration job
     service: float | None = None  # what `tvorch migrate --json` reports (tvorch only)
+    phases: dict[str, float] = field(default_factory=dict)  # its phases: where its seconds went
 
 
 @dataclass
@@ -264,7 +265,8 @@ def tvorch_leg(name: str) -> Callable[[Node, Node], Leg]:
         if proc.returncode != 0:
             raise fail(f"tvorch migrate {name} {src.name} -> {dest.name} exited {proc.returncode}: "
                        f"{proc.stderr.strip()}")
-        return Leg(wall, job_seconds(dest, name), json.loads(proc.stdout)["seconds"])
+        done = json.loads(proc.stdout)
+        return Leg(wall, job_seconds(dest, name), done["seconds"], done["phases"])
     return leg
 
 
@@ -392,6 +394,8 @@ def report(tv: Side, plain: Side) -> bool:
     print(f"      tvorch's own work (its seconds - (b)'s wall)       "
           f"{statistics.median([leg.service for leg in served]) - statistics.median(walls_b):6.2f} s"
           "  (the destination's proof, key transport, records, ledger)")
+    for step in served[0].phases if served else ():
+        print(f"        {step:<48} {med([leg.phases[step] for leg in served])}")
     ratio = med_a / med_b
     verdict = ratio < GOAL_RATIO
     print(f"\nratio (a)/(b): {ratio:.2f}  goal < {GOAL_RATIO}: {'PASS' if verdict else 'FAIL'}")

@@ -37,10 +37,17 @@ def _default_command(dest_uri: str) -> list[str]:
 def migrate(ctx: Context, name: str, dest_uri: str, via: str | None, ca_path: str | None, migrate_uri: str | None,
             disks_uri: str | None, shared_storage: bool, bandwidth: int | None, as_json: bool) -> None:
     """Move running instance NAME, its sealed vTPM key and its records to the node at DEST_URI (libvirt)."""
+    from ..adapters.peer import Destination
+
+    # Started before the services load: the destination's start-up (ssh, Python) overlaps with ours.
+    try:
+        command = shlex.split(via) if via else _default_command(dest_uri)
+    except ValueError as err:
+        raise click.UsageError(f"--via {via!r}: {err}") from None
+    dest = Destination([*command, "migrate-in"])
     from ..service.migrate import migrate as migrate_instance
 
-    command = shlex.split(via) if via else _default_command(dest_uri)
-    done = migrate_instance(ctx.node, name, dest_uri, command, ca_path, migrate_uri, disks_uri,
+    done = migrate_instance(ctx.node, name, dest_uri, dest, ca_path, migrate_uri, disks_uri,
                             copy_storage=not shared_storage, bandwidth_mib=bandwidth)
     emit(as_json, done.to_json(), lambda: (
         f"migrated {done.name} ({done.instance_id}) to {done.destination} in {done.seconds:.1f} s; "

@@ -66,20 +66,30 @@ class Migrated:
     destination_node: str  # its node CA key's fingerprint
     seconds: float
     ledger_seq: int  # the migrated-out entry
+    phases: tuple[tuple[str, float], ...] = ()  # (step, seconds it took), in order: where the time went
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.instance_id, "destination": self.destination,
                 "destination_node": self.destination_node, "seconds": round(self.seconds, 2),
-                "ledger_seq": self.ledger_seq}
+                "ledger_seq": self.ledger_seq, "phases": {k: round(v, 3) for k, v in self.phases}}
 
 
-def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: str | None,
+def migrate(node: Node, name: str, dest_uri: str, command: list[str] | Destination, ca_path: str | None,
             migrate_uri: str | None = None, disks_uri: str | None = None, copy_storage: bool = True,
             bandwidth_mib: int | None = None) -> Migrated:
+    """COMMAND runs the destination's `migrate-in` (or is it, started already: the CLI starts it before it
+    loads this module, so the two start-ups overlap)."""
     cfg = node.cfg
     started = time.monotonic()
+    phases: list[tuple[str, float]] = []
+
+    def phase(step: str, since: list[float] = [started]) -> None:  # noqa: B006 - the clock between calls
+        now = time.monotonic()
+        phases.append((step, now - since[0]))
+        since[0] = now
+
     # The destination's tvorch is started first: its start-up (a shell, ssh, Python) overlaps with ours.
-    with Destination([*command, "migrate-in"]) as dest:
+    with command if isinstance(command, Destination) else Destination([*command, "migrate-in"]) as dest:
         node.connect()
         identity = node_identity(cfg)
         trusted = anchor(identity, ca_path)
@@ -106,10 +116,12 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 key = check_key(unseal(cfg, vtpm.sealed_key), vtpm.key_check, "the host TPM")
             nonce = os.urandom(32)
             line = dest.line
+            phase("checked and unsealed here")
             try:
                 line.send("hello", protocol=PROTOCOL, instance_id=record.id, name=record.name, uuid=record.uuid,
                           nonce=b64encode(nonce))
                 offer = line.receive("offer", timeout=600)
+                phase("the destination's offer")
                 dest_node, transport = _check_offer(cfg.policy.host_verdict, offer, trusted, nonce, identity)
                 crash_point("migrate-offered")
                 out = Handoff(HandoffEvent.OUT, next_entry(last, HandoffEvent.OUT, utc_now()), record.uuid,
@@ -127,7 +139,9 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 line.send("transfer", records=encode_rows(store.export_rows(record.id)), handoff=out_doc,
                           wrapped_key=b64encode(wrap_for_transport(transport, key)) if key is not None else None,
                           nvram=b64encode(nvram) if nvram is not None else None, source_uri=socket.gethostname())
+                phase("offer checked, records sent")
                 line.receive("ready", timeout=600)
+                phase("the destination took them")
                 crash_point("migrate-ready")
             except (PeerGone, TvorchError) as err:
                 store.end_migration(record.id, f"the destination did not take it: {err}")
@@ -141,6 +155,7 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 if "tvorch: refused" in str(err):
                     raise TrustError(f"migration of '{name}' refused by the destination's hook: {err}") from None
                 raise
+            phase("libvirt migrated it")
             crash_point("migrate-migrated")
             leave(node, record.id, out, out_doc, dest_uri)
             crash_point("migrate-left")
@@ -151,7 +166,9 @@ def migrate(node: Node, name: str, dest_uri: str, command: list[str], ca_path: s
                 # It runs there: the destination's reconcile (or its migrate-in on losing us) settles its side.
                 log.warning("migration_commit_unanswered", instance=name, reason=str(err))
             dest.release()  # it exits by itself; nothing is left to wait for
-        return Migrated(record.name, record.id, dest_uri, dest_node, time.monotonic() - started, out.entry.seq)
+            phase("ledgered on both nodes")
+        return Migrated(record.name, record.id, dest_uri, dest_node, time.monotonic() - started, out.entry.seq,
+                        tuple(phases))
 
 
 def leave(node: Node, instance_id: str, out: Handoff, out_doc: dict[str, Any], dest_uri: str) -> None:

@@ -75,10 +75,11 @@ _ID_CHARS = set("0123456789abcdef")
 def serve(node: Node, line: Line, ca_path: str | None) -> str:
     """Take one instance in; returns what became of it ("arrived" or "not taken")."""
     cfg = node.cfg
-    # Before the source speaks (it is unsealing meanwhile): this node's identity, libvirt, the TPM's module.
+    # Before the source speaks (it is starting meanwhile): this node's identity, libvirt, and a transport key
+    # in this node's TPM (an RSA key takes the TPM a tenth of a second or more to make).
     identity = node_identity(cfg)
     hv = node.hypervisor
-    from ..adapters import tpm  # noqa: F401 - tpm2-pytss takes a third of a second to import
+    transport = _transport_key(cfg)
     hello = line.receive("hello")
     if hello.get("protocol") != PROTOCOL:
         raise _refuse(line, f"the source speaks {hello.get('protocol')!r}, this node {PROTOCOL!r}")
@@ -103,7 +104,7 @@ def serve(node: Node, line: Line, ca_path: str | None) -> str:
             raise _refuse(line, f"an instance named '{name}' or with UUID {uuid} is on this node already")
         if hv.domain_exists(name) or any(d.uuid == uuid for d in hv.domains()):
             raise _refuse(line, f"libvirt on this node has a domain named '{name}' or with UUID {uuid} already")
-        transport, offer = _offer(node, nonce)
+        offer = _offer(node, nonce, transport)
         line.send("offer", offer=offer, signature=sign_block(offer, identity.signing_key, identity.signing_cert,
                                                               identity.carried_chain()))
         transfer = line.receive("transfer", "abort")
@@ -161,8 +162,16 @@ def arrive(node: Node, instance_id: str, out: Handoff, out_doc: dict[str, Any], 
     return in_doc
 
 
-def _offer(node: Node, nonce: bytes) -> tuple[Any, dict[str, Any]]:
-    """A transport key in this TPM, certified by the host AK over the nonce, and a host verdict over it."""
+def _transport_key(cfg: Any) -> Any:
+    """A transport key made in this node's TPM for this one migration (never written anywhere)."""
+    from ..adapters.tpm import open_tpm
+
+    with open_tpm(cfg.host.tcti) as tpm:
+        return tpm.create_transport_key()
+
+
+def _offer(node: Node, nonce: bytes, transport: Any) -> dict[str, Any]:
+    """The transport key certified by the host AK over the nonce, and a host verdict over it."""
     from ..adapters.tpm import open_tpm, read_ak
 
     cfg = node.cfg
@@ -171,7 +180,6 @@ def _offer(node: Node, nonce: bytes) -> tuple[Any, dict[str, Any]]:
     if ak is None or statement is None:
         raise TrustError("this node has no certified host AK: run `tvorch host init`")
     with open_tpm(cfg.host.tcti) as tpm:
-        transport = tpm.create_transport_key()
         attest_bytes, signature = tpm.certify_key(ak, transport, qualifying(nonce, "transport key"))
     host: dict[str, Any]
     try:
@@ -187,7 +195,7 @@ def _offer(node: Node, nonce: bytes) -> tuple[Any, dict[str, Any]]:
                       "signature": b64encode(signature)},
         "host": host,
     }
-    return transport, offer
+    return offer
 
 
 def _check_transfer(node: Node, transfer: dict[str, Any], instance_id: str, name: str, uuid: str, trusted: Any,
