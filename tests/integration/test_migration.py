@@ -418,3 +418,28 @@ def test_bad_requests_are_one_line_and_move_nothing(node_a: Node, node_b: Node, 
     assert _where(node_a, node_b, guest.name)[0] is src
     assert src.json("show", guest.name)["state"] == "running"
     assert dest.run("show", guest.name, check=False).returncode == 5
+
+
+def test_a_direct_boot_instance_moves_with_its_boot_files(node_a: Node, node_b: Node, guest_dir: Path):
+    """B boots root's read-only copies of the kernel and initrd like A: it makes its own from its files at the
+    paths A's launch copied them from (they must have the manifest's digests)."""
+    name = f"{PREFIX}mig-direct-{secrets.token_hex(2)}"
+    record = node_a.json("launch", str(guest_dir / "guest.qcow2"), "--name", name, "--memory", "256",
+                         "--firmware", "bios", "--kernel", str(guest_dir / "vmlinuz"), "--initrd",
+                         str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0")
+    try:
+        Guest(name, record).report_after(0)
+        migrate(node_a, node_b, name)
+        assert name in _running(node_b) and name not in _defined(node_a)
+        booted = subprocess.run(["virsh", "-c", node_b.uri, "dumpxml", name], capture_output=True, text=True,
+                                check=True).stdout
+        view = node_b.cfg.boot_files_dir
+        assert f"<kernel>{view}/" in booted
+        # B's own read-only view, in B's namespace, holds the copy QEMU reads there.
+        kernel = booted.split("<kernel>")[1].split("</kernel>")[0]
+        assert node_b.sh(f"test -f {kernel} && ! touch {kernel} 2>/dev/null", check=False).returncode == 0
+        ledger = _ledger(node_b, name)
+        assert ledger["intact"] is True and ledger["handoffs_verified"] is True
+    finally:
+        for node in (node_a, node_b):
+            node.run("destroy", "--purge-vtpm", name, check=False)

@@ -226,7 +226,8 @@ def _check_transfer(node: Node, transfer: dict[str, Any], instance_id: str, name
                                                 "entry_hash")}) for r in rows["vtpm_ledger"]]
     handoffs = {int(r["seq"]): _json(r["statement"]) for r in rows["ledger_handoffs"]}
     verify_ledger([*ledger, out.entry], {**handoffs, out.entry.seq: out_doc}, trusted, now)
-    problems = _files_here(node, body)
+    problems = _stage_boot_files(node, body)
+    problems += _files_here(node, body)
     if problems:
         raise TrustError("this node's files differ from the manifest: " + "; ".join(problems))
     vtpm = single(rows, "vtpms")
@@ -241,6 +242,29 @@ def _check_transfer(node: Node, transfer: dict[str, Any], instance_id: str, name
     with open_tpm(node.cfg.host.tcti) as tpm:
         key = tpm.decrypt_transport(transport, b64decode(wrapped, "the wrapped vTPM key", TrustError), TRANSPORT_LABEL)
     return out_doc, out, rows, check_key(key, vtpm.get("key_check"), "the source")
+
+
+def _stage_boot_files(node: Node, manifest_body: bytes) -> list[str]:
+    """A direct-boot instance boots root's read-only copies of its kernel and initrd (adapters.boot_files):
+    this node makes its own from the operator's files at the paths the launch copied them from, which must
+    have the manifest's digests (as an image's layers must). What could not be staged, one line each."""
+    from ..adapters import boot_files  # ctypes: only for a direct boot
+
+    cfg = node.cfg
+    view = cfg.boot_files_dir.rstrip("/") + "/"
+    problems = []
+    for m in stored_manifest(manifest_body).measurements:
+        source = m.details.get("source")
+        if m.kind not in ("kernel", "initrd") or not (m.path or "").startswith(view) or not isinstance(source, str):
+            continue
+        try:
+            boot_files.stage(cfg.state_dir, cfg.boot_files_dir, source, m.digest)
+        except TrustError:
+            problems.append(f"{FILE_KINDS[m.kind]} {source} on this node is not the manifest's "
+                            f"(sha256:{m.digest[:12]})")
+        except TvorchError as err:
+            problems.append(f"{FILE_KINDS[m.kind]} {source}: {err}")
+    return problems
 
 
 def _files_here(node: Node, manifest_body: bytes) -> list[str]:
