@@ -203,8 +203,10 @@ def settle(node: Node, migration: dict[str, Any]) -> str | None:
         statement = migration["statement"]
         leave(node, record.id, handoff_from_json(statement["handoff"]), statement, migration["peer_uri"])
         return f"{record.name}: its migration to {migration['peer_uri']} completed; a tombstone is left here"
-    where = "both nodes" if here and there else "neither node" if there is False else "here only, the destination unreachable"
-    return f"warning: {record.name}: migration to {migration['peer_uri']} unsettled: running on {where}"
+    where = ("it runs on both nodes (the migration is still under way?)" if here and there else
+             "it runs on neither node" if there is False else "it does not run here, and the destination is "
+             "unreachable")
+    return f"warning: {record.name}: migration to {migration['peer_uri']} left unsettled: {where}"
 
 
 def _check_offer(host_verdict: str, msg: dict[str, Any], trusted: Any, nonce: bytes, identity: Any
