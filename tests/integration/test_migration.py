@@ -359,6 +359,39 @@ def test_killed_destination_leaves_one_copy_that_reconcile_settles(node_a: Node,
     assert "vtpm" not in secrets_left.split("----")[-1], secrets_left
 
 
+def test_reconcile_during_a_migration_leaves_it_to_finish(node_a: Node, node_b: Node, guest: Guest):
+    """The destination's migrate-in is gone but libvirt still moves the VM (slowly): its reconcile must not
+    adopt or drop a VM that is still arriving; once it has arrived, reconcile adopts it."""
+    src, dest = _where(node_a, node_b, guest.name)
+    migrate_uri, disks_uri = _ports()
+    via = shlex.join(["env", "TVORCH_CRASH_AT=migrate-in-ready", *shlex.split(_via(dest))])
+    running = subprocess.Popen([*src.command(), "migrate", guest.name, dest.peer_uri, "--via", via,
+                                "--migrate-uri", migrate_uri, "--disks-uri", disks_uri, "--bandwidth", "4"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the VM is on its way: paused on the destination by the incoming migration
+            state = subprocess.run(["virsh", "-c", dest.uri, "domstate", "--reason", guest.name],
+                                   capture_output=True, text=True).stdout
+            if "migrating" in state:
+                break
+            assert running.poll() is None, running.communicate()
+            assert time.monotonic() < deadline, "the migration never reached the destination"
+            time.sleep(0.2)
+        settled = dest.run("reconcile")
+        said = settled.stdout + settled.stderr
+        assert "still arriving" in said, said
+        assert _state_in_store(dest, guest.name) == "incoming"
+        _, err = running.communicate(timeout=300)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 0, err
+    for node in (src, dest):
+        node.run("reconcile")
+    _one_copy(node_a, node_b, guest, dest)
+
+
 def test_destination_libvirtd_killed_mid_migration(node_a: Node, node_b: Node, guest: Guest):
     """B's libvirtd dies while the VM's memory is on its way: the source keeps running it; once B's libvirtd is
     back, reconcile on both leaves nothing of it on B."""

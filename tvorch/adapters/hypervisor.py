@@ -142,6 +142,16 @@ class Hypervisor:
         code, _reason = self._call(f"read the state of '{name}'", dom.state)
         return _STATES.get(code, InstanceState.RUNNING)
 
+    def migrating(self, name: str) -> bool:
+        """Whether the domain is paused by a migration under way (either end): not yet settled either way."""
+        try:
+            dom = self._lookup(name)
+        except NotFoundError:
+            return False
+        code, reason = self._call(f"read the state of '{name}'", dom.state)
+        return code == libvirt.VIR_DOMAIN_PAUSED and reason in (
+            libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
+
     def domain_xml(self, name: str, inactive: bool = False) -> str:
         dom = self._lookup(name)
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0

@@ -193,6 +193,8 @@ def settle(node: Node, migration: dict[str, Any]) -> str | None:
     if record is None or migration["direction"] != "out":
         return None
     hv = node.hypervisor
+    if hv.migrating(record.name):
+        return f"warning: {record.name}: still leaving for {migration['peer_uri']}; a later reconcile settles it"
     here = hv.domain_uuid(record.name) == record.uuid and hv.state(record.name) in (
         InstanceState.RUNNING, InstanceState.PAUSED)
     there = hv.remote_domain_running(migration["peer_uri"], record.uuid)

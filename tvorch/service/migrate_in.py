@@ -346,6 +346,8 @@ def settle(node: Node, migration: dict[str, Any]) -> str | None:
     if record is None or record.state is not InstanceState.INCOMING:
         return None
     statement = migration["statement"]
+    if node.hypervisor.migrating(record.name):
+        return f"warning: {record.name}: still arriving from {migration['peer_uri']}; a later reconcile settles it"
     if _runs_here(node, record.name, record.uuid):
         handoff = handoff_from_json(statement["handoff"])  # verified when it arrived
         arrive(node, record.id, handoff, statement, migration["peer_uri"])
