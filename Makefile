@@ -38,7 +38,7 @@ libvirt: venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock | packages
+$(STAMP): pyproject.toml setup.py requirements.lock tvorch/core/attestation/_ima_fold.c | packages
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $@

@@ -9,7 +9,9 @@ the quoted PCRs (0-9, and PCR 10 as the list replays). Then times, best of
 ROUNDS, what `tvorch host attest` does with the list
 (tvorch.core.attestation.ima.judge_ima_list: parse, template-hash check, replay to the
 quoted PCR 10, boot_aggregate against PCRs 0-9, allowlist with the default
-excludes), once from the binary list and once from the ASCII one; and, in the
+excludes), once from the binary list and once from the ASCII one, with the
+compiled per-entry fold (_ima_fold.c) and, for information, with its Python
+reference; and, in the
 same run, Keylime 7.14.3's `keylime.ima.ima.process_measurement_list` on the
 ASCII list as its verifier calls it (`check_ima`: the received text split
 into lines, the split timed as tvorch's parse is) with the same allowlist (its runtime policy's digests, the same
@@ -40,6 +42,7 @@ from pathlib import Path
 
 from ima_replay import best, make_entries  # benchmarks/ is the script's directory
 
+from tvorch.core.attestation import ima
 from tvorch.core.attestation.hostpolicy import DEFAULT_EXCLUDES
 from tvorch.core.attestation.ima import (
     IMA_PCR,
@@ -144,6 +147,14 @@ def main() -> int:
     t_ascii, j_ascii = best(args.rounds, lambda: judge(ascii_bytes))
     for j in (j_bin, j_ascii):
         assert j.problems == () and j.pcr_value == quoted[IMA_PCR], f"tvorch does not pass the list: {j.problems[:3]}"
+    # For information: the same judgement with the Python reference of the compiled per-entry fold.
+    compiled = ima._fold_plain is not ima._fold_reference
+    ima._fold_plain, kept = ima._fold_reference, ima._fold_plain
+    try:
+        t_ref_bin, _ = best(args.rounds, lambda: judge(binary))
+        t_ref_ascii, _ = best(args.rounds, lambda: judge(ascii_bytes))
+    finally:
+        ima._fold_plain = kept
     last = entries[-1]
     refusing = {**allowed, last.path: allowed[last.path] - {last.file_digest.hex()}}
     t_fail, j_fail = best(1, lambda: judge(binary, refusing))
@@ -151,8 +162,12 @@ def main() -> int:
 
     rate_bin, rate_ascii = len(entries) / t_bin, len(entries) / t_ascii
     print("parse + template hashes + replay to the quoted PCR 10 + boot_aggregate + allowlist:")
-    print(f"  tvorch, binary list      {t_bin * 1e3:7.1f} ms {rate_bin:>10,.0f} entries/s")
-    print(f"  tvorch, ASCII list       {t_ascii * 1e3:7.1f} ms {rate_ascii:>10,.0f} entries/s")
+    fold = "compiled fold" if compiled else "NOT BUILT: Python fold"
+    print(f"  tvorch, binary list      {t_bin * 1e3:7.1f} ms {rate_bin:>10,.0f} entries/s  ({fold})")
+    print(f"  tvorch, ASCII list       {t_ascii * 1e3:7.1f} ms {rate_ascii:>10,.0f} entries/s  ({fold})")
+    for form, t in (("binary", t_ref_bin), ("ASCII", t_ref_ascii)):
+        print(f"  tvorch, {form + ' list':<16} {t * 1e3:7.1f} ms {len(entries) / t:>10,.0f} entries/s  "
+              "(info: its Python reference fold)")
     print(f"  tvorch, one entry refused {t_fail * 1e3:6.1f} ms {len(entries) / t_fail:>10,.0f} entries/s  "
           "(info: the general path, which names each failure)")
 

@@ -8,6 +8,8 @@ PACKAGES=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf tpm2-tools libtss2-dev
     libxml2-utils python3-venv python3-dev
+    # build tvorch's compiled IMA fold (setup.py) against libcrypto
+    gcc libssl-dev
     # build the test guest
     linux-image-cloud-amd64 busybox-static cpio systemd-boot-efi sbsigntool
     mtools dosfstools fdisk binutils openssl

@@ -81,6 +81,9 @@ def test_install_launch_remove_purge(deb: Path, tv: Tv, guest_dir: Path):
         assert "/opt/tvorch/bin/python" in HOOK.read_text()
         conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", "tvorch").stdout
         assert str(NODE_CONFIG) in conffiles
+        # The package built tvorch's compiled IMA fold, and its libcrypto is there to load it.
+        run("/opt/tvorch/bin/python", "-c", "from tvorch.core.attestation import ima; "
+            "assert ima._fold_plain is not ima._fold_reference, 'the compiled IMA fold is missing'")
 
         # The package's hook, reading this session's config, gates a launch by the package's CLI.
         ours = hook_install.render_shim("/opt/tvorch/bin/python", str(tv.config))

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.components import require
+from tvorch.core.attestation import ima
 from tvorch.core.attestation.hostpolicy import DEFAULT_EXCLUDES
 from tvorch.core.attestation.ima import (
     IMA_PCR,
@@ -30,6 +32,15 @@ from tvorch.core.attestation.ima import (
     to_binary,
     violation_entry,
 )
+
+@pytest.fixture(autouse=True, params=["compiled", "reference"])
+def fold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case twice: with the compiled fold the judgement uses, and with its Python reference."""
+    if request.param == "reference":
+        monkeypatch.setattr(ima, "_fold_plain", ima._fold_reference)
+    else:
+        require(ima._fold_plain is not ima._fold_reference, "tvorch's compiled IMA fold is not built")
+
 
 PCRS = {i: hashlib.sha256(b"PCR %d" % i).digest() for i in range(10)}
 REQUIRED = ("/usr/bin/qemu-system-x86_64",)

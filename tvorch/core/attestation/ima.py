@@ -766,6 +766,54 @@ def _judge_general(data: bytes, bank: str, target: bytes | None, quoted: Mapping
     return ImaJudgement(value, tuple(problems))
 
 
+def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[int, bytes],
+                 allowlist: Mapping[str, frozenset[str]] | None, must: frozenset[str],
+                 excluded: Callable[[str], bool]) -> bytes | None:
+    """The replayed PCR value when every judged entry is a plain ima-ng entry that passes; else None.
+
+    Plain (see _fold_plain_binary): PCR 10, template "ima-ng", a sha256 file
+    digest, a NUL-terminated name, its template hash right. Passes: allowed by
+    the allowlist (or excluded, but never a required path), every required
+    path measured, and the first entry the quoted boot_aggregate when the
+    target is reached. Anything else, however harmless, is None: the general
+    path decides it.
+    """
+    if bank != "sha256":
+        return None  # its boot_aggregate is a sha256 digest; other banks take the general path
+    binary = b"\0" in data[:64]
+    folded = _fold_plain(data, binary, target)
+    if folded is None:
+        return None
+    value, end, entries = folded
+    if end < len(data):  # unjudged, but a list must be whole to be believed
+        if binary:
+            parse_ima_binary(data, end)
+        else:
+            parse_ima_ascii(data[end:].decode("ascii"))
+    if not entries or entries[0][0] != BOOT_AGGREGATE:
+        return None
+    if allowlist is not None:
+        allowed = allowlist.get
+        for path, digest_hex in entries:
+            ok = allowed(path)
+            if (ok is None or digest_hex not in ok) and (path in must or not excluded(path)):
+                return None
+    if must and not must <= {path for path, _ in entries}:
+        return None
+    if value == target:
+        # The quoted boot PCRs must be the first entry's digest (boot_aggregate_problem).
+        if any(len(quoted.get(i, b"")) != 32 for i in boot_aggregate_pcrs(bank)):
+            return None
+        if bytes.fromhex(entries[0][1]) != boot_aggregate_digest(quoted, bank):
+            return None
+    return value
+
+
+# The fold: the per-entry loop of _judge_plain (parse, template-hash check, replay), on bytes alone.
+# _fold_plain_binary and _fold_plain_ascii are the reference; the compiled _ima_fold.fold (built
+# with the package, from _ima_fold.c) must equal them on every input and is used when present.
+Folded = tuple[bytes, int, list[tuple[str, str]]]  # PCR 10 (sha256), where it stopped, (name, digest hex) each
+
 # A d-ng field of a sha256 file digest, length first: what nearly every ima-ng entry carries.
 _PLAIN_DIGEST = _u32(40) + b"sha256:\0"
 _PLAIN_TEMPLATE = _u32(6) + b"ima-ng"
@@ -774,33 +822,17 @@ _PLAIN_HEAD = struct.Struct("<I20s10sI12s32sI")
 _U32_OF = [_u32(n) for n in range(4097)]  # a name's length field, up to PATH_MAX and its NUL
 
 
-def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[int, bytes],
-                 allowlist: Mapping[str, frozenset[str]] | None, must: frozenset[str],
-                 excluded: Callable[[str], bool]) -> bytes | None:
-    """The replayed PCR value when every judged entry is a plain ima-ng entry that passes; else None.
-
-    Plain: PCR 10, template "ima-ng", a sha256 file digest, a NUL-terminated
-    name, its template hash right. Passes: allowed by the allowlist (or
-    excluded, but never a required path), every required path measured, and
-    the first entry the quoted boot_aggregate when the target is reached.
-    Anything else, however harmless, is None: the general path decides it.
-    """
-    if bank != "sha256":
-        return None  # its boot_aggregate is a sha256 digest; other banks take the general path
+def _fold_plain_binary(buf: bytes, target: bytes | None) -> Folded | None:
+    """Fold binary entries from the start while each is plain, up to the one that reaches TARGET."""
     h, sha1 = hashlib.sha256, hashlib.sha1
     value = bytes(32)
-    allowed = allowlist.get if allowlist is not None else None
-    seen: set[str] = set()
-    count = 0
-    first_digest = b""
-    if target is not None and value == target:
-        return None  # nothing judged: rare, left to the general path
-    if b"\0" in data[:64]:
-        buf = data if type(data) is bytes else bytes(data)
-        end = len(buf)
-        pos = 0
-        fixed = _PLAIN_HEAD.unpack_from
-        find = buf.find
+    entries: list[tuple[str, str]] = []
+    append = entries.append
+    end = len(buf)
+    pos = 0
+    fixed = _PLAIN_HEAD.unpack_from
+    find = buf.find
+    try:
         while pos < end:
             pcr, template_hash, template, td_len, digest_prefix, digest, n_len = fixed(buf, pos)
             td_end = pos + 38 + td_len
@@ -812,35 +844,32 @@ def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[i
             td = buf[pos + 38:td_end]
             if sha1(td).digest() != template_hash:
                 return None
-            path = buf[pos + 86:td_end - 1].decode()  # not UTF-8: a UnicodeDecodeError, the general path
             value = h(value + h(td).digest()).digest()
-            if must and path in must:
-                seen.add(path)
-            if allowed is not None:
-                ok = allowed(path)
-                if (ok is None or digest.hex() not in ok) and (path in must or not excluded(path)):
-                    return None
+            append((buf[pos + 86:td_end - 1].decode(), digest.hex()))  # strict UTF-8, else the general path
             pos = td_end
             if value == target:
                 break
-        if pos < end:
-            parse_ima_binary(buf, pos)  # unjudged, but a list must be whole to be believed
-        if pos == 0 or buf[86:86 + len(BOOT_AGGREGATE) + 1] != BOOT_AGGREGATE.encode() + b"\0" or \
-                fixed(buf, 0)[6] != len(BOOT_AGGREGATE) + 1:
-            return None
-        count, first_digest = 1, fixed(buf, 0)[5]
-    else:
-        text = data.decode("utf-8", "surrogateescape")
-        if not text.isascii() or "\0" in text:
-            return None
-        lines = text.split("\n")
-        if lines[-1]:
-            return None  # truncated: the general path says so
-        lines.pop()
-        a2b = binascii.a2b_hex
-        lengths = _U32_OF
-        prefix = _PLAIN_DIGEST
-        for count, line in enumerate(lines, 1):
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return value, pos, entries
+
+
+def _fold_plain_ascii(data: bytes, target: bytes | None) -> Folded | None:
+    """Fold ASCII lines from the start while each is plain, up to the one that reaches TARGET."""
+    if not data.isascii() or b"\0" in data or data[-1:] not in (b"", b"\n"):
+        return None  # a last line without newline is truncated: the general path says so
+    h, sha1 = hashlib.sha256, hashlib.sha1
+    value = bytes(32)
+    entries: list[tuple[str, str]] = []
+    append = entries.append
+    a2b = binascii.a2b_hex
+    lengths = _U32_OF
+    prefix = _PLAIN_DIGEST
+    pos = 0
+    lines = data.decode("ascii").split("\n")
+    lines.pop()
+    try:
+        for line in lines:
             # "10 <40 hex> ima-ng sha256:<64 hex> <name>": every column but the name at a fixed place.
             path = line[123:]
             if line[:3] != "10 " or line[43:58] != " ima-ng sha256:" or line[122:123] != " " or " " in path:
@@ -852,28 +881,24 @@ def _judge_plain(data: bytes, bank: str, target: bytes | None, quoted: Mapping[i
             if sha1(td).hexdigest() != hash_text:
                 return None
             value = h(value + h(td).digest()).digest()
-            if must and path in must:
-                seen.add(path)
-            if allowed is not None:
-                ok = allowed(path)
-                if (ok is None or digest_hex not in ok) and (path in must or not excluded(path)):
-                    return None
+            append((path, digest_hex))
+            pos += len(line) + 1
             if value == target:
                 break
-        if count < len(lines):
-            parse_ima_ascii("".join(line + "\n" for line in lines[count:]))
-        if not lines or lines[0][123:] != BOOT_AGGREGATE:
-            return None
-        first_digest = a2b(lines[0][58:122])
-    if count == 0 or not must <= seen:
+    except (ValueError, IndexError):  # not hex; a name past PATH_MAX
         return None
-    if value == target:
-        # The quoted boot PCRs must be the first entry's digest (boot_aggregate_problem).
-        if any(len(quoted.get(i, b"")) != 32 for i in boot_aggregate_pcrs(bank)):
-            return None
-        if first_digest != boot_aggregate_digest(quoted, bank):
-            return None
-    return value
+    return value, pos, entries
+
+
+def _fold_reference(data: bytes, binary: bool, target: bytes | None) -> Folded | None:
+    buf = data if type(data) is bytes else bytes(data)
+    return _fold_plain_binary(buf, target) if binary else _fold_plain_ascii(buf, target)
+
+
+try:
+    from ._ima_fold import fold as _fold_plain  # built from _ima_fold.c with the package
+except ImportError:  # a source tree nobody built: the reference, about half as fast
+    _fold_plain = _fold_reference
 
 
 # --- writing (tests, benchmarks, fixtures) ---------------------------------------------------------
