@@ -20,6 +20,7 @@ from ..core.attestation.agent_protocol import MAX_LINE, Response, parse_response
 from ..core.launch.domain_xml import guest_channel_path
 from ..errors import ConfigError, EvidenceError, OperationTimeout, TvorchError
 from .files import ensure_private_dir
+from .lines import LineReader, LineTooLong
 
 
 SOCKET_NAME = "attest.sock"
@@ -76,7 +77,7 @@ class GuestChannel:
         self.path = path
         self.timeout = timeout
         self._sock: socket.socket | None = None
-        self._buffer = b""
+        self._lines: LineReader | None = None
 
     def __enter__(self) -> GuestChannel:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -87,12 +88,13 @@ class GuestChannel:
             raise EvidenceError(f"cannot open the guest channel {self.path}: {err.strerror or err} "
                                 "(is the VM running?)") from None
         self._sock = sock
+        self._lines = LineReader(sock.fileno(), MAX_LINE)
         return self
 
     def __exit__(self, *_exc: object) -> None:
         if self._sock is not None:
             self._sock.close()
-            self._sock = None
+            self._sock, self._lines = None, None
 
     def hello(self) -> Response:
         """`hello`, sent again every HELLO_RESEND seconds until the timeout.
@@ -128,23 +130,15 @@ class GuestChannel:
             return response
 
     def _read_line(self, deadline: float, op: str) -> bytes:
-        assert self._sock is not None
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise OperationTimeout(f"the guest agent did not answer {op} within {self.timeout:g} s "
-                                       "(is it running in the guest?)")
-            self._sock.settimeout(left)
-            try:
-                chunk = self._sock.recv(1 << 16)
-            except TimeoutError:
-                continue
-            except OSError as err:
-                raise EvidenceError(f"the guest channel {self.path} failed: {err.strerror or err}") from None
-            if not chunk:
-                raise EvidenceError(f"the guest channel {self.path} closed (the VM stopped?)")
-            self._buffer += chunk
-            if len(self._buffer) > MAX_LINE:
-                raise EvidenceError(f"the guest agent's answer exceeds {MAX_LINE} bytes")
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+        assert self._lines is not None
+        try:
+            return self._lines.read_line(deadline)
+        except TimeoutError:
+            raise OperationTimeout(f"the guest agent did not answer {op} within {self.timeout:g} s "
+                                   "(is it running in the guest?)") from None
+        except LineTooLong:
+            raise EvidenceError(f"the guest agent's answer exceeds {MAX_LINE} bytes") from None
+        except EOFError:
+            raise EvidenceError(f"the guest channel {self.path} closed (the VM stopped?)") from None
+        except OSError as err:
+            raise EvidenceError(f"the guest channel {self.path} failed: {err.strerror or err}") from None

@@ -10,8 +10,6 @@ it: everything that matters is signed by a node or bound to a TPM
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import tempfile
 import time
@@ -20,6 +18,7 @@ from typing import IO, Any
 
 from ..core.codec import canonical_json, parse_json
 from ..errors import ExitCode, OperationTimeout, TrustError, TvorchError
+from .lines import LineReader, LineTooLong
 
 MAX_LINE = 256 * 1024 * 1024  # a host quote with its IMA list, the records, the NVRAM file
 
@@ -34,8 +33,8 @@ class Line:
     """One end of the line: send and receive JSON objects of a given ``type``."""
 
     def __init__(self, reader: IO[bytes], writer: IO[bytes], who: str) -> None:
-        self._reader, self._writer, self.who = reader, writer, who
-        self._buffer = b""
+        self._writer, self.who = writer, who
+        self._lines = LineReader(reader.fileno(), MAX_LINE)
 
     def send(self, kind: str, **fields: Any) -> None:
         try:
@@ -57,23 +56,14 @@ class Line:
         return msg
 
     def _read_line(self, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        fd = self._reader.fileno()
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise OperationTimeout(f"{self.who} did not answer within {timeout:g} s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                raise PeerGone(f"{self.who} closed the connection")
-            self._buffer += chunk
-            if len(self._buffer) > MAX_LINE:
-                raise TrustError(f"{self.who} sent a message longer than {MAX_LINE} bytes")
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+        try:
+            return self._lines.read_line(time.monotonic() + timeout)
+        except TimeoutError:
+            raise OperationTimeout(f"{self.who} did not answer within {timeout:g} s") from None
+        except LineTooLong:
+            raise TrustError(f"{self.who} sent a message longer than {MAX_LINE} bytes") from None
+        except (EOFError, OSError):
+            raise PeerGone(f"{self.who} closed the connection") from None
 
 
 class Destination:
