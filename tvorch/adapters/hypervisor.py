@@ -6,6 +6,7 @@ libvirt error becomes a one-line ``LibvirtError``.
 
 from __future__ import annotations
 
+import threading
 import time
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
@@ -61,6 +62,44 @@ def _instance_id(element: str | None) -> str | None:
         return ET.fromstring(element).get("id") or None
     except ET.ParseError:
         return None
+
+
+# How long reconcile waits for another node's libvirt to say whether it runs a domain.
+REMOTE_PROBE_SECONDS = 15.0
+
+
+def remote_domain_running(uri: str, uuid: str, timeout: float = REMOTE_PROBE_SECONDS) -> bool | None:
+    """Whether libvirt at URI runs a domain with UUID; None when it cannot say within TIMEOUT seconds.
+
+    libvirt's client has no connect timeout: a node that accepts and never
+    answers, or an ssh that hangs, would hold reconcile (and with it `tvorch
+    list` and the daemon) for good. So the probe runs in a daemon thread that
+    is left behind when it does not finish in time.
+    """
+    libvirt.registerErrorHandler(_silence_default_handler, None)
+    answer: list[bool | None] = []
+    probe = threading.Thread(target=lambda: answer.append(_remote_domain_running(uri, uuid)),
+                             name="remote-libvirt-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return answer[0] if answer else None
+
+
+def _remote_domain_running(uri: str, uuid: str) -> bool | None:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return None
+    try:
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as err:
+            return False if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else None
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
 
 
 class Hypervisor:
@@ -234,21 +273,8 @@ class Hypervisor:
             raise LibvirtError(f"libvirt did not migrate '{name}': {_message(err)}") from None
 
     def remote_domain_running(self, uri: str, uuid: str) -> bool | None:
-        """Whether libvirt at URI runs a domain with UUID; None when it cannot be reached."""
-        try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError:
-            return None
-        try:
-            try:
-                dom = conn.lookupByUUIDString(uuid)
-            except libvirt.libvirtError as err:
-                return False if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else None
-            return bool(dom.isActive())
-        except libvirt.libvirtError:
-            return None
-        finally:
-            conn.close()
+        """Whether libvirt at URI runs a domain with UUID; None when it cannot be reached (in time)."""
+        return remote_domain_running(uri, uuid)
 
     # -- vTPM secrets ------------------------------------------------------
 
