@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tvorch.adapters import boot_files
+
 from .conftest import PREFIX
 from .guest import parse_report
 from .nodes import Node, fleet_fixture, node_a_fixture, node_b_fixture  # noqa: F401
@@ -462,8 +464,18 @@ def test_a_direct_boot_instance_moves_with_its_boot_files(node_a: Node, node_b: 
                          str(guest_dir / "initrd.img"), "--cmdline", "console=ttyS0")
     try:
         Guest(name, record).report_after(0)
+        # A's copies, aged past the grace that keeps a launch's files while it is in flight.
+        on_a = subprocess.run(["virsh", "-c", node_a.uri, "dumpxml", name], capture_output=True, text=True,
+                              check=True).stdout
+        staged = boot_files.source_dir(str(node_a.cfg.state_dir))
+        copies = [staged / on_a.split(f"<{tag}>")[1].split(f"</{tag}>")[0].rsplit("/", 1)[1]
+                  for tag in ("kernel", "initrd")]
+        assert all(f.is_file() for f in copies)
+        for f in copies:
+            os.utime(f, (time.time() - 2 * boot_files.PRUNE_GRACE_S,) * 2)
         migrate(node_a, node_b, name)
         assert name in _running(node_b) and name not in _defined(node_a)
+        assert not any(f.exists() for f in copies), "A kept the copies of a VM that left"
         booted = subprocess.run(["virsh", "-c", node_b.uri, "dumpxml", name], capture_output=True, text=True,
                                 check=True).stdout
         view = node_b.cfg.boot_files_dir
