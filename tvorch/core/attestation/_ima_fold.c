@@ -16,7 +16,8 @@
  * sha256 PCR from zero, and stops after the entry whose extend reaches TARGET.
  * Returns the PCR value, the offset where it stopped, and each entry's (name,
  * digest in hex). None when an entry is not plain: the caller's general path
- * judges such lists. Reads only inside DATA; allocates only Python objects.
+ * judges such lists. Reads only inside DATA; allocates Python objects and two hash
+ * contexts, freed before it returns.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
