@@ -11,18 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import boot_files, imagefiles
+from ..adapters import imagefiles
 from ..adapters.files import ensure_private_dir
 from ..adapters.guest_channel import prepare_socket_dir, remove_socket_dir, socket_path
 from ..adapters.locks import instance_lock
-from ..core.launch.domain_files import file_uses
 from ..core.launch.instance import InstanceRecord, InstanceState, validate_name
 from ..errors import ConflictError, NotFoundError
 from ..logs import get_logger
 from . import vtpm
 from .node import Node
 from .reconcile import reconcile
-from .records import owns_domain, show  # show: `tvorch show`, a use case of this module too
+from .records import owns_domain, prune_boot_files, show  # show: `tvorch show`, a use case of this module too
 
 log = get_logger(__name__)
 
@@ -130,9 +129,3 @@ def remove_instance(node: Node, record: InstanceRecord, purge_vtpm: bool) -> Ins
     prune_boot_files(node)
     return gone
 
-
-def prune_boot_files(node: Node) -> None:
-    """Staged direct-boot files that no instance's domain boots any more (adapters.boot_files)."""
-    named = {use.path for r in node.store.list_instances() if r.domain_xml for use in file_uses(r.domain_xml)}
-    for digest in boot_files.prune(node.cfg.state_dir, node.cfg.boot_files_dir, named):
-        log.info("boot_file_pruned", digest=digest)

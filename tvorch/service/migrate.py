@@ -50,7 +50,6 @@ from ..errors import ConflictError, EvidenceError, LibvirtError, NotFoundError, 
 from ..faults import crash_point
 from ..logs import get_logger
 from . import records
-from .instances import prune_boot_files
 from .manifests import node_identity
 from .migration import anchor, node_name, qualifying
 from .node import Node
@@ -184,7 +183,7 @@ def leave(node: Node, instance_id: str, out: Handoff, out_doc: dict[str, Any], d
             imagefiles.remove_overlay(record.overlay)
         except TvorchError as err:
             log.warning("migrated_overlay_kept", path=record.overlay, reason=str(err))
-        prune_boot_files(node)  # its direct-boot copies, unless another instance boots them (or one just staged)
+        records.prune_boot_files(node)  # its direct-boot copies, unless another instance boots them (or one just staged)
     log.info("migrated_out", instance=out.name, destination=dest_uri)
 
 

@@ -1,4 +1,5 @@
-"""An instance's record as libvirt sees it now: the one read that lifecycle, reconciliation and the vTPM share.
+"""An instance's record as libvirt sees it now: the one read that lifecycle, reconciliation and the vTPM share;
+and the staged boot files no record names any more.
 
 Below `instances`, `reconcile` and the vTPM modules, importing none of them,
 so that the service modules import each other without a cycle
@@ -7,8 +8,13 @@ so that the service modules import each other without a cycle
 
 from __future__ import annotations
 
+from ..adapters import boot_files
+from ..core.launch.domain_files import file_uses
 from ..core.launch.instance import InstanceRecord, InstanceState
+from ..logs import get_logger
 from .node import Node
+
+log = get_logger(__name__)
 
 
 def owns_domain(node: Node, record: InstanceRecord) -> bool:
@@ -36,3 +42,10 @@ def refresh(node: Node, record: InstanceRecord) -> InstanceRecord:
 def show(node: Node, name: str) -> InstanceRecord:
     """NAME's live record, refreshed from libvirt."""
     return refresh(node, node.store.get_live(name))
+
+
+def prune_boot_files(node: Node) -> None:
+    """Staged direct-boot files that no live instance's domain boots any more (adapters.boot_files)."""
+    named = {use.path for r in node.store.list_instances() if r.domain_xml for use in file_uses(r.domain_xml)}
+    for digest in boot_files.prune(node.cfg.state_dir, node.cfg.boot_files_dir, named):
+        log.info("boot_file_pruned", digest=digest)
