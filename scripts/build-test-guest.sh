@@ -566,10 +566,13 @@ handle() {
 }
 
 # The port reads as end of file while the host end is not connected: close it, wait, open it
-# again. A virtio port takes one opener: read and write on one descriptor.
+# again. A virtio port takes one opener: read and write on one descriptor. After a host end
+# that asked something goes, the next usually comes at once (attest after the daemon's):
+# look again every 50 ms for 2 s, then every second.
 # ("command": a failed exec redirection must not end the shell; 4 keeps stderr, as an exec
 # redirection of stderr would last.)
 exec 4>&2
+quick=0
 while :; do
     command exec 3<> "$PORT" 2> /dev/null
     opened=$?
@@ -580,10 +583,16 @@ while :; do
             case $line in *[!\ ]*) ;; *) continue ;; esac    # a blank line has no id to answer
             handle "$line"
             cat answer >&3
+            quick=40
         done
         exec 3<&-
     fi
-    sleep 1
+    if [ $quick -gt 0 ]; then
+        quick=$((quick - 1))
+        sleep 0.05
+    else
+        sleep 1
+    fi
 done
 GUEST_AGENT
 chmod 0755 root/usr/bin/tvorch-agent

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import sqlite3
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.host_fixtures import Host, simulated_host
+from tvorch.config import parse_config
 from tvorch.core.attestation.eventlog import parse_event_log, replay
 from tvorch.core.attestation.guest_baseline import compare
 from tvorch.errors import ExitCode
@@ -113,6 +115,31 @@ def test_attest_then_verify_offline(node: Host, guest, ca: Path, tmp_path: Path)
     assert shown["boots"][0]["verdict"]["first_boot"] == "judged against the launch prediction"
     assert attest(node, name, tmp_path / "again.json", secrets.token_hex(16)).returncode == 0
     assert [e["kind"] for e in node.json("show", name)["events"]].count("ak-certified") == 1
+
+
+def test_a_certified_ak_the_vtpm_does_not_hold_is_not_believed(node: Host, guest, ca: Path, tmp_path: Path):
+    """attest asks a guest whose AK it certified for the quote alone (no hello). A quote that AK did not
+    sign (the vTPM's AK changed since) is not evidence: tvorch says hello, certifies the AK the agent
+    reports against the EK, and the bundle verifies."""
+    name, record, _ = guest
+    assert attest(node, name, tmp_path / "first.json", secrets.token_hex(16)).returncode == 0
+    db = parse_config(node.config.read_bytes()).db_path
+    with sqlite3.connect(db) as conn:
+        (real,) = conn.execute("SELECT ak_public FROM guest_aks WHERE instance_id = ?", (record["id"],)).fetchone()
+        other = bytes(real[:-1]) + bytes([real[-1] ^ 1])  # another key than the one in the vTPM
+        conn.execute("UPDATE guest_aks SET ak_public = ? WHERE instance_id = ?", (other, record["id"]))
+    certified = [e["kind"] for e in node.json("show", name)["events"]].count("ak-certified")
+    nonce = secrets.token_hex(20)
+    proc = attest(node, name, tmp_path / "again.json", nonce)
+    assert proc.returncode == 0, proc.stderr
+    assert [e["kind"] for e in node.json("show", name)["events"]].count("ak-certified") == certified + 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT ak_public FROM guest_aks WHERE instance_id = ?",
+                            (record["id"],)).fetchone()[0] == real
+    doc = json.loads((tmp_path / "again.json").read_text())
+    assert base64.b64decode(doc["guest"]["ak_public"]) == bytes(real)
+    rc, result = verify(node, tmp_path / "again.json", ca, nonce)
+    assert rc == 0 and result["passed"], failed_checks(result)
 
 
 _CONNECT = """

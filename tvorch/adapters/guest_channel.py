@@ -97,19 +97,22 @@ class GuestChannel:
             self._sock, self._lines = None, None
 
     def hello(self) -> Response:
-        """`hello`, sent again every HELLO_RESEND seconds until the timeout.
+        return self.resend("hello")
+
+    def resend(self, op: str, **fields: str) -> Response:
+        """OP (one without effect in the guest: hello, quote), sent again every HELLO_RESEND seconds until the timeout.
 
         An agent that is re-opening its port after the previous client hung up
-        misses what arrived meanwhile; hello has no effect in the guest, so
-        saying it again is safe, and a late answer to an earlier one is skipped.
+        misses what arrived meanwhile; saying it again is safe, and a late
+        answer to an earlier one is skipped.
         """
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                return self.call("hello", _deadline=min(deadline, time.monotonic() + HELLO_RESEND))
+                return self.call(op, _deadline=min(deadline, time.monotonic() + HELLO_RESEND), **fields)
             except OperationTimeout:
                 if time.monotonic() >= deadline:
-                    raise OperationTimeout(f"the guest agent did not answer hello within {self.timeout:g} s "
+                    raise OperationTimeout(f"the guest agent did not answer {op} within {self.timeout:g} s "
                                            "(is it running in the guest?)") from None
 
     def call(self, op: str, _deadline: float | None = None, **fields: str) -> Response:

@@ -26,7 +26,7 @@ from typing import Any
 
 from cryptography import x509
 
-from ..adapters.guest_channel import GuestChannel, socket_path
+from ..adapters.guest_channel import GuestAgentError, GuestChannel, socket_path
 from ..config import Config
 from ..core.attestation.agent_protocol import Response, parse_pcr_values, pcr_list
 from ..core.attestation.akcert import (
@@ -123,10 +123,47 @@ def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = No
     ek_cert = x509.load_der_x509_certificate(vtpm.ek_cert)
     wait = float(cfg.guest.agent_timeout if timeout is None else timeout)
     with GuestChannel(channel_path(cfg, record), wait) as channel:
-        hello = channel.hello()
-        certification = _certified_ak(node, record, ek_cert, vtpm.ek_fingerprint, hello, channel)
-        ak_public = hello.data("ak_public")
-        answer = channel.call("quote", nonce=nonce.hex(), pcrs=pcr_list(cfg.guest.bank, cfg.guest.pcrs))
+        quick = _quote_by_certified_ak(node, record, channel, nonce)
+        if quick is not None:
+            certification, evidence, info = quick
+        else:
+            hello = channel.hello()
+            certification = _certified_ak(node, record, ek_cert, vtpm.ek_fingerprint, hello, channel)
+            answer = channel.call("quote", nonce=nonce.hex(), pcrs=pcr_list(cfg.guest.bank, cfg.guest.pcrs))
+            evidence, info = _verified_quote(cfg, answer, hello.data("ak_public"), nonce)
+    problems = replay_problems(evidence.eventlog, evidence.bank, evidence.pcrs)
+    if problems:
+        node.store.add_event(record.id, "guest-evidence-refused", "; ".join(problems))
+        raise TrustError(f"the guest's event log does not hold together with its quote: {'; '.join(problems)}")
+    verdict, learned, against = _judge_boot(node, record, evidence, info)
+    return GuestAttestation(record, evidence, info, verdict, learned, certification, against=against)
+
+
+def _quote_by_certified_ak(node: Node, record: InstanceRecord, channel: GuestChannel, nonce: bytes
+                           ) -> tuple[dict[str, Any], GuestEvidence, QuoteInfo] | None:
+    """The quote, asked without a hello, when the AK certified earlier signed it; else None.
+
+    A quote that verifies under the certified AK comes from the same vTPM
+    (the AK is fixedTPM, under the EK the node certified it against), so the
+    hello would add nothing, and it costs the agent more than the quote (it
+    remakes the EK). None when no AK is certified yet, the agent refuses (a
+    vTPM without the AK), or the quote does not verify under it (a new AK):
+    the caller then says hello and certifies the AK the agent reports.
+    """
+    stored = node.store.guest_ak(record.id)
+    if stored is None:
+        return None
+    try:
+        answer = channel.resend("quote", nonce=nonce.hex(), pcrs=pcr_list(node.cfg.guest.bank, node.cfg.guest.pcrs))
+        evidence, info = _verified_quote(node.cfg, answer, stored[0], nonce)
+    except (GuestAgentError, EvidenceError, TrustError) as err:
+        log.info("certified_ak_quote_refused", name=record.name, reason=str(err))
+        return None
+    return parse_json(stored[2], "the stored AK certification", StoreError), evidence, info
+
+
+def _verified_quote(cfg: Config, answer: Response, ak_public: bytes, nonce: bytes) -> tuple[GuestEvidence, QuoteInfo]:
+    """The agent's quote answer as evidence, once AK_PUBLIC's signature over NONCE and the asked PCRs checks."""
     bank, pcr_values = parse_pcr_values(answer.text("pcrs"))
     if bank != cfg.guest.bank or sorted(pcr_values) != sorted(set(cfg.guest.pcrs)):
         raise EvidenceError(f"the guest agent quoted {pcr_list(bank, tuple(pcr_values))}, not the "
@@ -134,13 +171,7 @@ def attest_guest(node: Node, name: str, nonce: bytes, timeout: float | None = No
     evidence = GuestEvidence(bank=bank, pcrs=pcr_values, attest=answer.data("attest"),
                              signature=answer.data("signature"), ak_public=ak_public,
                              eventlog=answer.data("eventlog"), ima=answer.b64("ima", optional=True))
-    info = verify_quote(evidence.attest, evidence.signature, ak_public, nonce, pcr_values, bank)
-    problems = replay_problems(evidence.eventlog, bank, pcr_values)
-    if problems:
-        node.store.add_event(record.id, "guest-evidence-refused", "; ".join(problems))
-        raise TrustError(f"the guest's event log does not hold together with its quote: {'; '.join(problems)}")
-    verdict, learned, against = _judge_boot(node, record, evidence, info)
-    return GuestAttestation(record, evidence, info, verdict, learned, certification, against=against)
+    return evidence, verify_quote(evidence.attest, evidence.signature, ak_public, nonce, pcr_values, bank)
 
 
 def _certified_ak(node: Node, record: InstanceRecord, ek_cert: x509.Certificate, ek_fingerprint: str,
